@@ -1,0 +1,33 @@
+"""Typed errors: every problem a user can cause is one of these, raised where it is found.
+
+Each message names the file or value at fault and says how to fix it; the CLI prints it on one line and
+exits with status 2.
+"""
+
+
+class MoePruneError(Exception):
+    """Base class of every error moe-prune raises on purpose."""
+
+
+class CheckpointError(MoePruneError):
+    """A checkpoint file is missing, unreadable, corrupted, pickled, or does not match its config."""
+
+
+class ConfigError(MoePruneError):
+    """An architecture config is incomplete or contradicts itself or the tensors."""
+
+
+class SelectionError(MoePruneError):
+    """An expert count or fraction (`keep`) or a set of scores cannot give a valid selection."""
+
+
+class DataError(MoePruneError):
+    """A data set is missing, malformed, or does not fit the model."""
+
+
+class ExportError(MoePruneError):
+    """An ONNX export failed, or its validation against PyTorch did not pass."""
+
+
+class OutputError(MoePruneError):
+    """An output path cannot be written safely (it is the input, its folder is missing or read-only, ...)."""

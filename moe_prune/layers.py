@@ -1,0 +1,398 @@
+"""The Soft MoE layer: the numerical ground truth every other path (Triton kernel, ONNX graph) is checked against.
+
+Soft MoE (Puigcerver et al., "From Sparse to Soft Mixtures of Experts"), for one input X [M, D]:
+
+    logits   = norm(X) @ Phi_n                # [M, E*S]; Phi_n = scale * Phi / |Phi| (columns over D)
+    dispatch = softmax(logits, over tokens)   # each slot (column) sums to 1 over the M tokens
+    combine  = softmax(logits, over slots)    # each token (row) sums to 1 over the E*S slots
+    slots    = dispatch^T @ X_d               # [E*S, D]; X_d is norm(X) or the raw X (`dispatch_input`)
+    Y        = expert_e(slots of e)           # expert e sees its S slots
+    out      = combine @ Y                    # [M, D_out]
+
+Running with a subset of experts (Chung et al., "Beyond Parameter Count"), two modes:
+    drop:   dispatch and combine from the full logits; dropped experts are not run, their slot outputs are 0.
+    renorm: dropped slots' logits are -inf before both softmaxes (the router needs only the kept columns).
+Axes: B batch, M tokens, D model dim, E experts, S slots per expert, H expert hidden, K kept experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+ExpertKind = Literal["gelu_mlp", "relu_mlp", "geglu"]
+TokenNorm = Literal["l2", "layer", "none"]
+Mode = Literal["drop", "renorm"]
+EXPERT_KINDS = ("gelu_mlp", "relu_mlp", "geglu")
+MODES = ("drop", "renorm")
+
+
+@dataclass(frozen=True)
+class SoftMoEConfig:
+    """Architecture of one Soft MoE layer.
+
+    Args:
+        dim: D, the token width.
+        num_experts: E, the router's expert count (columns of Phi are E*S).
+        slots_per_expert: S.
+        hidden: H, each expert's hidden width (for GEGLU, the width after gating).
+        expert: "gelu_mlp" (timm Mlp: Linear+GELU+Linear, biases; soft-moe, soft-moe-pytorch),
+            "relu_mlp" (Linear+ReLU+Linear, no biases; Chung et al.'s MNIST model), "geglu" (soft-moe-pytorch).
+        token_norm: how tokens are normalized for routing: "l2" over D (the Soft MoE paper), "layer"
+            (LayerNorm without affine; soft-moe-pytorch's use_layernorm) or "none".
+        token_gain: a learned per-channel gain after token_norm (soft-moe-pytorch's RMSNorm gamma times sqrt(D)).
+        phi_norm: l2-normalize Phi's columns over D and multiply by a learned scalar `scale` (the paper).
+        dispatch_input: what the slots average: "normalized" tokens (bwconrad/soft-moe, which Chung et al.
+            used; soft-moe-pytorch) or the "raw" tokens (google-research/vmoe).
+        eps: floor of the l2 norms (and LayerNorm's epsilon).
+        out_dim: the experts' output width; None means D.
+        present: the router experts whose weights this layer holds, ascending (a compressed `drop`-mode
+            checkpoint keeps all of Phi but only these experts); None means all E.
+        origin: the experts' ids in the model this layer was compressed from, for reports; None means own ids.
+
+    Example:
+        >>> cfg = SoftMoEConfig(dim=64, num_experts=8, slots_per_expert=1, hidden=128)
+        >>> layer = SoftMoE(cfg)
+        >>> layer(torch.randn(2, 10, 64)).shape
+        torch.Size([2, 10, 64])
+    """
+
+    dim: int
+    num_experts: int
+    slots_per_expert: int
+    hidden: int
+    expert: ExpertKind = "gelu_mlp"
+    token_norm: TokenNorm = "l2"
+    token_gain: bool = False
+    phi_norm: bool = True
+    dispatch_input: Literal["normalized", "raw"] = "normalized"
+    eps: float = 1e-6
+    out_dim: int | None = None
+    present: tuple[int, ...] | None = None
+    origin: tuple[int, ...] | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        for name in ("dim", "num_experts", "slots_per_expert", "hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"Soft MoE config: {name} must be a positive integer, got {value!r}")
+        if self.expert not in EXPERT_KINDS:
+            raise ConfigError(f"Soft MoE config: expert must be one of {EXPERT_KINDS}, got {self.expert!r}")
+        if self.token_norm not in ("l2", "layer", "none"):
+            raise ConfigError(f"Soft MoE config: token_norm must be 'l2', 'layer' or 'none', got {self.token_norm!r}")
+        if self.dispatch_input not in ("normalized", "raw"):
+            raise ConfigError(
+                f"Soft MoE config: dispatch_input must be 'normalized' or 'raw', got {self.dispatch_input!r}"
+            )
+        if self.present is not None:
+            object.__setattr__(self, "present", tuple(int(i) for i in self.present))
+            p = self.present
+            if not p or list(p) != sorted(set(p)) or p[0] < 0 or p[-1] >= self.num_experts:
+                raise ConfigError(
+                    f"Soft MoE config: present must be distinct ascending expert ids in [0, {self.num_experts}), "
+                    f"got {list(p)}"
+                )
+        if self.origin is not None:
+            object.__setattr__(self, "origin", tuple(int(i) for i in self.origin))
+            if len(self.origin) != self.num_held:
+                raise ConfigError(
+                    f"Soft MoE config: origin names {len(self.origin)} experts but the layer holds {self.num_held}"
+                )
+
+    @property
+    def num_held(self) -> int:
+        """How many experts' weights the layer holds (K for a compressed drop-mode layer, else E)."""
+        return self.num_experts if self.present is None else len(self.present)
+
+    @property
+    def out_features(self) -> int:
+        return self.dim if self.out_dim is None else self.out_dim
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key in ("present", "origin"):
+            if d[key] is not None:
+                d[key] = list(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SoftMoEConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"Soft MoE config: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
+        try:
+            return cls(**d)
+        except TypeError as e:  # a missing required key
+            raise ConfigError(f"Soft MoE config: {e}") from None
+
+
+class StackedExperts(nn.Module):
+    """E experts of one kind with their weights stacked, computed with batched matmuls (no loop over experts).
+
+    Weights: w1 [E, D, H] (GEGLU: [E, D, 2H], value half first, then gate), w2 [E, H, D_out]; biases b1, b2
+    unless the kind is "relu_mlp".
+    """
+
+    def __init__(self, kind: ExpertKind, num: int, dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.kind = kind
+        h1 = 2 * hidden if kind == "geglu" else hidden
+        self.w1 = nn.Parameter(torch.empty(num, dim, h1))
+        self.w2 = nn.Parameter(torch.empty(num, hidden, out_dim))
+        if kind != "relu_mlp":
+            self.b1 = nn.Parameter(torch.zeros(num, h1))
+            self.b2 = nn.Parameter(torch.zeros(num, out_dim))
+        else:
+            self.b1 = self.b2 = None
+        # Kaiming-uniform like nn.Linear, per expert.
+        nn.init.uniform_(self.w1, -1 / math.sqrt(dim), 1 / math.sqrt(dim))
+        nn.init.uniform_(self.w2, -1 / math.sqrt(hidden), 1 / math.sqrt(hidden))
+
+    def forward(self, slots: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """slots [K, N, D] -> [K, N, D_out]; expert k of the stack is idx[k] (all experts in order if None)."""
+        w1, w2, b1, b2 = self.w1, self.w2, self.b1, self.b2
+        if idx is not None:  # gather only the kept experts' weights: the others are never read
+            w1, w2 = w1.index_select(0, idx), w2.index_select(0, idx)
+            if b1 is not None:
+                b1, b2 = b1.index_select(0, idx), b2.index_select(0, idx)
+        h = torch.matmul(slots, w1)  # [K, N, H or 2H]
+        if b1 is not None:
+            h = h + b1.unsqueeze(1)
+        if self.kind == "gelu_mlp":
+            h = F.gelu(h)
+        elif self.kind == "relu_mlp":
+            h = F.relu(h)
+        else:
+            value, gate = h.chunk(2, dim=-1)
+            h = value * F.gelu(gate)
+        y = torch.matmul(h, w2)  # [K, N, D_out]
+        if b2 is not None:
+            y = y + b2.unsqueeze(1)
+        return y
+
+
+def normalize_tokens(x: torch.Tensor, token_norm: str, gain: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Route-side token normalization: x [B, M, D] -> [B, M, D]."""
+    if token_norm == "l2":
+        x = F.normalize(x, dim=-1, eps=eps)
+    elif token_norm == "layer":
+        x = F.layer_norm(x, x.shape[-1:], eps=eps)
+    if gain is not None:
+        x = x * gain
+    return x
+
+
+def router_weight(phi: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Phi [D, E, S] -> the effective router [D, E*S]: l2-normalized columns times `scale`, or raw if no scale."""
+    phi = phi.flatten(1)
+    if scale is not None:
+        phi = scale * F.normalize(phi, dim=0, eps=eps)
+    return phi
+
+
+def routing_ref(
+    x: torch.Tensor,
+    phi: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    gain: torch.Tensor | None = None,
+    *,
+    token_norm: str = "l2",
+    eps: float = 1e-6,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch and combine weights of a Soft MoE router, in plain torch (the fused kernel's reference).
+
+    Args:
+        x: tokens [B, M, D].
+        phi: router parameters [D, N] or [D, E, S] (N = E*S slots), raw (normalized here when `scale` is given).
+        scale: learned scalar; None means Phi is used as it is (no column normalization).
+        gain: per-channel gain [D] applied after the token normalization, or None.
+        token_norm: "l2", "layer" or "none".
+        eps: norm floor.
+        mask: optional key-padding mask [B, M], True for real tokens: padded tokens get no dispatch weight and a
+            zero combine row.
+
+    Returns:
+        (dispatch_weights, combine_weights), both [B, M, N]: every dispatch column and every unmasked combine
+        row sums to 1.
+
+    Example:
+        >>> d, c = routing_ref(torch.randn(2, 5, 8), torch.randn(8, 4), torch.ones(1))
+        >>> c.sum(-1)  # each token's combine weights sum to 1
+    """
+    logits = normalize_tokens(x, token_norm, gain, eps) @ router_weight(phi, scale, eps)  # [B, M, N]
+    return _softmaxes(logits, mask)
+
+
+def _softmaxes(logits: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, M, N] -> dispatch (softmax over M) and combine (softmax over N), padded tokens excluded."""
+    if mask is None:
+        return logits.softmax(dim=1), logits.softmax(dim=-1)
+    keep = mask.unsqueeze(-1)  # [B, M, 1]
+    # A finite floor, not -inf: a slot whose every token is padded gets uniform weights instead of NaN.
+    dispatch = logits.masked_fill(~keep, torch.finfo(logits.dtype).min).softmax(dim=1)
+    combine = logits.softmax(dim=-1) * keep
+    return dispatch, combine
+
+
+class SoftMoE(nn.Module):
+    """A Soft MoE layer with stacked experts; runs all experts, a shared subset, or a per-input subset.
+
+    Parameters: phi [D, E, S] (soft-moe's layout), scale [1] (if phi_norm), norm_weight [D] (if token_gain),
+    experts.w1/b1/w2/b2 (see StackedExperts).
+
+    Example:
+        >>> layer = SoftMoE(SoftMoEConfig(dim=16, num_experts=8, slots_per_expert=1, hidden=32))
+        >>> x = torch.randn(4, 10, 16)
+        >>> y = layer(x, experts=torch.tensor([1, 5]))  # only experts 1 and 5 run; the others' outputs are 0
+    """
+
+    def __init__(self, config: SoftMoEConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.phi = nn.Parameter(torch.randn(c.dim, c.num_experts, c.slots_per_expert) / math.sqrt(c.dim))
+        self.scale = nn.Parameter(torch.ones(1)) if c.phi_norm else None
+        self.norm_weight = nn.Parameter(torch.ones(c.dim)) if c.token_gain else None
+        self.experts = StackedExperts(c.expert, c.num_held, c.dim, c.hidden, c.out_features)
+        # None: the torch path on CPU, the Triton kernel on CUDA. True/False forces one.
+        self.use_triton: bool | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    # -- routing -------------------------------------------------------------------------------------------
+    def route_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, M, D] -> normalized tokens [B, M, D]."""
+        return normalize_tokens(x, self.config.token_norm, self.norm_weight, self.config.eps)
+
+    def router(self) -> torch.Tensor:
+        """The effective router [D, E*S]."""
+        return router_weight(self.phi, self.scale, self.config.eps)
+
+    def routing(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full dispatch and combine weights, each [B, M, E*S] (the Triton kernel on CUDA, else torch)."""
+        if self._triton_for(x):
+            from .kernels.routing import soft_moe_routing
+
+            dispatch, combine, _ = soft_moe_routing(
+                x, self.phi, self.scale, self.norm_weight, token_norm=self.config.token_norm,
+                eps=self.config.eps, mask=mask, slots_per_expert=self.config.slots_per_expert,
+            )
+            return dispatch, combine
+        return _softmaxes(self.route_tokens(x) @ self.router(), mask)
+
+    def _triton_for(self, x: torch.Tensor) -> bool:
+        if self.use_triton is not None:
+            return self.use_triton
+        return x.is_cuda and self.config.token_norm != "layer" and not torch.jit.is_tracing()
+
+    # -- forward -------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        experts: torch.Tensor | None = None,
+        mode: Mode = "drop",
+    ) -> torch.Tensor:
+        """Run the layer.
+
+        Args:
+            x: tokens [B, M, D].
+            mask: optional key-padding mask [B, M], True for real tokens (padded tokens' outputs are 0).
+            experts: None (all experts the layer holds), router expert ids [K] shared by the batch (only
+                those K experts are computed), or [B, K] per input (every expert runs, the others' slots are
+                then discarded: this path is for accuracy, not speed).
+            mode: "drop" or "renorm" (see the module docstring); ignored when experts is None.
+
+        Returns:
+            [B, M, D_out].
+        """
+        if x.dim() != 3 or x.shape[-1] != self.config.dim:
+            raise ValueError(f"SoftMoE expects tokens [B, M, {self.config.dim}], got {list(x.shape)}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be 'drop' or 'renorm', got {mode!r}")
+        held = self._present(x.device)
+        if experts is None and held is None:
+            dispatch, combine = self.routing(x, mask)
+            return self._mix(x, dispatch, combine, None)
+        if experts is None:  # a compressed drop-mode layer: its held experts are the subset
+            return self._subset(x, mask, held, None, "drop")
+        if experts.dim() == 1:
+            return self._subset(x, mask, experts, self._held_index(experts), mode)
+        return self._per_input(x, mask, experts, mode)
+
+    def _mix(self, x, dispatch, combine, idx):
+        """slots = dispatch^T x; expert outputs; out = combine @ outputs. dispatch/combine [B, M, K*S]."""
+        B, M, _ = x.shape
+        S = self.config.slots_per_expert
+        xd = x if self.config.dispatch_input == "raw" else self.route_tokens(x)
+        slots = dispatch.transpose(1, 2) @ xd  # [B, K*S, D]
+        K = slots.shape[1] // S
+        slots = slots.reshape(B, K, S, -1).transpose(0, 1).reshape(K, B * S, -1)  # [K, B*S, D]
+        y = self.experts(slots, idx)  # [K, B*S, D_out]
+        y = y.reshape(K, B, S, -1).transpose(0, 1).reshape(B, K * S, -1)  # [B, K*S, D_out]
+        return combine @ y  # [B, M, D_out]
+
+    def _present(self, device) -> torch.Tensor | None:
+        """The router ids of the experts this layer holds [K], or None when it holds all of them."""
+        p = self.config.present
+        return None if p is None else torch.tensor(p, dtype=torch.long, device=device)
+
+    def _held_index(self, experts: torch.Tensor) -> torch.Tensor:
+        """Router ids [K] -> positions in this layer's expert stack."""
+        present = self._present(experts.device)
+        if present is None:
+            return experts
+        pos = torch.searchsorted(present, experts)
+        if not torch.jit.is_tracing():
+            if not bool((present[pos.clamp(max=len(present) - 1)] == experts).all()):
+                raise ValueError(
+                    f"experts {experts.tolist()} are not all held by this compressed layer "
+                    f"(it holds {list(self.config.present)})"
+                )
+        return pos
+
+    def _subset(self, x, mask, experts, idx, mode):
+        """Only the K experts in `experts` [K] are computed; their slots' dispatch and combine weights come from
+        the full logits (drop) or from the kept columns alone (renorm)."""
+        S = self.config.slots_per_expert
+        cols = (experts.unsqueeze(1) * S + torch.arange(S, device=experts.device)).reshape(-1)  # [K*S]
+        xn = self.route_tokens(x)
+        router = self.router()  # [D, E*S]
+        if mode == "drop":
+            logits = xn @ router  # [B, M, E*S]: the combine denominator needs every slot
+            dispatch_all, combine_all = _softmaxes(logits, mask)
+            dispatch, combine = dispatch_all.index_select(2, cols), combine_all.index_select(2, cols)
+        else:
+            logits = xn @ router.index_select(1, cols)  # [B, M, K*S]
+            dispatch, combine = _softmaxes(logits, mask)
+        return self._mix(x, dispatch, combine, idx)
+
+    def _per_input(self, x, mask, experts, mode):
+        """Algorithm 1: each input keeps its own experts [B, K]; computed densely, dropped slots discarded."""
+        if self.config.present is not None:
+            raise ValueError("per-input expert subsets need a layer that holds every expert (not a compressed one)")
+        B = x.shape[0]
+        E, S = self.config.num_experts, self.config.slots_per_expert
+        kept = torch.zeros(B, E, dtype=torch.bool, device=x.device)
+        kept[torch.arange(B, device=x.device).unsqueeze(1), experts] = True
+        kept = kept.repeat_interleave(S, dim=1).unsqueeze(1)  # [B, 1, E*S]
+        logits = self.route_tokens(x) @ self.router()  # [B, M, E*S]
+        dispatch, combine = _softmaxes(logits, mask)  # a slot's dispatch column does not depend on other slots
+        if mode == "drop":
+            combine = combine * kept
+        else:
+            combine = logits.masked_fill(~kept, float("-inf")).softmax(dim=-1)
+            if mask is not None:
+                combine = combine * mask.unsqueeze(-1)
+        return self._mix(x, dispatch, combine, None)

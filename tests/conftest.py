@@ -1,0 +1,33 @@
+"""Test setup. Triton's interpreter must be chosen before anything imports triton, hence at the very top."""
+
+import os
+
+try:
+    import torch
+
+    _has_gpu = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _has_gpu = False
+if not _has_gpu:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pathlib
+
+import pytest
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+FIXTURES = SHARED / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -385,3 +385,69 @@ def from_lucidrains(path_or_state_dict, **kwargs) -> SoftMoE:
     _assign(layer, native, where, "cpu")
     layer.checkpoint_meta = {"converted_from": "soft-moe-pytorch (lucidrains) SoftMoE", "source_kwargs": kwargs}
     return layer.eval()
+
+
+def summary(path: str | os.PathLike) -> dict:
+    """Architecture, Soft MoE layers and parameter counts of a native checkpoint, loading no tensor.
+
+    Returns:
+        A JSON-able dict: path, bytes, family, config, parameters, expert_parameters, moe_layers (per layer:
+        name, experts in the router, experts held, slots, hidden, kind, original ids of the held experts,
+        parameters) and meta.
+
+    Example:
+        >>> s = summary("model.safetensors")
+        >>> s["moe_layers"][0]["experts_held"]
+        16
+    """
+    spec, meta, header = native_info(path)
+    count = {name: math.prod(shape) for name, (_, shape) in header.items()}
+    layers = []
+    for name, cfg in (spec.get("moe") or {"": spec["config"]}).items():
+        prefix = f"{name}." if name else ""
+        held = len(cfg["present"]) if cfg.get("present") else cfg["num_experts"]
+        origin = cfg.get("origin") or cfg.get("present")
+        layers.append({
+            "name": name or "(layer)", "router_experts": cfg["num_experts"], "experts_held": held,
+            "slots_per_expert": cfg["slots_per_expert"], "hidden": cfg["hidden"], "expert": cfg["expert"],
+            "kept_original_ids": origin,
+            "parameters": sum(n for k, n in count.items() if k.startswith(prefix)),
+            "expert_parameters": sum(n for k, n in count.items() if k.startswith(prefix + "experts.")),
+        })
+    return {
+        "path": str(path), "bytes": os.path.getsize(path), "family": spec["family"], "config": spec["config"],
+        "parameters": sum(count.values()), "expert_parameters": sum(layer["expert_parameters"] for layer in layers),
+        "moe_layers": layers, "meta": meta,
+    }
+
+
+def convert(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "auto", kwargs: dict | None = None):
+    """Convert a soft-moe or soft-moe-pytorch safetensors state dict to a native checkpoint.
+
+    Args:
+        source: the library's state dict as .safetensors.
+        out: the native checkpoint to write (atomically; never the source).
+        fmt: "bwconrad", "lucidrains" or "auto" (detected from tensor names).
+        kwargs: the library model's constructor keyword arguments.
+
+    Returns:
+        (model, detected format).
+
+    Raises:
+        CheckpointError: unreadable source or unknown layout. ConfigError: bad kwargs. OutputError: bad output.
+
+    Example:
+        >>> convert("vit.safetensors", "native.safetensors", "bwconrad", {"num_experts": 16, ...})
+    """
+    _, header = read_header(source)
+    if fmt == "auto":
+        fmt = detect_source(header)
+        if fmt is None:
+            raise CheckpointError(f"{source}: the tensor names match neither soft-moe (bwconrad) nor soft-moe-pytorch "
+                                  "(lucidrains); pass --from if you know which it is")
+    loader = {"bwconrad": from_bwconrad, "lucidrains": from_lucidrains}.get(fmt)
+    if loader is None:
+        raise ConfigError(f"unknown source format {fmt!r}: choose bwconrad or lucidrains")
+    model = loader(source, **(kwargs or {}))
+    save(model, out, inputs=(source,))
+    return model, fmt

@@ -59,6 +59,9 @@ def atomic_output(path: str | os.PathLike, inputs: tuple = (), suffix: str = "")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix + ".tmp", dir=out.parent if str(out.parent) else ".")
     os.close(fd)
     tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the permissions a plain open() would
     try:
         yield tmp
         with open(tmp, "rb+") as f:  # the data must be on disk before the rename makes it visible

@@ -333,14 +333,14 @@ class SoftMoE(nn.Module):
 
     def _mix(self, x, dispatch, combine, idx):
         """slots = dispatch^T x; expert outputs; out = combine @ outputs. dispatch/combine [B, M, K*S]."""
-        B, M, _ = x.shape
-        S = self.config.slots_per_expert
+        B, M, D = x.shape
+        S, D_out = self.config.slots_per_expert, self.config.out_features
         xd = x if self.config.dispatch_input == "raw" else self.route_tokens(x)
         slots = dispatch.transpose(1, 2) @ xd  # [B, K*S, D]
         K = slots.shape[1] // S
-        slots = slots.reshape(B, K, S, -1).transpose(0, 1).reshape(K, B * S, -1)  # [K, B*S, D]
+        slots = slots.reshape(B, K, S, D).transpose(0, 1).reshape(K, B * S, D)  # [K, B*S, D]
         y = self.experts(slots, idx)  # [K, B*S, D_out]
-        y = y.reshape(K, B, S, -1).transpose(0, 1).reshape(B, K * S, -1)  # [B, K*S, D_out]
+        y = y.reshape(K, B, S, D_out).transpose(0, 1).reshape(B, K * S, D_out)  # [B, K*S, D_out]
         return combine @ y  # [B, M, D_out]
 
     def _present(self, device) -> torch.Tensor | None:

@@ -1,0 +1,491 @@
+r"""Image data: IDX files (MNIST, Fashion-MNIST), the bundled Fashion-MNIST sample, calibration inputs, batches.
+
+    IDX file (gzipped or not) -> read_idx -> np.ndarray
+    directory or name ("fashion-mnist", "mnist", "sample") -> load_images -> images uint8 [N, 28, 28], labels int64 [N]
+    images uint8 [N, 28, 28] -> to_tensor -> float32 [N, 1, 28, 28] in [0, 1]   (what the models take)
+    .npy / .npz calibration file -> load_inputs -> float32 [N, ...]
+
+Nothing here downloads anything. A missing data set is a DataError whose message says how to get it.
+
+The bundled sample (assets/fashion_mnist_sample.npz) is the first 1,000 images of the Fashion-MNIST test split
+(t10k) with their labels, MIT-licensed by Zalando SE (assets/FASHION_MNIST_LICENSE.txt). It was made with
+
+    python -c "from moe_prune.data import make_sample; \
+        make_sample('/usr/share/datasets/fashion-mnist', 'moe_prune/assets/fashion_mnist_sample.npz')"
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import math
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .files import atomic_output
+
+# IDX type codes (LeCun's MNIST page): the payload is big-endian.
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"),  # unsigned byte
+    0x09: np.dtype(">i1"),  # signed byte
+    0x0B: np.dtype(">i2"),  # short
+    0x0C: np.dtype(">i4"),  # int
+    0x0D: np.dtype(">f4"),  # float
+    0x0E: np.dtype(">f8"),  # double
+}
+# Real IDX files have 1 to 4 dimensions; 32 is numpy 1.x's limit and keeps a hostile header's dims list short.
+_IDX_MAX_NDIM = 32
+# The largest payload read_idx will read unless told otherwise. Fashion-MNIST's largest file is 47 MB; the cap
+# keeps a hostile header from making us decompress or allocate gigabytes.
+MAX_IDX_BYTES = 1 << 31
+# Decompress in pieces so that memory follows the bytes that really exist, not the size a header claims.
+_GZIP_CHUNK = 1 << 20
+_GZIP_MAGIC = b"\x1f\x8b"
+
+_SPLIT_PREFIX = {"train": "train", "test": "t10k"}
+_IMG_SIZE = 28
+_NUM_CLASSES = 10
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+_SAMPLE_NAME = "fashion_mnist_sample.npz"
+_NPZ_KEYS = ("x", "inputs", "images")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# IDX files
+
+
+def read_idx(path: str | os.PathLike, *, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
+    """Read one IDX file (the MNIST format), gzipped or not.
+
+    Gzip is detected by its magic bytes, not by the file name. The header is checked before any payload is read:
+    magic 0x00 0x00, a known type code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32, 0x0D float32,
+    0x0E float64), 1 to 32 dimensions, and a declared size at most `max_bytes`. The payload must then be
+    exactly the declared size: a short or a long file is an error, never a silent truncation.
+
+    Args:
+        path: the file.
+        max_bytes: the largest payload accepted; raise it for a real file bigger than 2 GiB.
+
+    Returns:
+        an array of the declared shape, in native byte order (uint8 for image and label files).
+
+    Raises:
+        DataError: the file is missing or unreadable, is a corrupt gzip stream, or its header or payload
+            length is wrong. The message names the file.
+
+    Example:
+        >>> x = read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
+        >>> x.shape, x.dtype
+        ((10000,), dtype('uint8'))
+    """
+    path = Path(path)
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open IDX file ({e.strerror or e}); check the path") from e
+    with raw:
+        try:
+            is_gzip = raw.read(2) == _GZIP_MAGIC
+            raw.seek(0)
+            if is_gzip:
+                with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+                    return _read_idx_stream(f, path, None, max_bytes)
+            return _read_idx_stream(raw, path, os.fstat(raw.fileno()).st_size, max_bytes)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise DataError(f"{path}: corrupt gzip stream ({e}); re-download or re-extract the file") from e
+        except OSError as e:
+            raise DataError(f"{path}: cannot read IDX file ({e.strerror or e}); check the file") from e
+
+
+def _read_idx_stream(f, path: Path, file_size: int | None, max_bytes: int) -> np.ndarray:
+    # file_size: the size on disk for a plain file (so the payload length is checked before reading it);
+    # None for a gzip stream, whose real length is known only by decompressing it.
+    fix = "the file is not an IDX file or is damaged; re-download or re-extract it"
+    head = _read_exact(f, 4)
+    if len(head) < 4:
+        raise DataError(f"{path}: {len(head)} bytes, too short for an IDX header (4-byte magic); {fix}")
+    if head[0] != 0 or head[1] != 0:
+        raise DataError(f"{path}: bad IDX magic {head.hex()} (must start with 0000); {fix}")
+    code, ndim = head[2], head[3]
+    if code not in _IDX_DTYPES:
+        known = ", ".join(f"0x{c:02X}" for c in _IDX_DTYPES)
+        raise DataError(f"{path}: unknown IDX type code 0x{code:02X} (known: {known}); {fix}")
+    if not 1 <= ndim <= _IDX_MAX_NDIM:
+        raise DataError(f"{path}: IDX header declares {ndim} dimensions (must be 1 to {_IDX_MAX_NDIM}); {fix}")
+    dims_raw = _read_exact(f, 4 * ndim)
+    if len(dims_raw) < 4 * ndim:
+        raise DataError(
+            f"{path}: header truncated: {ndim} dimensions need {4 * ndim} bytes, got {len(dims_raw)}; {fix}"
+        )
+    shape = tuple(int(d) for d in np.frombuffer(dims_raw, dtype=">u4"))
+    dtype = _IDX_DTYPES[code]
+    # Python ints: the product cannot overflow, so a hostile header is caught here, before any allocation.
+    expected = math.prod(shape) * dtype.itemsize
+    if expected > max_bytes:
+        raise DataError(
+            f"{path}: IDX header declares shape {shape} of {dtype.name}, {expected} bytes, more than the "
+            f"{max_bytes}-byte limit; {fix} (if it is real, pass a larger max_bytes)"
+        )
+    header_len = 4 + 4 * ndim
+    if file_size is not None:
+        actual = file_size - header_len
+        if actual != expected:
+            raise DataError(_length_message(path, shape, dtype, expected, actual, fix))
+        buf = bytearray(expected)
+        got = f.readinto(buf) if expected else 0
+        if got != expected:  # the file changed under us
+            raise DataError(_length_message(path, shape, dtype, expected, got, fix))
+    else:
+        buf = _read_gzip_payload(f, expected)
+        if len(buf) != expected:
+            raise DataError(_length_message(path, shape, dtype, expected, len(buf), fix, more=len(buf) > expected))
+    try:
+        array = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    except ValueError:  # an empty array whose other dims numpy cannot represent
+        raise DataError(f"{path}: IDX header declares an impossible shape {shape}; {fix}") from None
+    return array.astype(dtype.newbyteorder("="), copy=dtype.itemsize > 1)
+
+
+def _read_exact(f, n: int) -> bytes:
+    # A stream's read() may return fewer bytes than asked before the end; loop until n or EOF.
+    out = b""
+    while len(out) < n:
+        chunk = f.read(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def _read_gzip_payload(f, expected: int) -> bytearray:
+    # Read up to expected + 1 bytes: one byte past the payload tells "too long" apart from "exact", and reading
+    # to the end makes gzip check its CRC. The buffer grows with the data actually decompressed.
+    buf = bytearray()
+    while len(buf) <= expected:
+        chunk = f.read(min(_GZIP_CHUNK, expected + 1 - len(buf)))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def _length_message(path, shape, dtype, expected, actual, fix, more=None) -> str:
+    more = actual > expected if more is None else more
+    what = "has extra bytes" if more else "is truncated"
+    actual_s = f"at least {actual}" if more and actual == expected + 1 else str(actual)
+    return (
+        f"{path}: payload {what}: header declares shape {shape} of {dtype.name} = {expected} bytes, "
+        f"file has {actual_s}; {fix}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data sets
+
+
+def _missing_message(name: str, where: str) -> str:
+    files = ", ".join(
+        f"{p}-{k}-idx{n}-ubyte[.gz]" for p in ("train", "t10k") for k, n in (("images", 3), ("labels", 1))
+    )
+    tv_class, tv_dir = ("MNIST", "MNIST") if name == "mnist" else ("FashionMNIST", "FashionMNIST")
+    apt = "" if name == "mnist" else "install it with `apt-get install -y dataset-fashion-mnist`, or "
+    return (
+        f"{name} data not found: {where}. To get it: {apt}pass --data-dir DIR (load_images(DIR) in Python) "
+        f"with the four IDX files ({files}), or, where torchvision and a network exist, run "
+        f"`torchvision.datasets.{tv_class}(root, download=True)` and pass --data-dir ROOT/{tv_dir}/raw. "
+        f"moe-prune never downloads anything"
+    )
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def load_images(
+    dir_or_name: str | os.PathLike = "fashion-mnist", split: str = "train"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load one split of an MNIST-format image data set.
+
+    `dir_or_name` is a directory holding the standard IDX files (`train-images-idx3-ubyte[.gz]`,
+    `train-labels-idx1-ubyte[.gz]`, `t10k-images-idx3-ubyte[.gz]`, `t10k-labels-idx1-ubyte[.gz]`), or a name:
+    "fashion-mnist" (/usr/share/datasets/fashion-mnist, from Debian's `dataset-fashion-mnist`), "mnist" (no
+    default location: Debian ships no MNIST package, so pass its directory) or "sample" (the bundled 1,000
+    Fashion-MNIST test images; it has only split="test"). To use a directory that is called like a name, write
+    it as a path ("./sample").
+
+    Args:
+        dir_or_name: a directory, or "fashion-mnist", "mnist", "sample".
+        split: "train" or "test" (the t10k files).
+
+    Returns:
+        images uint8 [N, 28, 28] (0 = background) and labels int64 [N] in 0..9.
+
+    Raises:
+        DataError: the data set is missing (the message says how to get it), a file is malformed, the image
+            and label counts differ, an image is not 28x28, or a label is outside 0..9.
+
+    Example:
+        >>> images, labels = load_images("sample", split="test")
+        >>> images.shape, labels.shape
+        ((1000, 28, 28), (1000,))
+    """
+    if split not in _SPLIT_PREFIX:
+        raise DataError(f"unknown split {split!r}; use 'train' or 'test'")
+    if isinstance(dir_or_name, str):
+        name = dir_or_name.lower().replace("_", "-")
+        if name == "sample":
+            return _load_sample(split)
+        if name == "mnist":
+            raise DataError(_missing_message("mnist", "it has no default location"))
+        if name == "fashion-mnist":
+            if not FASHION_MNIST_DIR.is_dir():
+                raise DataError(_missing_message("fashion-mnist", f"{FASHION_MNIST_DIR} does not exist"))
+            return _load_idx_dir(FASHION_MNIST_DIR, split, "fashion-mnist")
+    directory = Path(dir_or_name)
+    if not directory.is_dir():
+        raise DataError(_missing_message("IDX", f"{directory} is not a directory"))
+    return _load_idx_dir(directory, split, "IDX")
+
+
+def _load_idx_dir(directory: Path, split: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    prefix = _SPLIT_PREFIX[split]
+    img_path = _find_idx(directory, f"{prefix}-images-idx3-ubyte")
+    lbl_path = _find_idx(directory, f"{prefix}-labels-idx1-ubyte")
+    for stem, p in ((f"{prefix}-images-idx3-ubyte", img_path), (f"{prefix}-labels-idx1-ubyte", lbl_path)):
+        if p is None:
+            raise DataError(_missing_message(name, f"{directory} has no {stem} (or {stem}.gz)"))
+    return _check_images(read_idx(img_path), read_idx(lbl_path), img_path, lbl_path)
+
+
+def _check_images(images: np.ndarray, labels: np.ndarray, img_src, lbl_src) -> tuple[np.ndarray, np.ndarray]:
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (_IMG_SIZE, _IMG_SIZE):
+        raise DataError(
+            f"{img_src}: images are {images.dtype} {list(images.shape)}, expected uint8 [N, 28, 28]; "
+            f"point to an MNIST-format images file"
+        )
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DataError(f"{lbl_src}: labels are {labels.dtype} {list(labels.shape)}, expected integers [N]; "
+                        f"point to an MNIST-format labels file")
+    if len(images) != len(labels):
+        raise DataError(
+            f"{img_src} has {len(images)} images but {lbl_src} has {len(labels)} labels; "
+            f"use the images and labels files of the same split and data set"
+        )
+    bad = np.flatnonzero((labels < 0) | (labels >= _NUM_CLASSES))
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(
+            f"{lbl_src}: {bad.size} labels outside 0..{_NUM_CLASSES - 1} (first: label {int(labels[i])} at "
+            f"index {i}); use a 10-class MNIST-format labels file"
+        )
+    return images, labels.astype(np.int64)
+
+
+def _load_sample(split: str) -> tuple[np.ndarray, np.ndarray]:
+    if split != "test":
+        raise DataError(
+            "the bundled sample holds only Fashion-MNIST test images (the first 1,000 of t10k); "
+            "use split='test', or a full data set for 'train'"
+        )
+    res = importlib.resources.files("moe_prune") / "assets" / _SAMPLE_NAME
+    where = f"moe_prune/assets/{_SAMPLE_NAME}"
+    try:
+        with res.open("rb") as fh, np.load(fh, allow_pickle=False) as z:
+            images, labels = z["images"], z["labels"]
+    except FileNotFoundError as e:
+        raise DataError(
+            f"{where} is missing from the installed package; reinstall moe-prune, or remake it with "
+            f"make_sample('/usr/share/datasets/fashion-mnist', '{where}')"
+        ) from e
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise DataError(f"{where} is unreadable ({e}); reinstall moe-prune or remake it with make_sample") from e
+    return _check_images(images, labels, where, where)
+
+
+def make_sample(src_dir: str | os.PathLike, out_path: str | os.PathLike, n: int = 1000) -> Path:
+    """Write the first `n` test (t10k) images and labels of an IDX data set to a compressed .npz.
+
+    This is how the bundled assets/fashion_mnist_sample.npz was made (keys `images` uint8 [n, 28, 28],
+    `labels` uint8 [n]). The file is written atomically: a temporary file beside it, then os.replace.
+
+    Args:
+        src_dir: a directory with t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz].
+        out_path: the .npz to write (written exactly there; no suffix is added).
+        n: how many images, from the start of the test split.
+
+    Returns:
+        out_path as a Path.
+
+    Raises:
+        DataError: the source is missing or malformed, or holds fewer than `n` test images.
+
+    Example:
+        >>> out = make_sample("/usr/share/datasets/fashion-mnist", "/tmp/sample.npz", n=100)
+        >>> np.load(out)["images"].shape
+        (100, 28, 28)
+    """
+    images, labels = load_images(Path(src_dir), split="test")
+    if not 1 <= n <= len(images):
+        raise DataError(
+            f"{src_dir}: cannot take {n} images from a test split of {len(images)}; choose n in 1..{len(images)}"
+        )
+    out = Path(out_path)
+    with atomic_output(out, suffix=".npz") as tmp, open(tmp, "wb") as fh:  # a file object: numpy adds no suffix
+        np.savez_compressed(fh, images=np.ascontiguousarray(images[:n]), labels=labels[:n].astype(np.uint8))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tensors, batches, calibration inputs
+
+
+def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Turn uint8 images into the models' input: float32 [N, 1, H, W], pixel / 255, so values lie in [0, 1].
+
+    No mean/std normalisation: the models are trained and evaluated on [0, 1] pixels.
+
+    Args:
+        images: uint8 [N, H, W] or [N, 1, H, W] (numpy or torch).
+
+    Returns:
+        a new float32 tensor [N, 1, H, W] in [0, 1].
+
+    Raises:
+        DataError: images are not uint8, or not 3-D / 4-D with one channel.
+
+    Example:
+        >>> x = to_tensor(np.full((2, 28, 28), 255, dtype=np.uint8))
+        >>> x.shape, float(x.max())
+        (torch.Size([2, 1, 28, 28]), 1.0)
+    """
+    t = torch.as_tensor(images)
+    if t.dtype != torch.uint8:
+        raise DataError(
+            f"to_tensor takes uint8 images, got {t.dtype} {list(t.shape)}; float inputs are used as they are "
+            f"(float32 [N, 1, H, W] in [0, 1])"
+        )
+    if t.ndim == 3:
+        t = t.unsqueeze(1)  # [N, H, W] -> [N, 1, H, W]
+    if t.ndim != 4 or t.shape[1] != 1:
+        raise DataError(f"to_tensor takes uint8 images [N, H, W] or [N, 1, H, W], got {list(t.shape)}")
+    return t.to(torch.float32).div_(255.0)
+
+
+def iterate_batches(
+    images: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor | None,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Yield (inputs, labels) batches as torch tensors; the last batch may be smaller.
+
+    uint8 images are converted per batch with `to_tensor` (float32 [b, 1, H, W] in [0, 1]), so the whole set is
+    never held as float; float inputs are yielded as float32 unchanged.
+
+    Args:
+        images: uint8 [N, H, W] / [N, 1, H, W], or float inputs [N, ...].
+        labels: [N] integers, or None (then each batch's labels are None).
+        batch_size: at least 1.
+        shuffle: visit the examples in a random order, fixed by `seed`.
+        seed: the order's seed; the same seed gives the same batches.
+
+    Returns:
+        an iterator of (x float32 [b, ...], y int64 [b] or None).
+
+    Raises:
+        DataError: batch_size < 1, or images and labels differ in length.
+
+    Example:
+        >>> images, labels = load_images("sample", split="test")
+        >>> x, y = next(iterate_batches(images, labels, batch_size=64))
+        >>> x.shape, y.shape
+        (torch.Size([64, 1, 28, 28]), torch.Size([64]))
+    """
+    batch_size = int(batch_size)
+    if batch_size < 1:
+        raise DataError(f"batch size {batch_size} is not positive; use a batch size of at least 1")
+    n = len(images)
+    if labels is not None and len(labels) != n:
+        raise DataError(f"{n} inputs but {len(labels)} labels; pass labels of the same length as the inputs")
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        chunk = images[torch.as_tensor(idx)] if isinstance(images, torch.Tensor) else images[idx]
+        t = torch.as_tensor(chunk)
+        x = to_tensor(t) if t.dtype == torch.uint8 else t.to(torch.float32)
+        y = None if labels is None else torch.as_tensor(
+            labels[torch.as_tensor(idx)] if isinstance(labels, torch.Tensor) else labels[idx]
+        ).to(torch.int64)
+        yield x, y
+
+
+def load_inputs(path: str | os.PathLike) -> torch.Tensor:
+    """Load calibration inputs from a .npy or .npz file as model inputs, float32 [N, ...].
+
+    A .npz gives its array `x`, `inputs` or `images` (first found), or its only array. uint8 arrays are images
+    and go through `to_tensor` ([N, 1, H, W] in [0, 1]); float arrays are taken as model inputs and cast to
+    float32. Pickled data and object arrays are refused (np.load with allow_pickle=False).
+
+    Args:
+        path: a .npy or .npz file.
+
+    Returns:
+        a float32 tensor [N, ...] with N >= 1 and only finite values.
+
+    Raises:
+        DataError: the file is missing, pickled, not a numpy file, has no usable array, is empty, is of
+            another dtype than uint8 or float, or holds NaN or infinity.
+
+    Example:
+        >>> np.save("/tmp/calib.npy", np.zeros((4, 28, 28), dtype=np.uint8))
+        >>> load_inputs("/tmp/calib.npy").shape
+        torch.Size([4, 1, 28, 28])
+    """
+    path = Path(path)
+    fix = "save a plain numeric array with np.save / np.savez (float32 [N, ...] inputs or uint8 [N, 28, 28] images)"
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: calibration file not found; check the path") from e
+    except ValueError as e:
+        # numpy refuses pickled files and object arrays with a ValueError when allow_pickle=False.
+        raise DataError(f"{path}: cannot load without pickle ({e}); {fix}") from e
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npy/.npz file ({e}); {fix}") from e
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            keys = list(loaded.files)
+            key = next((k for k in _NPZ_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise DataError(
+                    f"{path}: .npz holds {keys or 'no arrays'}; name the inputs array one of {list(_NPZ_KEYS)} "
+                    f"or save only one array"
+                )
+            try:
+                arr = loaded[key]
+            except (ValueError, OSError, EOFError, zlib.error) as e:
+                raise DataError(f"{path}: array {key!r} cannot be loaded without pickle ({e}); {fix}") from e
+        src = f"{path}[{key!r}]"
+    else:
+        arr, src = loaded, str(path)
+    if arr.ndim < 1 or arr.shape[0] == 0:
+        raise DataError(f"{src}: no inputs (shape {list(arr.shape)}); {fix}")
+    if arr.dtype == np.uint8:
+        return to_tensor(arr)
+    if arr.dtype.kind != "f":
+        raise DataError(f"{src}: dtype {arr.dtype} is neither uint8 images nor float inputs; {fix}")
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if not torch.isfinite(x).all():
+        raise DataError(f"{src}: holds NaN or infinite values; clean the inputs before calibrating")
+    return x

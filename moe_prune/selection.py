@@ -1,0 +1,294 @@
+"""Which experts to run: combine-mass scores, Chung et al.'s Algorithms 1 and 2, static calibration.
+
+    score[b, e] = sum over tokens m and slots s of expert e of combine_weights[b, m, e*S + s]   # [B, E]
+
+One input's scores sum to its token count. Algorithm 1 keeps each input's top k; Algorithm 2 keeps the top k
+of the scores summed over the batch (one subset, so the other experts are never computed); the static subset
+is the same sum over a calibration set. Ties go to the lower expert index. `keep` is a count (int, "4") or a
+fraction of the experts (float, "1/8", "0.125"): k = max(1, ceil(E * fraction)).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from fractions import Fraction
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+
+from .errors import SelectionError
+from .layers import MODES, SoftMoE
+from .models import moe_layers
+
+Per = Literal["input", "batch"]
+
+
+def parse_keep(keep: int | float | str, num_experts: int) -> int:
+    """The number of experts to keep, k, out of `num_experts`.
+
+    Args:
+        keep: a count (int or an integer string such as "4") or a fraction of the experts (float or a string
+            such as "1/8" or "0.125"); k = max(1, ceil(num_experts * fraction)).
+        num_experts: n.
+
+    Returns:
+        k in [1, n].
+
+    Raises:
+        SelectionError: zero, negative, a fraction above 1, a count above n, or unparsable.
+
+    Example:
+        >>> parse_keep("1/8", 128), parse_keep(0.125, 12), parse_keep(4, 16)
+        (16, 2, 4)
+    """
+    if isinstance(keep, bool) or not isinstance(keep, (int, float, str, Fraction)):
+        raise SelectionError(f"keep={keep!r}: give a count (4) or a fraction ('1/8', 0.125)")
+    count = None
+    frac = None
+    if isinstance(keep, int):
+        count = keep
+    elif isinstance(keep, str):
+        text = keep.strip()
+        try:
+            if text.lstrip("+-").isdigit():
+                count = int(text)
+            else:
+                frac = Fraction(text)
+        except (ValueError, ZeroDivisionError):
+            raise SelectionError(f"keep={keep!r} is not a count (4) or a fraction ('1/8', 0.125)") from None
+    else:
+        if not math.isfinite(float(keep)):
+            raise SelectionError(f"keep={keep!r} is not a finite number")
+        frac = Fraction(keep).limit_denominator(10**6)
+    if count is not None:
+        if not 1 <= count <= num_experts:
+            raise SelectionError(f"keep={keep!r}: a count must be in 1..{num_experts} (the layer has {num_experts} experts)")
+        return count
+    if not 0 < frac <= 1:
+        raise SelectionError(f"keep={keep!r}: a fraction must be in (0, 1]")
+    return max(1, math.ceil(num_experts * frac))
+
+
+def expert_scores(layer: SoftMoE, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Combine-weight mass of every expert of a Soft MoE layer for each input.
+
+    Args:
+        layer: a SoftMoE layer.
+        x: its input tokens [B, M, D].
+        mask: optional key-padding mask [B, M] (True = real token); padded tokens add nothing.
+
+    Returns:
+        float32 scores [B, E] over the router's E experts; each row sums to the input's (unmasked) token count.
+        Computed by the fused Triton kernel on CUDA (see `SoftMoE.use_triton`), else in torch.
+
+    Example:
+        >>> scores = expert_scores(model.moe, model.tokens(images))  # [B, E]
+        >>> select_experts(scores, "1/8", per="batch")
+    """
+    E, S = layer.config.num_experts, layer.config.slots_per_expert
+    if layer._triton_for(x):
+        from .kernels.routing import soft_moe_routing
+
+        return soft_moe_routing(
+            x, layer.phi, layer.scale, layer.norm_weight, token_norm=layer.config.token_norm,
+            eps=layer.config.eps, mask=mask, slots_per_expert=S,
+        )[2]
+    # Only the combine softmax is needed: the dispatch weights (a softmax over tokens) do not enter the scores.
+    logits = (layer.route_tokens(x) @ layer.router()).float()  # [B, M, E*S]
+    combine = logits.softmax(dim=-1)
+    if mask is not None:
+        combine = combine * mask.unsqueeze(-1)
+    return combine.sum(dim=1).reshape(x.shape[0], E, S).sum(dim=-1)  # [B, E]
+
+
+def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest along the last axis, ascending; ties go to the lower index."""
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        top = torch.topk(scores, k, dim=-1, sorted=True).indices  # ONNX TopK puts the lower index first on ties
+    else:
+        top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.sort(top, dim=-1).values
+
+
+def select_experts(scores: torch.Tensor, keep: int | float | str, per: Per = "input") -> torch.Tensor:
+    """Algorithm 1 (per input) or Algorithm 2 (per batch): the experts to keep, sorted ascending.
+
+    Args:
+        scores: [B, E] from `expert_scores` (or [E] already aggregated).
+        keep: count or fraction (see `parse_keep`).
+        per: "input" -> [B, k], each input's top k; "batch" -> [k], the top k of the scores summed over B.
+
+    Returns:
+        int64 expert ids, sorted ascending within each row.
+
+    Raises:
+        SelectionError: bad `keep` or `per`, or NaN/Inf scores (a selection never silently comes from NaN).
+
+    Example:
+        >>> select_experts(torch.tensor([[0.1, 3.0, 0.9]]), 2)
+        tensor([[1, 2]])
+    """
+    if per not in ("input", "batch"):
+        raise SelectionError(f"per={per!r}: choose 'input' (Algorithm 1) or 'batch' (Algorithm 2)")
+    if scores.dim() not in (1, 2):
+        raise SelectionError(f"scores must be [B, E] or [E], got shape {list(scores.shape)}")
+    if not (torch.jit.is_tracing() or torch.compiler.is_exporting()) and not bool(torch.isfinite(scores).all()):
+        raise SelectionError("the expert scores contain NaN or Inf (non-finite inputs or weights?); no selection made")
+    k = parse_keep(keep, scores.shape[-1])
+    if per == "batch" and scores.dim() == 2:
+        scores = scores.sum(dim=0)
+    return _top_k(scores, k)
+
+
+class PrunedSoftMoE(nn.Module):
+    """A Soft MoE layer run with a subset of its experts: fixed (`experts`), or chosen per call (`keep`, `per`).
+
+    The wrapped layer is shared, not copied. With a fixed empty subset every expert output is zero (the k = 0
+    baseline).
+    """
+
+    def __init__(self, layer: SoftMoE, experts: torch.Tensor | None = None, keep=None, per: Per = "batch",
+                 mode: str = "drop"):
+        super().__init__()
+        if mode not in MODES:
+            raise SelectionError(f"mode={mode!r}: choose 'drop' (the paper) or 'renorm'")
+        if (experts is None) == (keep is None):
+            raise SelectionError("give either a fixed expert subset or `keep` for a per-call selection")
+        self.layer, self.mode, self.per = layer, mode, per
+        self.k = None if keep is None else parse_keep(keep, layer.config.num_held)
+        if experts is not None:
+            experts = torch.as_tensor(experts, dtype=torch.long)
+            _check_ids(experts, layer)
+        self.register_buffer("experts", experts, persistent=False)
+
+    @property
+    def config(self):
+        return self.layer.config
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        experts = self.experts
+        if experts is None:
+            scores = expert_scores(self.layer, x, mask)  # [B, E]
+            present = self.layer._present(x.device)
+            if present is not None:  # a compressed layer can only choose among the experts it holds
+                scores = scores.index_select(1, present)
+            experts = select_experts(scores, self.k, self.per)
+            if present is not None:
+                experts = present[experts]
+        return self.layer(x, mask, experts=experts, mode=self.mode)
+
+
+def _check_ids(experts: torch.Tensor, layer: SoftMoE) -> None:
+    if experts.dim() not in (1, 2):
+        raise SelectionError(f"experts must be [K] or [B, K], got shape {list(experts.shape)}")
+    held = set(layer.config.present) if layer.config.present is not None else set(range(layer.config.num_experts))
+    bad = sorted(set(experts.flatten().tolist()) - held)
+    if bad:
+        raise SelectionError(f"expert ids {bad[:8]} are not experts of this layer (it has {sorted(held)[:4]}...)")
+    rows = experts.reshape(-1, experts.shape[-1]) if experts.numel() else experts.reshape(1, 0)
+    if any(len(set(r.tolist())) != len(r) for r in rows):
+        raise SelectionError("an expert subset names the same expert twice")
+
+
+def _replace_layers(model: nn.Module, make) -> nn.Module:
+    """A copy of `model` sharing its weights, with each Soft MoE layer `name` replaced by make(name, layer)."""
+    layers = moe_layers(model)
+    if not layers:
+        raise SelectionError(f"{type(model).__name__} has no Soft MoE layer")
+    if isinstance(model, SoftMoE):
+        return make("", model)
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    out = copy.deepcopy(model, memo)
+    for name in layers:
+        parent_name, _, child = name.rpartition(".")
+        parent = out.get_submodule(parent_name)
+        setattr(parent, child, make(name, getattr(parent, child)))
+    return out
+
+
+def with_experts(module: nn.Module, experts, mode: str = "drop") -> nn.Module:
+    """Run a layer or a whole model with fixed expert subsets.
+
+    Args:
+        module: a SoftMoE layer, or a model containing Soft MoE layers.
+        experts: for a layer, expert ids [K] (shared: only those K are computed) or [B, K] (per input);
+            for a model, a dict from layer name (see `moe_layers`) to such ids; every layer must be named.
+        mode: "drop" (the paper: dropped combine mass is lost) or "renorm" (combine renormalized over kept slots).
+
+    Returns:
+        A module sharing the original weights (the original is unchanged).
+
+    Raises:
+        SelectionError: unknown layer names, missing layers, ids out of range or repeated, bad mode.
+
+    Example:
+        >>> small = with_experts(model, {"moe": torch.tensor([3, 7])})
+        >>> logits = small(images)
+    """
+    if isinstance(module, SoftMoE):
+        return PrunedSoftMoE(module, experts=experts, mode=mode)
+    if not isinstance(experts, dict):
+        raise SelectionError("for a model, give experts as a dict {layer name: ids}")
+    names = set(moe_layers(module))
+    if set(experts) != names:
+        raise SelectionError(f"experts name layers {sorted(experts)}; the model's Soft MoE layers are {sorted(names)}")
+    return _replace_layers(module, lambda name, layer: PrunedSoftMoE(layer, experts=experts[name], mode=mode))
+
+
+def with_selection(module: nn.Module, keep, per: Per = "batch", mode: str = "drop") -> nn.Module:
+    """Run a layer or model choosing experts per call: Algorithm 1 (per="input") or 2 (per="batch").
+
+    Each Soft MoE layer scores its own input (after the earlier layers ran pruned) and keeps its top k.
+
+    Example:
+        >>> fast = with_selection(model, "1/8", per="batch")
+        >>> logits = fast(images)
+    """
+    return _replace_layers(module, lambda name, layer: PrunedSoftMoE(layer, keep=keep, per=per, mode=mode))
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], progress: bool = False) -> dict[str, torch.Tensor]:
+    """Sum each Soft MoE layer's expert scores over a calibration data set, streamed batch by batch.
+
+    Args:
+        model: the full model.
+        batches: an iterable of model inputs.
+        progress: show a progress bar.
+
+    Returns:
+        {layer name: float64 score sums [E]}; the static subset is `select_experts(sums, keep, per="batch")`.
+
+    Example:
+        >>> sums = calibrate(model, (x for x, _ in loader))
+        >>> subset = {name: select_experts(s, "1/8", per="batch") for name, s in sums.items()}
+    """
+    layers = moe_layers(model)
+    if not layers:
+        raise SelectionError(f"{type(model).__name__} has no Soft MoE layer to calibrate")
+    sums = {name: torch.zeros(layer.config.num_experts, dtype=torch.float64) for name, layer in layers.items()}
+
+    def hook(name):
+        def fn(layer, args, kwargs):
+            x = args[0]
+            mask = args[1] if len(args) > 1 else kwargs.get("mask")
+            sums[name] += expert_scores(layer, x, mask).sum(dim=0).double().cpu()
+        return fn
+
+    handles = [layer.register_forward_pre_hook(hook(name), with_kwargs=True) for name, layer in layers.items()]
+    try:
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="calibrating", unit="batch")
+        for x in batches:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, s in sums.items():
+        if not bool(torch.isfinite(s).all()):
+            raise SelectionError(f"calibration scores of {name!r} are NaN or Inf (non-finite inputs or weights?)")
+    return sums

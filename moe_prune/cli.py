@@ -41,6 +41,112 @@ def cmd_convert(args) -> None:
     print(f"converted {args.source} ({source}) -> {args.out}")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 2,4,8")
+    return values
+
+
+def cmd_train(args) -> None:
+    from pathlib import Path
+
+    from .data import load_images
+    from .models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig
+    from .train import TrainConfig, train
+
+    train_set = load_images(args.data, split="train")
+    test_set = load_images(args.data, split="test")
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = "moe-prune " + " ".join(sys.argv[1:])
+    for n in args.experts:
+        torch_seed(args.seed)
+        if args.model == "mnist":
+            model = MnistSoftMoE(MnistConfig(num_experts=n))
+        else:
+            kwargs = {**VIT_DEFAULTS, **(_json_arg(args.vit) if args.vit else {}), "num_experts": n}
+            model = SoftMoEViT(ViTConfig(**kwargs))
+        out = out_dir / f"{args.model}-e{n}.safetensors"
+        print(f"training {out} ({sum(p.numel() for p in model.parameters()):,} parameters)", file=sys.stderr)
+        result = train(model, train_set, test_set, cfg, out=out, meta={"data": args.data, "command": command})
+        print(f"{out}: test accuracy {result['test_accuracy']:.4f}")
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _csv(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def cmd_eval(args) -> None:
+    from pathlib import Path
+
+    from .data import calibration_batches, load_images
+    from .evaluate import StudyConfig, study
+    from .checkpoint import load
+    from .reports import study_markdown, study_plot, write_json, write_text
+    from .selection import calibrate
+
+    test_set = load_images(args.data, split="test")
+    config = StudyConfig(keeps=tuple(args.keep), modes=tuple(args.modes), batch_sizes=tuple(args.batch_sizes),
+                         random_seeds=args.random_seeds)
+    reports = []
+    for path in args.checkpoints:
+        model = load(path)
+        sums = calibrate(model, calibration_batches(args.calib or args.data, limit=args.calib_limit))
+        report = study(model, test_set, sums, config)
+        report.update(name=Path(path).name, checkpoint=str(path), data=args.data, calib=args.calib or args.data,
+                      calib_limit=args.calib_limit)
+        reports.append(report)
+        print(f"{path}: n={report['experts']} full {report['full']:.4f}, no experts {report['no_experts']:.4f}", file=sys.stderr)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"command": "moe-prune " + " ".join(sys.argv[1:]), "reports": reports, **_versions()}
+    write_json(out / "eval.json", record)
+    md = study_markdown(reports)
+    write_text(out / "eval.md", f"Command: `{record['command']}`\n\n{md}\n")
+    plotted = study_plot(reports, out / "eval.png")
+    print(md)
+    print(f"\nwrote {out / 'eval.json'}, {out / 'eval.md'}" + (f", {out / 'eval.png'}" if plotted else ""))
+
+
+def cmd_demo(args) -> None:
+    from .pipeline import DemoConfig, run_demo
+    from .reports import format_demo, write_json
+
+    result = run_demo(DemoConfig(checkpoint=args.checkpoint, out_dir=args.out_dir, keep=args.keep, mode=args.mode,
+                                 export=not args.no_export, bench=not args.no_bench))
+    write_json(f"{args.out_dir}/summary.json", result)
+    print(format_demo(result))
+
+
+def _versions() -> dict:
+    import platform
+
+    import torch
+
+    from . import __version__
+
+    return {"versions": {"moe_prune": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}}
+
+
+# The Soft MoE ViT for 28x28 inputs: 49 patches + a class token, Soft MoE in the last 2 of 4 blocks.
+VIT_DEFAULTS = dict(
+    img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=4, num_heads=4, mlp_ratio=2.0,
+    moe_layer_index=2, slots_per_expert=1,
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moe-prune",
@@ -49,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--traceback", action="store_true", help="show the full traceback of an error (for bug reports)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("demo", help="the whole flow on the bundled checkpoint: select 1/8, compress, export, measure",
+                       description="Load a checkpoint (default: the small Fashion-MNIST model shipped with moe-prune), "
+                       "calibrate on half of the bundled sample and keep the top experts of every Soft MoE layer, write "
+                       "the compressed checkpoint, measure accuracy kept on the other half (beside random subsets and "
+                       "no experts), export full and reduced models to ONNX, validate them and benchmark them.")
+    s.add_argument("--checkpoint", help="a native checkpoint of a 28x28 Fashion-MNIST classifier (default: the bundled one)")
+    s.add_argument("--keep", default="1/8", help="fraction or count of experts to keep (default 1/8)")
+    s.add_argument("--mode", choices=["drop", "renorm"], default="drop", help="drop (the paper) or renorm")
+    s.add_argument("--out-dir", default="demo-output", help="where outputs go (default demo-output/)")
+    s.add_argument("--no-export", action="store_true", help="skip the ONNX export and benchmark")
+    s.add_argument("--no-bench", action="store_true", help="export and validate, but skip the benchmark")
+    s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("info", help="print a checkpoint's architecture, Soft MoE layers, experts and parameters",
                        description="Print a native checkpoint's architecture, its Soft MoE layers (experts, slots, "
@@ -69,6 +188,42 @@ def build_parser() -> argparse.ArgumentParser:
                    "JSON file (an object, or {\"kwargs\": {...}} as in shared/fixtures/*/config.json)")
     s.add_argument("--out", required=True, help="the native .safetensors file to write (atomically)")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("train", help="train Soft MoE classifiers (Chung et al.'s MNIST family, or the ViT) on IDX data",
+                       description="Train one model per expert count with Adam (Chung et al.'s setup), evaluating on "
+                       "the test split after each epoch. Writes OUT_DIR/{model}-e{n}.safetensors with the test accuracy, "
+                       "history and command in its metadata; a killed run resumes from its last completed epoch.")
+    s.add_argument("--model", choices=["mnist", "vit"], default="mnist",
+                   help="mnist: Chung et al.'s 4-token model with experts of width 784/n; vit: a Soft MoE ViT for 28x28")
+    s.add_argument("--experts", type=_int_list, default=[2, 4, 8, 16, 32, 64, 128, 256, 512],
+                   help="comma-separated expert counts, one model each (default: 2,4,...,512)")
+    s.add_argument("--data", default="fashion-mnist",
+                   help="'fashion-mnist' (Debian's dataset-fashion-mnist), 'mnist', or a folder of the four IDX files")
+    s.add_argument("--vit", help="ViT constructor arguments as JSON, over the defaults " + json.dumps(VIT_DEFAULTS))
+    s.add_argument("--epochs", type=int, default=15)
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out-dir", default="runs", help="where the checkpoints go (default: runs/)")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="the paper's accuracy study: Algorithms 1 and 2, static and random subsets, k = 0",
+                       description="For each checkpoint and each k: accuracy with Algorithm 1 (per-input top k), "
+                       "Algorithm 2 (per-batch top k, at several batch sizes), the static subset calibrated on --calib, "
+                       "and random subsets (mean ± std over seeds), in drop and renorm modes; beside the full model "
+                       "and the no-experts baseline (k = 0). For models with at most 16 experts every k from 1 to n-1. "
+                       "Writes eval.json, eval.md and eval.png to --out-dir.")
+    s.add_argument("checkpoints", nargs="+", help="native checkpoints")
+    s.add_argument("--data", default="fashion-mnist", help="test data: 'fashion-mnist', 'mnist', 'sample' or an IDX folder")
+    s.add_argument("--calib", help="calibration data for the static subset: a data set name or folder (its train "
+                   "split; 'sample' uses the sample's images), or a .npy/.npz of inputs (default: --data)")
+    s.add_argument("--calib-limit", type=int, default=10000, help="use at most this many calibration inputs (default 10000)")
+    s.add_argument("--keep", type=_csv, default=["1/2", "1/4", "1/8"], help="comma-separated fractions or counts")
+    s.add_argument("--modes", type=_csv, default=["drop", "renorm"], help="drop and/or renorm")
+    s.add_argument("--batch-sizes", type=_int_list, default=[1, 32, 256], help="batch sizes for Algorithm 2")
+    s.add_argument("--random-seeds", type=int, default=10, help="random subsets per k")
+    s.add_argument("--out-dir", default="eval", help="where eval.json, eval.md, eval.png go")
+    s.set_defaults(func=cmd_eval)
     return p
 
 

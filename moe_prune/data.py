@@ -489,3 +489,34 @@ def load_inputs(path: str | os.PathLike) -> torch.Tensor:
     if not torch.isfinite(x).all():
         raise DataError(f"{src}: holds NaN or infinite values; clean the inputs before calibrating")
     return x
+
+
+def calibration_inputs(source: str | os.PathLike, limit: int | None = None):
+    """Calibration inputs (labels are never used): a .npy/.npz of inputs, the train split of a data set name or
+    IDX folder, or "sample" (the bundled sample's images). At most `limit` inputs, from the start.
+
+    Returns:
+        uint8 images [N, 28, 28] or float inputs [N, ...].
+
+    Raises:
+        DataError: see `load_inputs` and `load_images`.
+
+    Example:
+        >>> calibration_inputs("fashion-mnist", limit=5000).shape
+        (5000, 28, 28)
+    """
+    text = str(source)
+    if text.endswith((".npy", ".npz")):
+        x = load_inputs(source)
+    elif text == "sample":
+        x = load_images("sample", split="test")[0]
+    else:
+        x = load_images(source, split="train")[0]
+    if limit is not None and limit < 1:
+        raise DataError(f"calibration limit {limit} must be at least 1")
+    return x[:limit] if limit is not None else x
+
+
+def calibration_batches(source: str | os.PathLike, limit: int | None = None, batch_size: int = 256):
+    """`calibration_inputs` as float32 batches (see iterate_batches); a list, so it can be iterated twice."""
+    return [x for x, _ in iterate_batches(calibration_inputs(source, limit), None, batch_size)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Sequence
 
@@ -78,3 +79,110 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(text)
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.2f}"
+
+
+def study_markdown(reports: list[dict]) -> str:
+    """Markdown for `moe-prune eval`: a summary across models, then one table per model (accuracy in %)."""
+    out = []
+    if len(reports) > 1:
+        rows = []
+        for r in reports:
+            for mode in r["config"]["modes"]:
+                k = max(1, math.ceil(r["experts"] / 8))
+                get = lambda m, bs=None: next((x for x in r["rows"] if x["k"] == k and x["mode"] == mode and x["method"] == m  # noqa: E731
+                                               and (bs is None or x["batch_size"] == bs)), None)
+                a1, a2, st, rd = get("alg1"), get("alg2", max(r["config"]["batch_sizes"])), get("static"), get("random")
+                if a1 is None:
+                    continue
+                rows.append([r.get("name", ""), r["experts"], f"{k}/{r['experts']}", mode, _pct(r["full"]), _pct(r["no_experts"]),
+                             _pct(a1["accuracy"]), _pct(a2["accuracy"]) if a2 else "", _pct(st["accuracy"]),
+                             f"{_pct(rd['accuracy'])} ± {_pct(rd['std'])}", f"{100 * a1['accuracy'] / r['full']:.1f}%"])
+        out += ["### Keeping 1/8 of the experts (accuracy, %)", "",
+                table(rows, ["model", "n", "k", "mode", "full", "k=0", "alg1 (per input)", f"alg2 (batch {max(reports[0]['config']['batch_sizes'])})",
+                             "static", "random (mean ± std)", "alg1 / full"], markdown=True), ""]
+    for r in reports:
+        bss = r["config"]["batch_sizes"]
+        rows = []
+        for mode in r["config"]["modes"]:
+            for k in sorted({x["k"] for x in r["rows"]}):
+                sel = [x for x in r["rows"] if x["k"] == k and x["mode"] == mode]
+                get = lambda m, bs=None: next(x for x in sel if x["method"] == m and (bs is None or x["batch_size"] == bs))  # noqa: E731
+                rd = get("random")
+                rows.append([f"{k}/{r['experts']}", mode, _pct(get("alg1")["accuracy"])]
+                            + [_pct(get("alg2", bs)["accuracy"]) for bs in bss]
+                            + [_pct(get("static")["accuracy"]), f"{_pct(rd['accuracy'])} ± {_pct(rd['std'])}"])
+        out += [f"### {r.get('name', 'model')}: n = {r['experts']}, full {_pct(r['full'])}%, no experts (k=0) {_pct(r['no_experts'])}%",
+                "", table(rows, ["k/n", "mode", "alg1"] + [f"alg2 b={bs}" for bs in bss] + ["static", "random"], markdown=True), ""]
+    return "\n".join(out)
+
+
+def study_plot(reports: list[dict], path) -> bool:
+    """Accuracy against k/n, one line per model (Algorithm 1, drop), dashed: random subsets. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, mode in zip(axes, ("drop", "renorm")):
+        for i, r in enumerate(reports):
+            color = plt.cm.viridis(i / max(1, len(reports) - 1))
+            for method, style in (("alg1", "-o"), ("random", "--")):
+                pts = sorted((x["fraction"], x["accuracy"]) for x in r["rows"] if x["mode"] == mode and x["method"] == method)
+                if pts:
+                    ax.plot(*zip(*pts), style, color=color, ms=3, label=f"n={r['experts']}" if method == "alg1" else None)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("fraction of experts kept, k/n")
+        ax.set_title(f"{mode}: selected (solid) vs random (dashed)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    with atomic_output(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return True
+
+
+def progress(iterable=None, *, enabled: bool = True, **kwargs):
+    """A tqdm progress bar on stderr, shown only when stderr is a terminal (logs stay readable)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not (enabled and sys.stderr.isatty()), leave=False, **kwargs)
+
+
+def format_demo(r: dict) -> str:
+    """The summary `moe-prune demo` prints."""
+    a = r["accuracy"]
+    n = ", ".join(f"{name}: {e}" for name, e in r["experts"].items())
+    kept = lambda v: f"{100 * v:6.2f}%  ({100 * v / a['full']:.1f}% of full)"  # noqa: E731
+    lines = [
+        f"moe-prune demo: {r['checkpoint']}",
+        f"  experts per Soft MoE layer: {n}; keep {r['keep']} -> k = {r['k']}, {r['mode']} mode",
+        f"  compressed checkpoint: {r['compressed']}",
+        "",
+        "accuracy on 500 held-out images of the bundled Fashion-MNIST sample:",
+        f"  full model                        {100 * a['full']:6.2f}%",
+        f"  static top-{r['k']} (compressed)         {kept(a['static'])}",
+        f"  Algorithm 1 (per-input top-{r['k']})     {kept(a['alg1'])}",
+        f"  random {r['k']} experts ({'mean ± std'})    {100 * a['random_mean']:6.2f}% ± {100 * a['random_std']:.2f}",
+        f"  no experts (k = 0)                {100 * a['no_experts']:6.2f}%",
+        "",
+        "size:",
+    ]
+    for key, label in (("parameters", "parameters"), ("expert_parameters", "expert parameters"), ("bytes", "file size")):
+        before, after = r["size"][key]
+        fmt = human_bytes if key == "bytes" else human_count
+        lines.append(f"  {label:<18} {fmt(before):>10} -> {fmt(after):>10}  ({before / max(1, after):.2f}x smaller)")
+    if "speed" in r:
+        lines += ["", r["speed"]["text"]]
+    lines += ["", f"done in {r['seconds']:.0f} s"]
+    return "\n".join(lines)

@@ -71,6 +71,7 @@ def parse_keep(keep: int | float | str, num_experts: int) -> int:
     return max(1, math.ceil(num_experts * frac))
 
 
+@torch.no_grad()
 def expert_scores(layer: SoftMoE, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Combine-weight mass of every expert of a Soft MoE layer for each input.
 
@@ -280,9 +281,9 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], progress: bool 
     handles = [layer.register_forward_pre_hook(hook(name), with_kwargs=True) for name, layer in layers.items()]
     try:
         if progress:
-            from tqdm.auto import tqdm
+            from .reports import progress as progress_bar
 
-            batches = tqdm(batches, desc="calibrating", unit="batch")
+            batches = progress_bar(batches, desc="calibrating", unit="batch")
         for x in batches:
             model(x)
     finally:

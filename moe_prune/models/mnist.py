@@ -45,6 +45,12 @@ class MnistConfig:
     slots_per_expert: int = 1
 
     def __post_init__(self):
+        for name in ("num_experts", "num_classes", "img_size", "patch_size", "in_chans", "slots_per_expert"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"MNIST config: {name} must be a positive integer, got {value!r}")
+        if self.hidden is not None and (not isinstance(self.hidden, int) or self.hidden < 1):
+            raise ConfigError(f"MNIST config: hidden must be a positive integer or null, got {self.hidden!r}")
         if self.img_size % self.patch_size:
             raise ConfigError(f"MNIST config: img_size {self.img_size} is not a multiple of patch {self.patch_size}")
         if self.hidden is None:
@@ -74,7 +80,10 @@ class MnistSoftMoE(nn.Module):
     def __init__(self, config: MnistConfig, moe: SoftMoEConfig | None = None):
         super().__init__()
         self.config = config
-        self.moe = SoftMoE(moe or config.moe_config())
+        moe = moe or config.moe_config()
+        if moe.dim != config.token_dim:
+            raise ConfigError(f"MNIST config: the Soft MoE layer's dim {moe.dim} is not the token size {config.token_dim}")
+        self.moe = SoftMoE(moe)
         self.head = nn.Linear(config.tokens * self.moe.config.out_features, config.num_classes, bias=False)
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:

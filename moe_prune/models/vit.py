@@ -215,7 +215,11 @@ class SoftMoEViT(nn.Module):
         blocks = []
         for i in range(cfg.depth):
             if i in cfg.moe_blocks:
-                mlp = SoftMoE(moe.get(f"blocks.{i}.mlp") or cfg.moe_config())
+                layer_cfg = moe.get(f"blocks.{i}.mlp") or cfg.moe_config()
+                if layer_cfg.dim != D or layer_cfg.out_features != D:
+                    raise ConfigError(f"ViT config: Soft MoE layer blocks.{i}.mlp maps {layer_cfg.dim} -> "
+                                      f"{layer_cfg.out_features}, the model width is {D}")
+                mlp = SoftMoE(layer_cfg)
             else:
                 mlp = Mlp(D, int(D * cfg.mlp_ratio))
             blocks.append(Block(cfg, mlp))

@@ -1,0 +1,219 @@
+"""Compression: a smaller native checkpoint that holds only the kept experts of every Soft MoE layer.
+
+    drop mode:   the router keeps all of Phi [D, E, S] (the combine denominator needs every slot); the layer
+                 records the kept experts as `present`, and runs exactly like the full model with that subset.
+    renorm mode: Phi keeps only the kept columns [D, K, S]; the layer becomes an ordinary K-expert layer.
+In both, `origin` records each held expert's id in the original model. Reading a file, only the kept experts'
+rows are read (safetensors slices): dropped experts are never loaded. Outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .checkpoint import _assign, load, native_info, save
+from .errors import CheckpointError, SelectionError
+from .layers import MODES, SoftMoEConfig
+from .models import build, model_spec, moe_layers
+from .selection import calibrate, select_experts
+
+EXPERT_TENSORS = ("experts.w1", "experts.b1", "experts.w2", "experts.b2")
+
+
+def _plan(cfg: SoftMoEConfig, kept, mode: str, name: str) -> tuple[SoftMoEConfig, list[int], list[int] | None]:
+    """(new layer config, rows of the expert stack to keep, Phi's expert columns to keep or None for all)."""
+    if mode not in MODES:
+        raise SelectionError(f"mode={mode!r}: choose 'drop' or 'renorm'")
+    kept = sorted(int(e) for e in torch.as_tensor(kept).flatten().tolist())
+    held = list(cfg.present) if cfg.present is not None else list(range(cfg.num_experts))
+    if not kept or len(set(kept)) != len(kept) or not set(kept) <= set(held):
+        raise SelectionError(f"layer {name!r}: the subset {kept} must be distinct experts among those it holds ({len(held)})")
+    rows = [held.index(e) for e in kept]
+    origin = [(cfg.origin[r] if cfg.origin is not None else held[r]) for r in rows]
+    if mode == "drop":
+        return replace(cfg, present=tuple(kept), origin=tuple(origin)), rows, None
+    return replace(cfg, num_experts=len(kept), present=None, origin=tuple(origin)), rows, kept
+
+
+def _new_spec(spec: dict, plans: dict) -> dict:
+    if spec["family"] == "layer":
+        return {**spec, "config": plans[""][0].to_dict()}
+    return {**spec, "moe": {**spec["moe"], **{name: p[0].to_dict() for name, p in plans.items()}}}
+
+
+def _check_subsets(names, subsets: dict) -> None:
+    if set(subsets) != set(names):
+        raise SelectionError(f"subsets name layers {sorted(subsets)}; the model's Soft MoE layers are {sorted(names)}")
+
+
+def _reduce(name: str, tensor_name: str, get, plan) -> torch.Tensor:
+    """One tensor of a layer, reduced by its plan; `get(rows or None, phi_cols or None)` reads from the source."""
+    _, rows, cols = plan
+    suffix = tensor_name[len(name) + 1:] if name else tensor_name
+    if suffix in EXPERT_TENSORS:
+        return get(rows, None)
+    if suffix == "phi" and cols is not None:
+        return get(None, cols)
+    return get(None, None)
+
+
+def compress_model(model: nn.Module, subsets: dict, mode: str = "drop") -> nn.Module:
+    """A new model holding only the given experts of each Soft MoE layer (the input model is unchanged).
+
+    Args:
+        model: a native model (also one converted from soft-moe or soft-moe-pytorch).
+        subsets: {layer name: router expert ids to keep}, every Soft MoE layer named (see `moe_layers`).
+        mode: "drop" (router keeps all of Phi) or "renorm" (router keeps the kept columns only).
+
+    Returns:
+        The compressed model; its outputs equal `with_experts(model, subsets, mode)`.
+
+    Raises:
+        SelectionError: unknown or missing layers, ids out of range or repeated, bad mode.
+
+    Example:
+        >>> small = compress_model(model, {"moe": torch.tensor([2, 5])})
+        >>> moe_prune.save(small, "small.safetensors")
+    """
+    layers = moe_layers(model)
+    _check_subsets(layers, subsets)
+    plans = {name: _plan(layer.config, subsets[name], mode, name) for name, layer in layers.items()}
+    state = model.state_dict()
+    new = {}
+    for key, t in state.items():
+        name = _owner(key, plans)
+        if name is None:
+            new[key] = t
+            continue
+
+        def get(rows, cols, t=t):
+            if rows is not None:
+                return t.index_select(0, torch.tensor(rows))
+            return t.index_select(1, torch.tensor(cols)) if cols is not None else t
+
+        new[key] = _reduce(name, key, get, plans[name]).clone()
+    with torch.device("meta"):
+        out = build(_new_spec(model_spec(model), plans))
+    _assign(out, new, "compressed model", next(model.parameters()).device)
+    out.checkpoint_meta = dict(getattr(model, "checkpoint_meta", {}))
+    return out.eval()
+
+
+def _owner(key: str, names) -> str | None:
+    """The Soft MoE layer a tensor belongs to, or None (a bare layer is named "" and owns every tensor)."""
+    return next((n for n in names if n == "" or key.startswith(f"{n}.")), None)
+
+
+def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike, mode: str = "drop",
+                  meta: dict | None = None) -> Path:
+    """Write a compressed checkpoint from a native one, reading only the kept experts' tensors.
+
+    Args:
+        src: a native checkpoint (never modified).
+        subsets: {layer name: router expert ids to keep} for every Soft MoE layer.
+        out: the output .safetensors (written atomically: a temporary file, then a rename).
+        mode: "drop" or "renorm".
+        meta: extra metadata (merged over the source's, which is kept under "source_meta").
+
+    Returns:
+        The output path.
+
+    Raises:
+        CheckpointError, SelectionError, OutputError.
+
+    Example:
+        >>> compress_file("model.safetensors", {"moe": [3, 9]}, "small.safetensors")
+    """
+    spec, src_meta, header = native_info(src)
+    names = list(spec["moe"]) if spec["family"] != "layer" else [""]
+    _check_subsets(names, subsets)
+    configs = spec["moe"] if spec["family"] != "layer" else {"": spec["config"]}
+    plans = {name: _plan(SoftMoEConfig.from_dict(configs[name]), subsets[name], mode, name) for name in names}
+    new_spec = _new_spec(spec, plans)
+    with torch.device("meta"):
+        target = build(new_spec)
+    state = {}
+    try:
+        with safe_open(str(src), framework="pt") as f:
+            for key in header:
+                name = _owner(key, plans)
+                if name is None:
+                    state[key] = f.get_tensor(key)
+                    continue
+                sl = f.get_slice(key)
+
+                def get(rows, cols, sl=sl, key=key):
+                    if rows is not None:  # contiguous runs of kept experts, read as slices of the leading axis
+                        return torch.cat([sl[a:b] for a, b in _runs(rows)])
+                    if cols is not None:  # Phi [D, E, S]: the kept experts' columns
+                        return torch.cat([sl[:, a:b] for a, b in _runs(cols)], dim=1)
+                    return f.get_tensor(key)
+
+                state[key] = _reduce(name, key, get, plans[name])
+    except (CheckpointError, SelectionError):
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{src}: could not read tensors ({e}); is the file truncated or corrupted?") from None
+    _assign(target, state, src, "cpu")
+    record = {**(meta or {}), "source_meta": src_meta, "mode": mode,
+              "kept_experts": {name or "(layer)": list(p[0].origin) for name, p in plans.items()}}
+    return save(target, out, meta=record, inputs=(src,))
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Sorted ids -> half-open contiguous ranges: [1, 2, 3, 7] -> [(1, 4), (7, 8)]."""
+    runs = []
+    for i in ids:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def static_subsets(model: nn.Module, batches, keep, progress: bool = False) -> tuple[dict, dict]:
+    """Calibrate (sum each layer's scores over the batches) and keep the top k per layer.
+
+    Returns:
+        (subsets {layer name: ids [k]}, score sums {layer name: [E]}). For a compressed layer only the experts
+        it holds can be chosen.
+
+    Example:
+        >>> subsets, sums = static_subsets(model, (x for x, _ in batches), "1/8")
+    """
+    sums = calibrate(model, batches, progress=progress)
+    subsets = {}
+    for name, layer in moe_layers(model).items():
+        present = layer.config.present
+        if present is None:
+            subsets[name] = select_experts(sums[name], keep, per="batch")
+        else:
+            idx = select_experts(sums[name][list(present)], keep, per="batch")
+            subsets[name] = torch.tensor(present)[idx]
+    return subsets, sums
+
+
+def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progress: bool = True,
+                        meta: dict | None = None) -> tuple[Path, dict]:
+    """Calibrate on data, then write the compressed checkpoint (the `moe-prune compress` command).
+
+    The full model is loaded for calibration (a Soft MoE layer's input depends on the earlier layers), then
+    released; the output is then assembled from slices of the source file.
+
+    Returns:
+        (output path, subsets).
+
+    Example:
+        >>> compress_checkpoint("model.safetensors", "small.safetensors", "1/8", batches_of_images)
+    """
+    model = load(src)
+    subsets, sums = static_subsets(model, calib_batches, keep, progress=progress)
+    del model
+    record = {**(meta or {}), "keep": str(keep), "calibration_scores": {n: s.tolist() for n, s in sums.items()}}
+    return compress_file(src, subsets, out, mode=mode, meta=record), subsets

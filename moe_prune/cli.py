@@ -140,6 +140,19 @@ def _versions() -> dict:
             "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}}
 
 
+def cmd_export(args) -> None:
+    from .export import export_checkpoint
+
+    path, report = export_checkpoint(
+        args.checkpoint, args.out, keep=args.keep, dynamic=args.dynamic, mode=args.mode, opset=args.opset,
+        dynamo=args.exporter == "dynamo", atol=args.atol, validate=not args.no_validate,
+    )
+    print(f"exported {args.checkpoint} -> {path}")
+    if report is not None:
+        print(report.format())
+        report.raise_for_failure()
+
+
 # The Soft MoE ViT for 28x28 inputs: 49 patches + a class token, Soft MoE in the last 2 of 4 blocks.
 VIT_DEFAULTS = dict(
     img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=4, num_heads=4, mlp_ratio=2.0,
@@ -224,6 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--random-seeds", type=int, default=10, help="random subsets per k")
     s.add_argument("--out-dir", default="eval", help="where eval.json, eval.md, eval.png go")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("export", help="export a checkpoint to ONNX (full, compressed, or Algorithm 2 in the graph) and validate it",
+                       description="Export a native checkpoint (full or compressed) to ONNX with a dynamic batch axis "
+                       "(input 'input', output 'output'), then check it: the ONNX checker, and ONNX Runtime against "
+                       "PyTorch on random batches of two batch sizes. With --keep and --dynamic the graph runs "
+                       "Chung et al.'s Algorithm 2 per batch (scores, TopK, only the kept experts computed) and "
+                       "also outputs the chosen expert ids of each layer ('experts.<layer>'). A large model's weights "
+                       "go to OUT.data beside it. Exit status 2 if validation fails.")
+    s.add_argument("checkpoint", help="a native .safetensors checkpoint (full or compressed)")
+    s.add_argument("--out", required=True, help="the .onnx file to write (atomically)")
+    s.add_argument("--keep", help="with --dynamic: experts to keep per batch in every layer, a fraction (1/8) or a count")
+    s.add_argument("--dynamic", action="store_true", help="select the experts per batch inside the graph (Algorithm 2)")
+    s.add_argument("--mode", choices=["drop", "renorm"], help="with --keep: drop (the paper, default) or renorm")
+    s.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    s.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
+                   help="torchscript (default: exports every moe-prune model, folds static subsets) or dynamo (torch.export)")
+    s.add_argument("--atol", type=float, default=1e-4, help="validation tolerance (default 1e-4; rtol is 1e-3)")
+    s.add_argument("--no-validate", action="store_true", help="skip the validation")
+    s.set_defaults(func=cmd_export)
     return p
 
 

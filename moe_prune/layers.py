@@ -279,22 +279,40 @@ class SoftMoE(nn.Module):
         """The effective router [D, E*S]."""
         return router_weight(self.phi, self.scale, self.config.eps)
 
+    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalized tokens [B, M, D], router logits [B, M, E*S]), each computed once per call."""
+        xn = self.route_tokens(x)
+        return xn, xn @ self.router()
+
     def routing(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Full dispatch and combine weights, each [B, M, E*S] (the Triton kernel on CUDA, else torch)."""
         if self._triton_for(x):
-            from .kernels.routing import soft_moe_routing
-
-            dispatch, combine, _ = soft_moe_routing(
-                x, self.phi, self.scale, self.norm_weight, token_norm=self.config.token_norm,
-                eps=self.config.eps, mask=mask, slots_per_expert=self.config.slots_per_expert,
-            )
+            dispatch, combine, _ = self._kernel(x, mask)
             return dispatch, combine
-        return _softmaxes(self.route_tokens(x) @ self.router(), mask)
+        return _softmaxes(self.logits(x)[1], mask)
+
+    def scores(self, logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Combine-weight mass per expert [B, E] (float32) from router logits [B, M, E*S]."""
+        combine = logits.float().softmax(dim=-1)
+        if mask is not None:
+            combine = combine * mask.unsqueeze(-1)
+        B, E, S = logits.shape[0], self.config.num_experts, self.config.slots_per_expert
+        return combine.sum(dim=1).reshape(B, E, S).sum(dim=-1)
+
+    def _kernel(self, x, mask):
+        from .kernels.routing import soft_moe_routing
+
+        return soft_moe_routing(
+            x, self.phi, self.scale, self.norm_weight, token_norm=self.config.token_norm, eps=self.config.eps,
+            mask=mask, slots_per_expert=self.config.slots_per_expert,
+        )
 
     def _triton_for(self, x: torch.Tensor) -> bool:
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            return False  # an exported graph is plain ONNX operators
         if self.use_triton is not None:
             return self.use_triton
-        return x.is_cuda and self.config.token_norm != "layer" and not torch.jit.is_tracing()
+        return x.is_cuda and self.config.token_norm != "layer"
 
     # -- forward -------------------------------------------------------------------------------------------
     def forward(
@@ -321,21 +339,23 @@ class SoftMoE(nn.Module):
             raise ValueError(f"SoftMoE expects tokens [B, M, {self.config.dim}], got {list(x.shape)}")
         if mode not in MODES:
             raise ValueError(f"mode must be 'drop' or 'renorm', got {mode!r}")
-        held = self._present(x.device)
-        if experts is None and held is None:
-            dispatch, combine = self.routing(x, mask)
-            return self._mix(x, dispatch, combine, None)
+        if experts is None and self.config.present is None:
+            if self._triton_for(x):
+                dispatch, combine, _ = self._kernel(x, mask)
+                return self._mix(x, self.route_tokens(x), dispatch, combine, None)
+            xn, logits = self.logits(x)
+            return self._mix(x, xn, *_softmaxes(logits, mask), None)
         if experts is None:  # a compressed drop-mode layer: its held experts are the subset
-            return self._subset(x, mask, held, None, "drop")
+            return self.run_subset(x, mask, torch.tensor(self.config.present, device=x.device), "drop")
         if experts.dim() == 1:
-            return self._subset(x, mask, experts, self._held_index(experts), mode)
+            return self.run_subset(x, mask, experts, mode)
         return self._per_input(x, mask, experts, mode)
 
-    def _mix(self, x, dispatch, combine, idx):
+    def _mix(self, x, xn, dispatch, combine, idx):
         """slots = dispatch^T x; expert outputs; out = combine @ outputs. dispatch/combine [B, M, K*S]."""
         B, M, D = x.shape
         S, D_out = self.config.slots_per_expert, self.config.out_features
-        xd = x if self.config.dispatch_input == "raw" else self.route_tokens(x)
+        xd = x if self.config.dispatch_input == "raw" else xn
         slots = dispatch.transpose(1, 2) @ xd  # [B, K*S, D]
         K = slots.shape[1] // S
         slots = slots.reshape(B, K, S, D).transpose(0, 1).reshape(K, B * S, D)  # [K, B*S, D]
@@ -343,42 +363,37 @@ class SoftMoE(nn.Module):
         y = y.reshape(K, B, S, D_out).transpose(0, 1).reshape(B, K * S, D_out)  # [B, K*S, D_out]
         return combine @ y  # [B, M, D_out]
 
-    def _present(self, device) -> torch.Tensor | None:
-        """The router ids of the experts this layer holds [K], or None when it holds all of them."""
-        p = self.config.present
-        return None if p is None else torch.tensor(p, dtype=torch.long, device=device)
-
-    def _held_index(self, experts: torch.Tensor) -> torch.Tensor:
-        """Router ids [K] -> positions in this layer's expert stack."""
-        present = self._present(experts.device)
+    def _stack_index(self, experts: torch.Tensor) -> torch.Tensor:
+        """Router ids [K] -> positions in this layer's expert stack (a lookup table for a compressed layer)."""
+        present = self.config.present
         if present is None:
             return experts
-        pos = torch.searchsorted(present, experts)
-        if not torch.jit.is_tracing():
-            if not bool((present[pos.clamp(max=len(present) - 1)] == experts).all()):
-                raise ValueError(
-                    f"experts {experts.tolist()} are not all held by this compressed layer "
-                    f"(it holds {list(self.config.present)})"
-                )
+        table = torch.full((self.config.num_experts,), -1, dtype=torch.long, device=experts.device)
+        table[list(present)] = torch.arange(len(present), device=experts.device)
+        pos = table[experts]
+        if not (torch.jit.is_tracing() or torch.compiler.is_exporting()) and bool((pos < 0).any()):
+            raise ValueError(f"experts {experts.tolist()} are not all held by this compressed layer (it holds {list(present)})")
         return pos
 
-    def _subset(self, x, mask, experts, idx, mode):
-        """Only the K experts in `experts` [K] are computed; their slots' dispatch and combine weights come from
-        the full logits (drop) or from the kept columns alone (renorm)."""
+    def run_subset(self, x, mask, experts, mode, xn=None, logits=None):
+        """Only the K experts in `experts` [K] (router ids) are computed; their slots' dispatch and combine weights
+        come from the full logits (drop) or from the kept columns alone (renorm). `xn` and full `logits` may be
+        passed in when the caller already computed them (Algorithm 2 scores the batch from the same logits)."""
         S = self.config.slots_per_expert
         cols = (experts.unsqueeze(1) * S + torch.arange(S, device=experts.device)).reshape(-1)  # [K*S]
-        xn = self.route_tokens(x)
-        router = self.router()  # [D, E*S]
+        if xn is None:
+            xn = self.route_tokens(x)
         if mode == "drop":
-            logits = xn @ router  # [B, M, E*S]: the combine denominator needs every slot
+            if logits is None:
+                logits = xn @ self.router()  # [B, M, E*S]: the combine denominator needs every slot
             dispatch_all, combine_all = _softmaxes(logits, mask)
             dispatch, combine = dispatch_all.index_select(2, cols), combine_all.index_select(2, cols)
         else:
-            logits = xn @ router.index_select(1, cols)  # [B, M, K*S]
-            dispatch, combine = _softmaxes(logits, mask)
-        return self._mix(x, dispatch, combine, idx)
+            kept_logits = logits.index_select(2, cols) if logits is not None else xn @ self.router().index_select(1, cols)
+            dispatch, combine = _softmaxes(kept_logits, mask)  # [B, M, K*S]
+        return self._mix(x, xn, dispatch, combine, self._stack_index(experts))
 
-    def _per_input(self, x, mask, experts, mode):
+    def _per_input(self, x, mask, experts, mode, xn=None, logits=None):
         """Algorithm 1: each input keeps its own experts [B, K]; computed densely, dropped slots discarded."""
         if self.config.present is not None:
             raise ValueError("per-input expert subsets need a layer that holds every expert (not a compressed one)")
@@ -387,7 +402,8 @@ class SoftMoE(nn.Module):
         kept = torch.zeros(B, E, dtype=torch.bool, device=x.device)
         kept[torch.arange(B, device=x.device).unsqueeze(1), experts] = True
         kept = kept.repeat_interleave(S, dim=1).unsqueeze(1)  # [B, 1, E*S]
-        logits = self.route_tokens(x) @ self.router()  # [B, M, E*S]
+        if logits is None:
+            xn, logits = self.logits(x)  # [B, M, E*S]
         dispatch, combine = _softmaxes(logits, mask)  # a slot's dispatch column does not depend on other slots
         if mode == "drop":
             combine = combine * kept
@@ -395,4 +411,4 @@ class SoftMoE(nn.Module):
             combine = logits.masked_fill(~kept, float("-inf")).softmax(dim=-1)
             if mask is not None:
                 combine = combine * mask.unsqueeze(-1)
-        return self._mix(x, dispatch, combine, None)
+        return self._mix(x, xn, dispatch, combine, None)

@@ -88,20 +88,10 @@ def expert_scores(layer: SoftMoE, x: torch.Tensor, mask: torch.Tensor | None = N
         >>> scores = expert_scores(model.moe, model.tokens(images))  # [B, E]
         >>> select_experts(scores, "1/8", per="batch")
     """
-    E, S = layer.config.num_experts, layer.config.slots_per_expert
     if layer._triton_for(x):
-        from .kernels.routing import soft_moe_routing
-
-        return soft_moe_routing(
-            x, layer.phi, layer.scale, layer.norm_weight, token_norm=layer.config.token_norm,
-            eps=layer.config.eps, mask=mask, slots_per_expert=S,
-        )[2]
+        return layer._kernel(x, mask)[2]
     # Only the combine softmax is needed: the dispatch weights (a softmax over tokens) do not enter the scores.
-    logits = (layer.route_tokens(x) @ layer.router()).float()  # [B, M, E*S]
-    combine = logits.softmax(dim=-1)
-    if mask is not None:
-        combine = combine * mask.unsqueeze(-1)
-    return combine.sum(dim=1).reshape(x.shape[0], E, S).sum(dim=-1)  # [B, E]
+    return layer.scores(layer.logits(x)[1], mask)
 
 
 def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -163,22 +153,30 @@ class PrunedSoftMoE(nn.Module):
             experts = torch.as_tensor(experts, dtype=torch.long)
             _check_ids(experts, layer)
         self.register_buffer("experts", experts, persistent=False)
+        self.choice = nn.Identity()  # passes the experts each call runs: a forward hook on it observes the choice
 
     @property
     def config(self):
         return self.layer.config
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        experts = self.experts
-        if experts is None:
-            scores = expert_scores(self.layer, x, mask)  # [B, E]
-            present = self.layer._present(x.device)
-            if present is not None:  # a compressed layer can only choose among the experts it holds
-                scores = scores.index_select(1, present)
+        layer = self.layer
+        if self.experts is not None:
+            return layer(x, mask, experts=self.choice(self.experts), mode=self.mode)
+        # Algorithm 1 or 2 on this call's input; on the torch path the scores come from the logits the layer uses.
+        triton = layer._triton_for(x)
+        xn, logits = (None, None) if triton else layer.logits(x)
+        scores = layer._kernel(x, mask)[2] if triton else layer.scores(logits, mask)  # [B, E]
+        present = layer.config.present
+        if present is not None:  # a compressed layer can only choose among the experts it holds
+            held = torch.tensor(present, device=x.device)
+            experts = held[select_experts(scores.index_select(1, held), self.k, self.per)]
+        else:
             experts = select_experts(scores, self.k, self.per)
-            if present is not None:
-                experts = present[experts]
-        return self.layer(x, mask, experts=experts, mode=self.mode)
+        experts = self.choice(experts)
+        if experts.dim() == 2:
+            return layer._per_input(x, mask, experts, self.mode, xn=xn, logits=logits)
+        return layer.run_subset(x, mask, experts, self.mode, xn=xn, logits=logits)
 
 
 def _check_ids(experts: torch.Tensor, layer: SoftMoE) -> None:

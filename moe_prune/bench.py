@@ -1,0 +1,223 @@
+"""Latency: models side by side in one run, alternating, on ONNX Runtime and in PyTorch eager.
+
+Each batch size is measured in rounds; every round runs each model for a few iterations in turn, so slow drifts
+of the machine (other load, clocks) hit all models alike. Warm-up iterations are excluded. Reported per model
+and batch size: p50/p90/p99 latency, throughput at the median, the speedup over the first model (the full one)
+as a ratio of medians, and the process's peak resident memory while that model ran (Linux: /proc VmHWM, reset
+before each model through /proc/self/clear_refs; the figure includes everything else the process holds).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import ExportError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """How long and how to measure.
+
+    Args:
+        batch_sizes: measured one after another.
+        warmup: iterations per model and batch size before timing.
+        rounds: alternation rounds; each runs every model `iters_per_round` times.
+        iters_per_round: timed calls per model per round.
+        min_seconds: keep adding rounds until every model has been timed this long (stable medians).
+        threads: intra-op threads for ONNX Runtime and torch (None: their defaults).
+    """
+
+    batch_sizes: tuple = (1, 8, 32)
+    warmup: int = 5
+    rounds: int = 5
+    iters_per_round: int = 10
+    min_seconds: float = 2.0
+    threads: int | None = None
+
+
+def _peak_rss_reset() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _quantiles(samples: list[float]) -> dict:
+    s = np.asarray(samples) * 1e3
+    return {"p10_ms": float(np.percentile(s, 10)), "p50_ms": float(np.percentile(s, 50)),
+            "p90_ms": float(np.percentile(s, 90)), "p99_ms": float(np.percentile(s, 99)), "n": len(samples)}
+
+
+def alternate(runners: dict[str, Callable[[], object]], config: BenchConfig, batch_size: int) -> dict:
+    """Time callables side by side: warm-up, then rounds in which each runs `iters_per_round` times in turn."""
+    samples = {name: [] for name in runners}
+    peak = {}
+    for name, run in runners.items():
+        _peak_rss_reset()
+        for _ in range(config.warmup):
+            run()
+        peak[name] = _peak_rss_mb()
+    rounds = 0
+    while rounds < config.rounds or min(sum(s) for s in samples.values()) < config.min_seconds:
+        for name, run in runners.items():
+            for _ in range(config.iters_per_round):
+                t = time.perf_counter()
+                run()
+                samples[name].append(time.perf_counter() - t)
+        rounds += 1
+        if rounds > 1000:
+            break
+    out = {}
+    for name, s in samples.items():
+        q = _quantiles(s)
+        q["throughput_per_s"] = batch_size / (q["p50_ms"] / 1e3)
+        q["peak_rss_mb"] = peak[name]
+        out[name] = q
+    return out
+
+
+def ort_session(path, provider: str = "cpu", threads: int | None = None):
+    """An ONNX Runtime session on the asked execution provider; a clear error when it is not available."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("onnxruntime is not installed: `pip install moe-prune[cpu]` (or [gpu] for CUDA)") from None
+    name = PROVIDERS.get(provider)
+    if name is None:
+        raise ExportError(f"provider {provider!r}: choose one of {sorted(PROVIDERS)}")
+    available = ort.get_available_providers()
+    if name not in available:
+        hint = ("install onnxruntime-gpu instead of onnxruntime (`pip install moe-prune[gpu]`, never both) and run on a "
+                "machine with an NVIDIA GPU and CUDA" if provider != "cpu" else "")
+        raise ExportError(f"ONNX Runtime has no {name} here (available: {available}); {hint}")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    providers = [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def bench_models(onnx_paths: dict, modules: dict, make_input: Callable[[int], torch.Tensor],
+                 config: BenchConfig = BenchConfig(), provider: str = "cpu", progress: bool = True) -> dict:
+    """Benchmark ONNX models (ONNX Runtime) and torch modules (eager), alternating within each engine.
+
+    Args:
+        onnx_paths: {name: .onnx path}; the first is the reference for speedups.
+        modules: {name: torch module} (same names as onnx_paths, ideally), run under torch.inference_mode.
+        make_input: batch size -> an input batch (the same batch feeds every model).
+        config: see BenchConfig.
+        provider: "cpu", "cuda" or "tensorrt" for ONNX Runtime; torch runs on CUDA when provider is not "cpu".
+
+    Returns:
+        {"onnxruntime": {bs: {name: stats}}, "torch": {...}, "speedup": {engine: {bs: {name: ratio}}}, "env": ...}.
+
+    Example:
+        >>> r = bench_models({"full": "full.onnx", "reduced": "small.onnx"}, {"full": model, "reduced": small},
+        ...                  lambda b: torch.rand(b, 1, 28, 28))
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = "cpu" if provider == "cpu" else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ExportError("provider needs a CUDA GPU, and torch sees none here; use --provider cpu")
+    sessions = {name: ort_session(p, provider, config.threads) for name, p in onnx_paths.items()}
+    modules = {name: m.to(device).eval() for name, m in modules.items()}
+    result = {"onnxruntime": {}, "torch": {}, "speedup": {"onnxruntime": {}, "torch": {}}}
+    for bs in config.batch_sizes:
+        x = make_input(bs)
+        feed = {"input": x.numpy()}
+        xd = x.to(device)
+
+        def torch_runner(m):
+            def run():
+                with torch.inference_mode():
+                    m(xd)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+            return run
+
+        if progress:
+            print(f"  batch {bs}: onnxruntime ...", file=sys.stderr, flush=True)
+        if sessions:
+            result["onnxruntime"][bs] = alternate({n: (lambda s=s: s.run(None, feed)) for n, s in sessions.items()}, config, bs)
+        if progress:
+            print(f"  batch {bs}: torch eager ...", file=sys.stderr, flush=True)
+        if modules:
+            result["torch"][bs] = alternate({n: torch_runner(m) for n, m in modules.items()}, config, bs)
+        for engine in ("onnxruntime", "torch"):
+            stats = result[engine].get(bs)
+            if stats:
+                ref = next(iter(stats.values()))["p50_ms"]
+                result["speedup"][engine][bs] = {n: ref / s["p50_ms"] for n, s in stats.items()}
+    result["env"] = environment(provider, config)
+    return result
+
+
+def environment(provider: str = "cpu", config: BenchConfig | None = None) -> dict:
+    """Versions, device and thread settings, for every results file."""
+    import subprocess
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "machine": platform.machine(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "provider": provider}
+    try:
+        import onnxruntime as ort
+
+        env["onnxruntime"] = ort.__version__
+    except ImportError:
+        env["onnxruntime"] = None
+    try:
+        import onnx
+
+        env["onnx"] = onnx.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    if config is not None:
+        env["bench_config"] = asdict(config)
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                           cwd=os.path.dirname(__file__)).stdout.strip() or None
+    except OSError:
+        env["git_commit"] = None
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def median(values) -> float:
+    return statistics.median(values)

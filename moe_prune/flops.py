@@ -1,0 +1,144 @@
+"""Analytic cost of one forward pass per input: FLOPs (a multiply-add is 2) and weight bytes, by layer kind.
+
+The speedup bounds of running k of n experts:
+    FLOP ratio   = FLOPs(full) / FLOPs(reduced)              -- rules when compute-bound (large batches)
+    bytes ratio  = weight bytes(full) / weight bytes(reduced) -- rules when every weight is read once per batch
+                                                                and that dominates (batch 1, large models)
+Soft MoE layer with M tokens, width D, E experts of S slots, K kept:
+    router   2*M*D*(E*S)   (drop mode: all slots, the combine denominator needs them; renorm: K*S columns)
+    dispatch 2*M*(K*S)*D,  combine 2*M*(K*S)*D_out,  experts (K*S) * expert FLOPs per slot
+Elementwise work (norms, softmax, GELU) is left out: it is small beside the matmuls and the same in both models.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .layers import SoftMoE
+from .models import MnistSoftMoE, SoftMoEViT, moe_layers
+
+KINDS = ("embed", "attention", "dense_mlp", "router", "dispatch", "combine", "experts", "head")
+
+
+@dataclass
+class Cost:
+    """FLOPs and weight parameters per input, by layer kind."""
+
+    flops: dict = field(default_factory=lambda: defaultdict(float))
+    params: dict = field(default_factory=lambda: defaultdict(float))
+
+    @property
+    def total_flops(self) -> float:
+        return sum(self.flops.values())
+
+    @property
+    def total_params(self) -> float:
+        return sum(self.params.values())
+
+    def as_dict(self, bytes_per_param: int = 4) -> dict:
+        return {"flops": dict(self.flops), "weight_bytes": {k: v * bytes_per_param for k, v in self.params.items()},
+                "total_flops": self.total_flops, "total_weight_bytes": self.total_params * bytes_per_param}
+
+
+def expert_flops_per_slot(layer: SoftMoE) -> float:
+    c = layer.config
+    h1 = 2 * c.hidden if c.expert == "geglu" else c.hidden
+    return 2 * c.dim * h1 + 2 * c.hidden * c.out_features
+
+
+def expert_params(layer: SoftMoE) -> float:
+    c = layer.config
+    h1 = 2 * c.hidden if c.expert == "geglu" else c.hidden
+    bias = 0 if c.expert == "relu_mlp" else h1 + c.out_features
+    return c.dim * h1 + c.hidden * c.out_features + bias
+
+
+def moe_cost(layer: SoftMoE, tokens: int, kept: int | None = None, mode: str = "drop", dynamic: bool = False,
+             cost: Cost | None = None) -> Cost:
+    """Add one Soft MoE layer's cost for `tokens` tokens with `kept` experts computed (None: all it holds).
+
+    `dynamic`: the subset is chosen per batch inside the model (Algorithm 2), which needs the full router logits
+    and all of Phi for the scores even in renorm mode.
+    """
+    c = layer.config
+    cost = cost or Cost()
+    E, S, D = c.num_experts, c.slots_per_expert, c.dim
+    K = c.num_held if kept is None else kept
+    full_router = mode == "drop" or dynamic or K == E
+    router_cols = E * S if full_router else K * S
+    cost.flops["router"] += 2 * tokens * D * router_cols + (2 * tokens * D * K * S if dynamic and mode == "renorm" else 0)
+    cost.flops["dispatch"] += 2 * tokens * K * S * D
+    cost.flops["combine"] += 2 * tokens * K * S * c.out_features
+    cost.flops["experts"] += K * S * expert_flops_per_slot(layer)
+    cost.params["router"] += D * router_cols + (1 if c.phi_norm else 0) + (D if c.token_gain else 0)
+    cost.params["experts"] += K * expert_params(layer)
+    return cost
+
+
+def model_cost(model: nn.Module, kept: dict | int | None = None, mode: str = "drop", dynamic: bool = False,
+               tokens: int | None = None) -> Cost:
+    """Cost per input of a model run with `kept` experts per Soft MoE layer.
+
+    Args:
+        model: MnistSoftMoE, SoftMoEViT or a bare SoftMoE (then `tokens` is required). A compressed model's
+            layers count the experts they hold.
+        kept: None (each layer's held experts), an int for every layer, or {layer name: k}.
+        mode: "drop" or "renorm".
+        dynamic: experts chosen per batch in the graph (Algorithm 2): full router logits for the scores.
+        tokens: tokens per input for a bare layer.
+
+    Example:
+        >>> full, small = model_cost(vit), model_cost(vit, kept=16)
+        >>> full.total_flops / small.total_flops  # the FLOP bound of the speedup
+    """
+    cost = Cost()
+    layers = moe_layers(model)
+    k_of = lambda name: kept.get(name) if isinstance(kept, dict) else kept  # noqa: E731
+    if isinstance(model, SoftMoE):
+        if tokens is None:
+            raise ValueError("model_cost of a bare Soft MoE layer needs tokens=")
+        return moe_cost(model, tokens, k_of(""), mode, dynamic, cost)
+    if isinstance(model, MnistSoftMoE):
+        c = model.config
+        moe_cost(model.moe, c.tokens, k_of("moe"), mode, dynamic, cost)
+        cost.flops["head"] += 2 * model.head.in_features * model.head.out_features
+        cost.params["head"] += model.head.weight.numel()
+        return cost
+    if not isinstance(model, SoftMoEViT):
+        raise TypeError(f"no cost model for {type(model).__name__}")
+    c = model.config
+    M, D = c.tokens, c.embed_dim
+    pe = model.patch_embed.proj
+    cost.flops["embed"] += 2 * c.num_patches * pe.weight[0].numel() * D
+    cost.params["embed"] += sum(p.numel() for p in model.patch_embed.parameters()) + model.pos_embed.numel() + (
+        model.cls_token.numel() if model.cls_token is not None else 0)
+    for i, block in enumerate(model.blocks):
+        cost.flops["attention"] += 2 * M * D * 3 * D + 2 * 2 * M * M * D + 2 * M * D * D
+        cost.params["attention"] += sum(p.numel() for p in block.attn.parameters()) + sum(
+            p.numel() for n, p in block.named_parameters() if n.startswith(("norm1", "norm2", "ls")))
+        name = f"blocks.{i}.mlp"
+        if name in layers:
+            moe_cost(layers[name], M, k_of(name), mode, dynamic, cost)
+        else:
+            cost.flops["dense_mlp"] += 2 * 2 * M * D * block.mlp.fc1.out_features
+            cost.params["dense_mlp"] += sum(p.numel() for p in block.mlp.parameters())
+    if isinstance(model.head, nn.Linear):
+        cost.flops["head"] += 2 * D * model.head.out_features
+        cost.params["head"] += sum(p.numel() for p in model.head.parameters())
+    cost.params["head"] += sum(p.numel() for p in model.norm.parameters()) + sum(p.numel() for p in model.fc_norm.parameters())
+    return cost
+
+
+def bounds(full: Cost, reduced: Cost) -> dict:
+    """Speedup bounds of `reduced` over `full`, whole model and per layer kind (None where a kind is absent)."""
+    ratio = lambda a, b: a / b if b else None  # noqa: E731
+    kinds = sorted(set(full.flops) | set(full.params), key=lambda k: KINDS.index(k) if k in KINDS else 99)
+    return {
+        "flop_ratio": ratio(full.total_flops, reduced.total_flops),
+        "bytes_ratio": ratio(full.total_params, reduced.total_params),
+        "by_kind": {k: {"flops": (full.flops.get(k, 0.0), reduced.flops.get(k, 0.0)),
+                        "weight_params": (full.params.get(k, 0.0), reduced.params.get(k, 0.0))} for k in kinds},
+    }

@@ -9,9 +9,10 @@ before each model through /proc/self/clear_refs; the figure includes everything 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
-import statistics
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -196,8 +197,13 @@ def environment(provider: str = "cpu", config: BenchConfig | None = None) -> dic
         env["onnx"] = onnx.__version__
     except ImportError:
         pass
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+
+        env["triton"] = triton.__version__
+    env["cuda"] = torch.version.cuda
+    env["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU only ({env['cpu']})"
+    env["command"] = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
     if config is not None:
         env["bench_config"] = asdict(config)
     try:
@@ -217,7 +223,3 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def median(values) -> float:
-    return statistics.median(values)

@@ -129,6 +129,32 @@ def cmd_demo(args) -> None:
     print(format_demo(result))
 
 
+def cmd_bench(args) -> None:
+    from pathlib import Path
+
+    from .bench import BenchConfig
+    from .checkpoint import load
+    from .pipeline import BenchSetup, benchmark, reduced_model
+    from .reports import bench_plot, format_bench, write_json, write_text
+
+    full = load(args.checkpoint)
+    small, how = (load(args.compressed), f"compressed checkpoint {args.compressed}") if args.compressed else \
+        reduced_model(full, args.keep, args.mode)
+    out = Path(args.out_dir)
+    setup = BenchSetup(keep=args.keep, mode=args.mode, out_dir=str(out / "onnx"), provider=args.provider,
+                       layers_alone=not args.no_layer,
+                       bench=BenchConfig(batch_sizes=tuple(args.batch_sizes), threads=args.threads,
+                                         min_seconds=args.min_seconds))
+    result = benchmark(full, small, setup)
+    result.update(command="moe-prune " + " ".join(sys.argv[1:]), checkpoint=args.checkpoint, reduced=how)
+    write_json(out / "bench.json", result)
+    write_text(out / "bench.md", f"Command: `{result['command']}`\n\nReduced model: {how}\n\n"
+               + format_bench(result, markdown=True) + "\n")
+    plotted = bench_plot(result, out / "bench.png")
+    print(result["text"])
+    print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}" + (f", {out / 'bench.png'}" if plotted else ""))
+
+
 def _versions() -> dict:
     import platform
 
@@ -181,6 +207,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-export", action="store_true", help="skip the ONNX export and benchmark")
     s.add_argument("--no-bench", action="store_true", help="export and validate, but skip the benchmark")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("bench", help="latency of the full, compressed and Algorithm 2 models side by side, against the bounds",
+                       description="Export the full model, its reduced version (a compressed checkpoint, or one made "
+                       "here by calibrating on the bundled sample) and the Algorithm 2 model to ONNX, validate them, "
+                       "then time them alternately on ONNX Runtime and in PyTorch eager at each batch size. Prints "
+                       "p50/p90/p99 latency, throughput, peak memory and the speedup over the full model beside its "
+                       "analytic bounds (FLOP ratio and weight-bytes ratio, whole model and the Soft MoE layer alone). "
+                       "Writes bench.json, bench.md and bench.png to --out-dir.")
+    s.add_argument("checkpoint", help="the full native checkpoint")
+    s.add_argument("--compressed", help="its compressed checkpoint (default: made here, see above)")
+    s.add_argument("--keep", default="1/8", help="experts kept (default 1/8)")
+    s.add_argument("--mode", choices=["drop", "renorm"], default="drop")
+    s.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 32])
+    s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
+                   help="ONNX Runtime execution provider (cuda/tensorrt need the [gpu] extra and an NVIDIA GPU)")
+    s.add_argument("--threads", type=int, help="intra-op threads for ONNX Runtime and torch (default: theirs)")
+    s.add_argument("--min-seconds", type=float, default=2.0, help="time each model at least this long per batch size")
+    s.add_argument("--no-layer", action="store_true", help="skip the Soft MoE layer-alone comparison")
+    s.add_argument("--out-dir", default="bench-output")
+    s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("info", help="print a checkpoint's architecture, Soft MoE layers, experts and parameters",
                        description="Print a native checkpoint's architecture, its Soft MoE layers (experts, slots, "

@@ -17,6 +17,8 @@ Axes: B batch, M tokens, D model dim, E experts, S slots per expert, H expert hi
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 from dataclasses import dataclass, field, fields
 from typing import Literal
@@ -243,6 +245,11 @@ def _softmaxes(logits: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.T
     return dispatch, combine
 
 
+@functools.cache
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 class SoftMoE(nn.Module):
     """A Soft MoE layer with stacked experts; runs all experts, a shared subset, or a per-input subset.
 
@@ -263,7 +270,7 @@ class SoftMoE(nn.Module):
         self.scale = nn.Parameter(torch.ones(1)) if c.phi_norm else None
         self.norm_weight = nn.Parameter(torch.ones(c.dim)) if c.token_gain else None
         self.experts = StackedExperts(c.expert, c.num_held, c.dim, c.hidden, c.out_features)
-        # None: the torch path on CPU, the Triton kernel on CUDA. True/False forces one.
+        # None: the Triton kernel for CUDA inference when triton is installed, else torch. True/False forces one.
         self.use_triton: bool | None = None
 
     @property
@@ -312,7 +319,9 @@ class SoftMoE(nn.Module):
             return False  # an exported graph is plain ONNX operators
         if self.use_triton is not None:
             return self.use_triton
-        return x.is_cuda and self.config.token_norm != "layer"
+        if torch.is_grad_enabled() and (x.requires_grad or self.phi.requires_grad):
+            return False  # the kernel has no backward: training routes through torch
+        return x.is_cuda and self.config.token_norm != "layer" and _triton_available()
 
     # -- forward -------------------------------------------------------------------------------------------
     def forward(

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .bench import BenchConfig
+
 DEFAULT_CHECKPOINT = "default.safetensors"
 
 
@@ -94,9 +96,145 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
                  "bytes": (info["bytes"], small_info["bytes"])},
     }
     if config.export:
-        from .pipeline_onnx import export_and_bench
-
-        _say("5/5 export + bench", "ONNX export of the full and reduced models, validation, latency")
-        result.update(export_and_bench(model, small, out, bench=config.bench))
+        _say("5/5 export + bench", "ONNX export of the full, compressed and Algorithm 2 models, validation, latency")
+        setup = BenchSetup(keep=config.keep, mode=config.mode, out_dir=str(out / "onnx"), layers_alone=False,
+                           bench=BenchConfig(batch_sizes=(1, 8, 32), min_seconds=1.0) if config.bench else None)
+        result["speed"] = benchmark(model, small, setup)
     result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+@dataclass(frozen=True)
+class BenchSetup:
+    """What `benchmark` compares: the full model, its static subset (compressed) and Algorithm 2 in the graph.
+
+    Args:
+        keep, mode: the subset size and mode (Algorithm 2 keeps `keep` per batch; a static subset of the same
+            size is used when no compressed model is given).
+        out_dir: where the ONNX files go.
+        provider: ONNX Runtime execution provider: "cpu", "cuda" or "tensorrt".
+        layers_alone: also compare the first Soft MoE layer alone (full against reduced).
+        bench: timing settings; None exports and validates only.
+        atol: validation tolerance.
+    """
+
+    keep: str = "1/8"
+    mode: str = "drop"
+    out_dir: str = "bench-output"
+    provider: str = "cpu"
+    layers_alone: bool = True
+    bench: BenchConfig | None = BenchConfig()
+    atol: float = 1e-4
+
+
+def reduced_model(full, keep: str, mode: str = "drop") -> tuple:
+    """A compressed copy of `full` for benchmarking: calibrated on the bundled sample for 28x28 one-channel
+    classifiers, else a seeded random subset (latency does not depend on which experts are kept).
+
+    Returns:
+        (model, a sentence saying how the subset was chosen).
+    """
+    from .compress import compress_model, static_subsets
+    from .data import iterate_batches, load_images
+    from .models import MnistSoftMoE, SoftMoEViT, moe_layers
+    from .selection import parse_keep
+
+    c = getattr(full, "config", None)
+    if isinstance(full, (MnistSoftMoE, SoftMoEViT)) and c.in_chans == 1 and c.img_size in (28, (28, 28)):
+        images = load_images("sample", split="test")[0][:500]
+        subsets, _ = static_subsets(full, [x for x, _ in iterate_batches(images, None, 250)], keep)
+        how = f"static top {keep} calibrated on 500 images of the bundled sample"
+    else:
+        g = torch.Generator().manual_seed(0)
+        subsets = {name: torch.randperm(layer.config.num_held, generator=g)[:parse_keep(keep, layer.config.num_held)].sort().values
+                   for name, layer in moe_layers(full).items()}
+        how = f"a random {keep} of the experts (seed 0): latency does not depend on which experts are kept"
+    return compress_model(full, subsets, mode), how
+
+
+def _variants(full, small, keep: str, mode: str) -> dict:
+    from .selection import with_selection
+
+    return {"full": full, "compressed": small, "alg2": with_selection(full, keep, per="batch", mode=mode)}
+
+
+def _export_all(models: dict, out: Path, atol: float, tokens=None) -> tuple[dict, dict]:
+    from .export import export_onnx, validate_onnx
+
+    paths, reports = {}, {}
+    for name, m in models.items():
+        example = None if tokens is None else torch.randn(2, tokens, m_dim(m))
+        path = export_onnx(m, out / f"{name}.onnx", example=example)
+        report = validate_onnx(path, m, atol=atol, check=False)
+        _say("  validate", report.format().splitlines()[-1].strip() + f"  {path}")
+        report.raise_for_failure()
+        paths[name], reports[name] = path, report.format()
+    return paths, reports
+
+
+def m_dim(module) -> int:
+    from .selection import PrunedSoftMoE
+
+    return (module.layer if isinstance(module, PrunedSoftMoE) else module).config.dim
+
+
+def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
+    """Export full, compressed and Algorithm 2 models to ONNX, validate them, time them against their bounds.
+
+    Args:
+        full: the full native model. small: its compressed version (see compress.compress_model).
+        setup: see BenchSetup.
+
+    Returns:
+        A JSON-able dict: ONNX paths and validation checklists, bounds (FLOP and weight-byte ratios, whole model
+        and per layer kind), latency results per engine and batch size, and "text", the summary table.
+
+    Example:
+        >>> small = compress_model(model, subsets)
+        >>> r = benchmark(model, small, BenchSetup(out_dir="bench"))
+        >>> print(r["text"])
+    """
+    from .bench import bench_models, environment
+    from .export import example_input
+    from .flops import bounds, model_cost
+    from .models import moe_layers
+    from .selection import parse_keep
+
+    out = Path(setup.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    models = _variants(full, small, setup.keep, setup.mode)
+    k = {name: parse_keep(setup.keep, layer.config.num_held) for name, layer in moe_layers(full).items()}
+    costs = {"full": model_cost(full), "compressed": model_cost(small, mode=setup.mode),
+             "alg2": model_cost(full, kept=k, mode=setup.mode, dynamic=True)}
+    result = {"keep": setup.keep, "mode": setup.mode, "k": k,
+              "bounds": {name: bounds(costs["full"], c) for name, c in costs.items() if name != "full"},
+              "cost_per_input": {name: c.as_dict() for name, c in costs.items()}}
+    paths, reports = _export_all(models, out, setup.atol)
+    result["onnx"] = {name: str(p) for name, p in paths.items()}
+    result["validation"] = reports
+    if setup.layers_alone:
+        name0, layer0 = next(iter(moe_layers(full).items()))
+        tokens = full.config.tokens
+        layers = _variants(layer0, moe_layers(small)[name0], str(k[name0]), setup.mode)
+        lcost = {"full": model_cost(layer0, tokens=tokens), "compressed": model_cost(layers["compressed"], mode=setup.mode, tokens=tokens),
+                 "alg2": model_cost(layer0, kept=k[name0], mode=setup.mode, dynamic=True, tokens=tokens)}
+        result["layer"] = {"name": name0, "tokens": tokens,
+                           "bounds": {n: bounds(lcost["full"], c) for n, c in lcost.items() if n != "full"}}
+        lpaths, lreports = _export_all(layers, out / "layer", setup.atol, tokens=tokens)
+        result["layer"]["onnx"] = {n: str(p) for n, p in lpaths.items()}
+    if setup.bench is None:
+        result["env"] = environment(setup.provider)
+        return result
+    _say("  bench", f"whole models, ONNX Runtime {setup.provider} and torch eager, batch sizes {list(setup.bench.batch_sizes)}")
+    gen = torch.Generator().manual_seed(0)
+    result["latency"] = bench_models(paths, models, lambda b: example_input(full, b, generator=gen), setup.bench, setup.provider)
+    if setup.layers_alone:
+        _say("  bench", f"the Soft MoE layer {result['layer']['name']} alone")
+        result["layer"]["latency"] = bench_models(
+            lpaths, layers, lambda b: torch.randn(b, result["layer"]["tokens"], layer0.config.dim, generator=gen),
+            setup.bench, setup.provider)
+    result["env"] = result["latency"].pop("env")
+    from .reports import format_bench
+
+    result["text"] = format_bench(result)
     return result

@@ -183,6 +183,73 @@ def format_demo(r: dict) -> str:
         fmt = human_bytes if key == "bytes" else human_count
         lines.append(f"  {label:<18} {fmt(before):>10} -> {fmt(after):>10}  ({before / max(1, after):.2f}x smaller)")
     if "speed" in r:
-        lines += ["", r["speed"]["text"]]
+        lines += ["", r["speed"].get("text", "ONNX export and validation passed (latency not measured)")]
     lines += ["", f"done in {r['seconds']:.0f} s"]
     return "\n".join(lines)
+
+
+def _bench_rows(latency: dict, bounds: dict) -> list:
+    rows = []
+    for engine in ("onnxruntime", "torch"):
+        for bs, stats in latency.get(engine, {}).items():
+            for name, s in stats.items():
+                speed = latency["speedup"][engine][bs][name]
+                b = bounds.get(name)
+                fb, bb = (b["flop_ratio"], b["bytes_ratio"]) if b else (1.0, 1.0)
+                applicable = bb if int(bs) == 1 else fb if int(bs) >= 32 else None
+                rows.append([engine, bs, name, f"{s['p50_ms']:.3f}", f"{s['p90_ms']:.3f}", f"{s['p99_ms']:.3f}",
+                             f"{s['throughput_per_s']:.0f}", f"{speed:.2f}x", f"{fb:.2f}x", f"{bb:.2f}x",
+                             "" if b is None or applicable is None else f"{100 * speed / applicable:.0f}%",
+                             "" if s.get("peak_rss_mb") is None else f"{s['peak_rss_mb']:.0f}"])
+    return rows
+
+
+BENCH_HEADER = ["engine", "batch", "model", "p50 ms", "p90 ms", "p99 ms", "inputs/s", "speedup", "FLOP bound",
+                "bytes bound", "of bound", "peak RSS MB"]
+
+
+def format_bench(r: dict, markdown: bool = False) -> str:
+    """The latency table of `pipeline.benchmark`: speedup over the full model beside its two analytic bounds.
+
+    "of bound" compares the speedup with the bound that applies: weight bytes at batch 1, FLOPs at batch >= 32.
+    """
+    env = r["env"]
+    lines = [f"latency, keep {r['keep']} ({r['mode']}), ONNX Runtime {env.get('onnxruntime')} {env.get('provider')} "
+             f"and torch {env['torch']} eager, {env['cpu']}, {env['torch_threads']} threads:"]
+    if "latency" not in r:
+        return lines[0] + " not measured"
+    lines.append(table(_bench_rows(r["latency"], r["bounds"]), BENCH_HEADER, markdown=markdown))
+    if "layer" in r and "latency" in r["layer"]:
+        lines += ["", f"the Soft MoE layer {r['layer']['name']} alone ({r['layer']['tokens']} tokens):",
+                  table(_bench_rows(r["layer"]["latency"], r["layer"]["bounds"]), BENCH_HEADER, markdown=markdown)]
+    return "\n".join(lines)
+
+
+def bench_plot(r: dict, path) -> bool:
+    """Median latency against batch size, one line per model and engine (log-log). False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for engine, style in (("onnxruntime", "-o"), ("torch", "--s")):
+        by_bs = r["latency"].get(engine, {})
+        names = next(iter(by_bs.values()), {}).keys()
+        for name in names:
+            pts = sorted((int(bs), stats[name]["p50_ms"]) for bs, stats in by_bs.items())
+            ax.plot(*zip(*pts), style, ms=4, label=f"{engine}: {name}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("median latency (ms)")
+    ax.set_title(f"full vs reduced (keep {r['keep']}, {r['mode']})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_output(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return True

@@ -100,8 +100,12 @@ def alternate(runners: dict[str, Callable[[], object]], config: BenchConfig, bat
     return out
 
 
-def ort_session(path, provider: str = "cpu", threads: int | None = None):
-    """An ONNX Runtime session on the asked execution provider; a clear error when it is not available."""
+def check_provider(provider: str) -> str:
+    """The ONNX Runtime name of an execution provider ("cpu", "cuda", "tensorrt"), if it can run here.
+
+    Raises:
+        ExportError: onnxruntime is missing, or the provider is unknown or not available (e.g. no GPU).
+    """
     try:
         import onnxruntime as ort
     except ImportError:
@@ -114,6 +118,16 @@ def ort_session(path, provider: str = "cpu", threads: int | None = None):
         hint = ("install onnxruntime-gpu instead of onnxruntime (`pip install moe-prune[gpu]`, never both) and run on a "
                 "machine with an NVIDIA GPU and CUDA" if provider != "cpu" else "")
         raise ExportError(f"ONNX Runtime has no {name} here (available: {available}); {hint}")
+    if provider != "cpu" and not torch.cuda.is_available():
+        raise ExportError(f"provider {provider!r} needs a CUDA GPU, and there is none here; use --provider cpu")
+    return name
+
+
+def ort_session(path, provider: str = "cpu", threads: int | None = None):
+    """An ONNX Runtime session on the asked execution provider; a clear error when it is not available."""
+    import onnxruntime as ort
+
+    name = check_provider(provider)
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
@@ -143,8 +157,6 @@ def bench_models(onnx_paths: dict, modules: dict, make_input: Callable[[int], to
     if config.threads:
         torch.set_num_threads(config.threads)
     device = "cpu" if provider == "cpu" else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ExportError("provider needs a CUDA GPU, and torch sees none here; use --provider cpu")
     sessions = {name: ort_session(p, provider, config.threads) for name, p in onnx_paths.items()}
     modules = {name: m.to(device).eval() for name, m in modules.items()}
     result = {"onnxruntime": {}, "torch": {}, "speedup": {"onnxruntime": {}, "torch": {}}}

@@ -155,6 +155,32 @@ def cmd_bench(args) -> None:
     print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}" + (f", {out / 'bench.png'}" if plotted else ""))
 
 
+def cmd_compress(args) -> None:
+    from pathlib import Path
+
+    from .checkpoint import summary
+    from .compress import compress_checkpoint
+    from .data import calibration_batches
+    from .reports import human_bytes, human_count
+
+    src = Path(args.checkpoint)
+    out = Path(args.out)
+    if out.suffix != ".safetensors":  # a folder: name the file after the source, the keep and the mode
+        out = out / f"{src.stem}.keep{args.keep.replace('/', 'of')}.{args.mode}.safetensors"
+        out.parent.mkdir(parents=True, exist_ok=True)
+    batches = calibration_batches(args.calib, limit=args.calib_limit, batch_size=args.batch_size)
+    command = "moe-prune " + " ".join(sys.argv[1:])
+    path, subsets = compress_checkpoint(src, out, args.keep, batches, mode=args.mode,
+                                        meta={"command": command, "calibration": {"data": args.calib, "limit": args.calib_limit}})
+    before, after = summary(src), summary(path)
+    for name, ids in subsets.items():
+        print(f"  {name or '(layer)'}: kept experts {ids.tolist()}")
+    for key, label in (("parameters", "parameters"), ("expert_parameters", "expert parameters")):
+        print(f"  {label:<18} {human_count(before[key]):>9} -> {human_count(after[key]):>9}  ({before[key] / after[key]:.2f}x smaller)")
+    print(f"  {'file size':<18} {human_bytes(before['bytes']):>9} -> {human_bytes(after['bytes']):>9}  ({before['bytes'] / after['bytes']:.2f}x smaller)")
+    print(f"wrote {path}")
+
+
 def _versions() -> dict:
     import platform
 
@@ -179,10 +205,10 @@ def cmd_export(args) -> None:
         report.raise_for_failure()
 
 
-# The Soft MoE ViT for 28x28 inputs: 49 patches + a class token, Soft MoE in the last 2 of 4 blocks.
+# The Soft MoE ViT for 28x28 inputs: 49 patches + a class token, Soft MoE in the last 3 of 4 blocks.
 VIT_DEFAULTS = dict(
-    img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=4, num_heads=4, mlp_ratio=2.0,
-    moe_layer_index=2, slots_per_expert=1,
+    img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,
+    moe_layer_index=1, slots_per_expert=1,
 )
 
 
@@ -207,6 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-export", action="store_true", help="skip the ONNX export and benchmark")
     s.add_argument("--no-bench", action="store_true", help="export and validate, but skip the benchmark")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("compress", help="calibrate, keep the top experts of every Soft MoE layer, write a smaller checkpoint",
+                       description="Sum every Soft MoE layer's expert scores (combine-weight mass) over calibration "
+                       "data, keep each layer's top experts, and write a native checkpoint holding only those (re-indexed; "
+                       "their original ids in its metadata, see `moe-prune info --json`). drop mode keeps all of the "
+                       "router (the combine denominator needs every slot); renorm keeps only the kept columns. The "
+                       "input is never modified; the output is written atomically.")
+    s.add_argument("checkpoint", help="a native checkpoint")
+    s.add_argument("--keep", default="1/8", help="fraction ('1/8', 0.125) or count (16) of experts to keep (default 1/8)")
+    s.add_argument("--calib", required=True, help="calibration data: 'fashion-mnist' or 'mnist' (train split), 'sample' "
+                   "(the bundled images), an IDX folder (train split), or a .npy/.npz of model inputs")
+    s.add_argument("--calib-limit", type=int, default=10000, help="use at most this many calibration inputs (default 10000)")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--mode", choices=["drop", "renorm"], default="drop", help="drop (the paper) or renorm")
+    s.add_argument("--out", required=True, help="output .safetensors file, or a folder (then NAME.keepKofN.MODE.safetensors)")
+    s.set_defaults(func=cmd_compress)
 
     s = sub.add_parser("bench", help="latency of the full, compressed and Algorithm 2 models side by side, against the bounds",
                        description="Export the full model, its reduced version (a compressed checkpoint, or one made "

@@ -21,7 +21,7 @@ from .checkpoint import _assign, load, native_info, save
 from .errors import CheckpointError, SelectionError
 from .layers import MODES, SoftMoEConfig
 from .models import build, model_spec, moe_layers
-from .selection import calibrate, select_experts
+from .selection import calibrate, parse_keep, select_experts
 
 EXPERT_TENSORS = ("experts.w1", "experts.b1", "experts.w2", "experts.b2")
 
@@ -213,6 +213,8 @@ def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progr
         >>> compress_checkpoint("model.safetensors", "small.safetensors", "1/8", batches_of_images)
     """
     model = load(src)
+    for layer in moe_layers(model).values():  # a bad `keep` is an error before the calibration runs
+        parse_keep(keep, layer.config.num_held)
     subsets, sums = static_subsets(model, calib_batches, keep, progress=progress)
     del model
     record = {**(meta or {}), "keep": str(keep), "calibration_scores": {n: s.tolist() for n, s in sums.items()}}

@@ -197,9 +197,9 @@ def _missing_message(name: str, where: str) -> str:
     tv_class, tv_dir = ("MNIST", "MNIST") if name == "mnist" else ("FashionMNIST", "FashionMNIST")
     apt = "" if name == "mnist" else "install it with `apt-get install -y dataset-fashion-mnist`, or "
     return (
-        f"{name} data not found: {where}. To get it: {apt}pass --data-dir DIR (load_images(DIR) in Python) "
+        f"{name} data not found: {where}. To get it: {apt}pass (as --data or --calib) a folder "
         f"with the four IDX files ({files}), or, where torchvision and a network exist, run "
-        f"`torchvision.datasets.{tv_class}(root, download=True)` and pass --data-dir ROOT/{tv_dir}/raw. "
+        f"`torchvision.datasets.{tv_class}(root, download=True)` and pass the folder ROOT/{tv_dir}/raw. "
         f"moe-prune never downloads anything"
     )
 

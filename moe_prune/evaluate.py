@@ -30,6 +30,20 @@ def predict(model: nn.Module, images, batch_size: int = 256) -> torch.Tensor:
     return torch.cat(preds)
 
 
+def check_labels(model: nn.Module, images, labels, where: str = "the data") -> None:
+    """Raise DataError when the labels do not fit the classifier's outputs (e.g. 10 classes, a 5-class head)."""
+    from .data import iterate_batches
+    from .errors import DataError
+
+    x, _ = next(iterate_batches(images[:1], None, 1))
+    with torch.no_grad():
+        classes = model.eval()(x).shape[-1]
+    top = int(torch.as_tensor(labels).max())
+    if top >= classes:
+        raise DataError(f"{where}: labels go up to {top}, but the model has {classes} classes; evaluate it on data "
+                        "with its own classes")
+
+
 def accuracy(model: nn.Module, images, labels, batch_size: int = 256) -> float:
     """Top-1 accuracy of a classifier.
 
@@ -93,6 +107,7 @@ def study(model: nn.Module, test_set: tuple, calib_sums: dict, config: StudyConf
     from .selection import select_experts
 
     images, labels = test_set
+    check_labels(model, images, labels)
     layers = moe_layers(model)
     n = min(layer.config.num_held for layer in layers.values())
     ks = _ks(n, config)

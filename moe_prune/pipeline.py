@@ -200,6 +200,10 @@ def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
     from .models import moe_layers
     from .selection import parse_keep
 
+    if setup.bench is not None:
+        from .bench import check_provider
+
+        check_provider(setup.provider)  # before minutes of exporting
     out = Path(setup.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     models = _variants(full, small, setup.keep, setup.mode)
@@ -220,7 +224,8 @@ def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
                  "alg2": model_cost(layer0, kept=k[name0], mode=setup.mode, dynamic=True, tokens=tokens)}
         result["layer"] = {"name": name0, "tokens": tokens,
                            "bounds": {n: bounds(lcost["full"], c) for n, c in lcost.items() if n != "full"}}
-        lpaths, lreports = _export_all(layers, out / "layer", setup.atol, tokens=tokens)
+        (out / "layer").mkdir(exist_ok=True)
+        lpaths, _ = _export_all(layers, out / "layer", setup.atol, tokens=tokens)
         result["layer"]["onnx"] = {n: str(p) for n, p in lpaths.items()}
     if setup.bench is None:
         result["env"] = environment(setup.provider)

@@ -65,9 +65,11 @@ def format_summary(s: dict) -> str:
             "all" if kept is None else ",".join(map(str, kept)) if len(kept) <= 16 else f"{len(kept)} ids (see --json)",
         ])
     lines.append(table(rows, ["Soft MoE layer", "router E", "held", "slots", "hidden", "kind", "params", "kept (original ids)"]))
-    meta = {k: v for k, v in s["meta"].items() if k not in ("source_kwargs",)}
+    meta = {k: v for k, v in s["meta"].items() if k not in ("source_kwargs", "history", "source_meta")}
     if meta:
-        lines += ["", "  metadata:"] + [f"    {k}: {json.dumps(v) if not isinstance(v, str) else v}" for k, v in sorted(meta.items())]
+        shown = lambda v: v if isinstance(v, str) else json.dumps(v)  # noqa: E731
+        clip = lambda t: t if len(t) <= 100 else t[:97] + "... (see --json)"  # noqa: E731
+        lines += ["", "  metadata:"] + [f"    {k}: {clip(shown(v))}" for k, v in sorted(meta.items())]
     return "\n".join(lines)
 
 
@@ -142,7 +144,9 @@ def study_plot(reports: list[dict], path) -> bool:
         ax.set_title(f"{mode}: selected (solid) vs random (dashed)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy")
-    axes[1].legend(fontsize=7, ncol=2)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     with atomic_output(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")

@@ -245,7 +245,7 @@ def test_load_images_wrong_image_dtype(tmp_path):
 
 
 def assert_tells_how_to_get_it(msg: str, tv: str = "FashionMNIST"):
-    assert "--data-dir DIR" in msg
+    assert "pass (as --data or --calib) a folder" in msg
     assert f"torchvision.datasets.{tv}(root, download=True)" in msg
     assert "never downloads" in msg
     assert "\n" not in msg  # the CLI prints it on one line

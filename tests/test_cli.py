@@ -1,0 +1,139 @@
+"""The commands end to end on tiny models, and their behaviour on bad input (one line, exit 2, nothing written)."""
+
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import moe_prune
+from moe_prune.cli import main
+from moe_prune.models import MnistConfig, MnistSoftMoE
+
+
+@pytest.fixture()
+def ckpt(tmp_path):
+    model = MnistSoftMoE(MnistConfig(num_experts=16)).eval()
+    return moe_prune.save(model, tmp_path / "tiny.safetensors")
+
+
+@pytest.fixture()
+def calib(tmp_path):
+    path = tmp_path / "calib.npy"
+    np.save(path, (np.random.default_rng(0).random((40, 28, 28)) * 255).astype(np.uint8))
+    return path
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("moe-prune: error:"), err
+    assert not any("Traceback" in line for line in err)
+    return err[-1]
+
+
+def test_compress_then_info(tmp_path, ckpt, calib, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["compress", str(ckpt), "--keep", "1/4", "--calib", str(calib), "--out", str(out)]) == 0
+    path = out / "tiny.keep1of4.drop.safetensors"
+    assert path.exists()
+    capsys.readouterr()
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    kept = info["moe_layers"][0]["kept_original_ids"]
+    assert len(kept) == 4 and kept == sorted(kept)
+    assert info["expert_parameters"] * 4 == moe_prune.summary(ckpt)["expert_parameters"]
+
+
+@pytest.mark.parametrize("keep", ["0", "-1", "1.5", "17", "x", "1/0", "3/2"])
+def test_compress_bad_keep(tmp_path, ckpt, calib, keep, capsys):
+    before = ckpt.read_bytes()
+    assert main(["compress", str(ckpt), "--keep", keep, "--calib", str(calib), "--out", str(tmp_path / "o.safetensors")]) == 2
+    assert "keep" in one_line_error(capsys)
+    assert ckpt.read_bytes() == before
+    assert not (tmp_path / "o.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["tiny.safetensors", "calib.npy"])
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--calib", "/nonexistent/dir"], "not found"),
+    (["--calib", "BADNPY"], "bad.npy"),
+    (["--out", "SELF"], "input"),
+    (["--out", "/nonexistent/dir/x.safetensors"], "does not exist"),
+])
+def test_compress_bad_paths(tmp_path, ckpt, calib, args, match, capsys):
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"\x93NUMPY garbage")
+    args = [str(bad) if a == "BADNPY" else str(ckpt) if a == "SELF" else a for a in args]
+    full = ["compress", str(ckpt), "--keep", "2", "--calib", str(calib), "--out", str(tmp_path / "o.safetensors")]
+    for i in range(0, len(args), 2):
+        full[full.index(args[i]) + 1] = args[i + 1]
+    before = ckpt.read_bytes()
+    assert main(full) == 2
+    assert match in one_line_error(capsys)
+    assert ckpt.read_bytes() == before
+
+
+def test_full_disk_leaves_nothing(tmp_path, ckpt, calib, monkeypatch, capsys):
+    import moe_prune.checkpoint as checkpoint
+
+    def full_disk(state, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    old = tmp_path / "o.safetensors"
+    old.write_bytes(b"previous output")
+    assert main(["compress", str(ckpt), "--keep", "2", "--calib", str(calib), "--out", str(old)]) == 2
+    assert "No space left" in one_line_error(capsys)
+    assert old.read_bytes() == b"previous output"  # the old output survives, no temp file is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npy", "o.safetensors", "tiny.safetensors"]
+
+
+def test_eval_writes_report(tmp_path, ckpt, capsys):
+    out = tmp_path / "ev"
+    assert main(["eval", str(ckpt), "--data", "sample", "--calib", "sample", "--calib-limit", "100", "--keep", "1/4",
+                 "--batch-sizes", "32", "--random-seeds", "2", "--modes", "drop", "--out-dir", str(out)]) == 0
+    report = json.loads((out / "eval.json").read_text())["reports"][0]
+    methods = {(r["k"], r["method"]) for r in report["rows"]}
+    assert {(4, "alg1"), (4, "alg2"), (4, "static"), (4, "random")} <= methods
+    assert all(0 <= r["accuracy"] <= 1 for r in report["rows"])
+    assert 0 <= report["no_experts"] <= 1 and (out / "eval.md").exists()
+
+
+@pytest.mark.parametrize("args,match", [(["--keep", "0"], "keep"), (["--data", "/no/such"], "not found"),
+                                        (["--modes", "half"], "mode")])
+def test_eval_bad_input(tmp_path, ckpt, args, match, capsys):
+    assert main(["eval", str(ckpt), "--data", "sample", "--out-dir", str(tmp_path / "e"), *args]) == 2
+    assert match in one_line_error(capsys)
+
+
+def test_eval_labels_that_do_not_fit_the_model(tmp_path, capsys):
+    model = MnistSoftMoE(MnistConfig(num_experts=4, num_classes=5))
+    path = moe_prune.save(model, tmp_path / "five.safetensors")
+    assert main(["eval", str(path), "--data", "sample", "--out-dir", str(tmp_path / "e")]) == 2
+    assert "classes" in one_line_error(capsys)
+
+
+def test_demo_and_bench_on_a_tiny_checkpoint(tmp_path, ckpt, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--checkpoint", str(ckpt), "--out-dir", str(out), "--keep", "1/4", "--no-bench"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["k"] == 4 and set(summary["accuracy"]) >= {"full", "static", "alg1", "random_mean", "no_experts"}
+    assert all(os.path.exists(p) for p in summary["speed"]["onnx"].values())
+    bench = tmp_path / "bench"
+    assert main(["bench", str(ckpt), "--keep", "1/4", "--batch-sizes", "1,4", "--min-seconds", "0",
+                 "--out-dir", str(bench)]) == 0
+    r = json.loads((bench / "bench.json").read_text())
+    assert set(r["latency"]["onnxruntime"]["1"]) == {"full", "compressed", "alg2"}
+    assert r["bounds"]["compressed"]["flop_ratio"] > 1 and r["layer"]["latency"]["torch"]["4"]["alg2"]["p50_ms"] > 0
+
+
+def test_bench_without_a_gpu_says_so(tmp_path, ckpt, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["bench", str(ckpt), "--provider", "cuda", "--batch-sizes", "1", "--out-dir", str(tmp_path / "b")]) == 2
+    assert "CUDA" in one_line_error(capsys)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import ConfigError, MoePruneError
 
@@ -159,7 +160,7 @@ def cmd_compress(args) -> None:
     from pathlib import Path
 
     from .checkpoint import summary
-    from .compress import compress_checkpoint
+    from .compress import compress_checkpoint, process_group_from_env
     from .data import calibration_batches
     from .reports import human_bytes, human_count
 
@@ -170,8 +171,11 @@ def cmd_compress(args) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
     batches = calibration_batches(args.calib, limit=args.calib_limit, batch_size=args.batch_size)
     command = "moe-prune " + " ".join(sys.argv[1:])
-    path, subsets = compress_checkpoint(src, out, args.keep, batches, mode=args.mode,
-                                        meta={"command": command, "calibration": {"data": args.calib, "limit": args.calib_limit}})
+    with process_group_from_env() as rank:
+        path, subsets = compress_checkpoint(src, out, args.keep, batches, mode=args.mode, progress=rank == 0,
+                                            meta={"command": command, "calibration": {"data": args.calib, "limit": args.calib_limit}})
+    if rank != 0:
+        return
     before, after = summary(src), summary(path)
     for name, ids in subsets.items():
         print(f"  {name or '(layer)'}: kept experts {ids.tolist()}")
@@ -195,6 +199,22 @@ def _versions() -> dict:
 def cmd_export(args) -> None:
     from .export import export_checkpoint
 
+    if args.format == "triton-repo":
+        from .checkpoint import load
+        from .selection import with_selection
+        from .serve import write_triton_repo
+
+        if (args.keep is None) != (not args.dynamic):
+            raise ConfigError("--dynamic and --keep go together (Algorithm 2 keeps `keep` experts per batch)")
+        model = load(args.checkpoint)
+        if args.dynamic:
+            model = with_selection(model, args.keep, per="batch", mode=args.mode or "drop")
+        name = args.name or Path(args.checkpoint).name.split(".")[0].replace(".", "_")
+        root = write_triton_repo(model, args.out, name, kind=args.instance_kind, max_batch_size=args.max_batch_size,
+                                 opset=args.opset, validate=not args.no_validate)
+        print(f"wrote the Triton model repository {args.out}: {root / 'config.pbtxt'}, {root / '1' / 'model.onnx'}")
+        print(f"serve it with: tritonserver --model-repository {Path(args.out).resolve()}")
+        return
     path, report = export_checkpoint(
         args.checkpoint, args.out, keep=args.keep, dynamic=args.dynamic, mode=args.mode, opset=args.opset,
         dynamo=args.exporter == "dynamo", atol=args.atol, validate=not args.no_validate,
@@ -239,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "data, keep each layer's top experts, and write a native checkpoint holding only those (re-indexed; "
                        "their original ids in its metadata, see `moe-prune info --json`). drop mode keeps all of the "
                        "router (the combine denominator needs every slot); renorm keeps only the kept columns. The "
-                       "input is never modified; the output is written atomically.")
+                       "input is never modified; the output is written atomically. Under torchrun the calibration is sharded "
+                       "over the processes (torchrun --nproc-per-node N --no-python moe-prune compress ...); the result "
+                       "equals one process's exactly.")
     s.add_argument("checkpoint", help="a native checkpoint")
     s.add_argument("--keep", default="1/8", help="fraction ('1/8', 0.125) or count (16) of experts to keep (default 1/8)")
     s.add_argument("--calib", required=True, help="calibration data: 'fashion-mnist' or 'mnist' (train split), 'sample' "
@@ -343,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchscript (default: exports every moe-prune model, folds static subsets) or dynamo (torch.export)")
     s.add_argument("--atol", type=float, default=1e-4, help="validation tolerance (default 1e-4; rtol is 1e-3)")
     s.add_argument("--no-validate", action="store_true", help="skip the validation")
+    s.add_argument("--format", choices=["onnx", "triton-repo"], default="onnx",
+                   help="onnx (a file) or triton-repo: a model repository for NVIDIA Triton Inference Server at --out "
+                   "(OUT/NAME/1/model.onnx and OUT/NAME/config.pbtxt, checked with Triton's own ModelConfig protobuf)")
+    s.add_argument("--name", help="with triton-repo: the model's name (default: the checkpoint's file name)")
+    s.add_argument("--instance-kind", choices=["cpu", "gpu"], default="cpu", help="with triton-repo: KIND_CPU or KIND_GPU")
+    s.add_argument("--max-batch-size", type=int, default=64, help="with triton-repo: the largest dynamic batch")
     s.set_defaults(func=cmd_export)
     return p
 

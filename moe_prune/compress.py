@@ -9,6 +9,7 @@ rows are read (safetensors slices): dropped experts are never loaded. Outputs ar
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -206,16 +207,43 @@ def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progr
     The full model is loaded for calibration (a Soft MoE layer's input depends on the earlier layers), then
     released; the output is then assembled from slices of the source file.
 
+    Under torchrun (torch.distributed initialized, see `process_group_from_env`), the calibration is sharded
+    over the ranks and rank 0 alone writes the output.
+
     Returns:
-        (output path, subsets).
+        (output path, or None on ranks other than 0; subsets).
 
     Example:
         >>> compress_checkpoint("model.safetensors", "small.safetensors", "1/8", batches_of_images)
     """
+    import torch.distributed as dist
+
     model = load(src)
     for layer in moe_layers(model).values():  # a bad `keep` is an error before the calibration runs
         parse_keep(keep, layer.config.num_held)
     subsets, sums = static_subsets(model, calib_batches, keep, progress=progress)
     del model
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return None, subsets  # under torchrun every rank has the same sums; rank 0 writes
     record = {**(meta or {}), "keep": str(keep), "calibration_scores": {n: s.tolist() for n, s in sums.items()}}
     return compress_file(src, subsets, out, mode=mode, meta=record), subsets
+
+
+@contextlib.contextmanager
+def process_group_from_env():
+    """Join the torch.distributed group torchrun describes (WORLD_SIZE > 1 in the environment): gloo on the CPU,
+    NCCL on GPUs. Yields the rank (0 when not distributed).
+
+    Example (two processes on one machine):
+        torchrun --standalone --nproc-per-node 2 --no-python moe-prune compress m.safetensors --calib DATA --out o
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield dist.get_rank() if dist.is_initialized() else 0
+        return
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()

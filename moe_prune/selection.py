@@ -248,32 +248,50 @@ def with_selection(module: nn.Module, keep, per: Per = "batch", mode: str = "dro
     return _replace_layers(module, lambda name, layer: PrunedSoftMoE(layer, keep=keep, per=per, mode=mode))
 
 
+# Calibration sums scores as integers in units of 2**-24: integer addition is exact and order-free, so a data set
+# sharded over processes (each rank takes every world-th batch) gives bit for bit the sums of one process.
+_FIXED_POINT = 2.0**24
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], progress: bool = False) -> dict[str, torch.Tensor]:
     """Sum each Soft MoE layer's expert scores over a calibration data set, streamed batch by batch.
 
+    Under torch.distributed (launched by torchrun), each rank scores every world-th batch and the sums are
+    all-reduced: one all-reduce of E integers per layer, and the result equals one process's exactly.
+
     Args:
         model: the full model.
-        batches: an iterable of model inputs.
+        batches: an iterable of model inputs (the same sequence on every rank).
         progress: show a progress bar.
 
     Returns:
         {layer name: float64 score sums [E]}; the static subset is `select_experts(sums, keep, per="batch")`.
 
+    Raises:
+        SelectionError: no Soft MoE layer, or non-finite scores.
+
     Example:
         >>> sums = calibrate(model, (x for x, _ in loader))
         >>> subset = {name: select_experts(s, "1/8", per="batch") for name, s in sums.items()}
     """
+    import torch.distributed as dist
+
     layers = moe_layers(model)
     if not layers:
         raise SelectionError(f"{type(model).__name__} has no Soft MoE layer to calibrate")
-    sums = {name: torch.zeros(layer.config.num_experts, dtype=torch.float64) for name, layer in layers.items()}
+    sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    sums = {name: torch.zeros(layer.config.num_experts, dtype=torch.int64) for name, layer in layers.items()}
 
     def hook(name):
         def fn(layer, args, kwargs):
             x = args[0]
             mask = args[1] if len(args) > 1 else kwargs.get("mask")
-            sums[name] += expert_scores(layer, x, mask).sum(dim=0).double().cpu()
+            scores = expert_scores(layer, x, mask)  # [B, E]
+            if not bool(torch.isfinite(scores).all()):
+                raise SelectionError(f"calibration scores of {name!r} are NaN or Inf (non-finite inputs or weights?)")
+            sums[name] += torch.round(scores.double() * _FIXED_POINT).long().sum(dim=0).cpu()
         return fn
 
     handles = [layer.register_forward_pre_hook(hook(name), with_kwargs=True) for name, layer in layers.items()]
@@ -282,12 +300,16 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], progress: bool 
             from .reports import progress as progress_bar
 
             batches = progress_bar(batches, desc="calibrating", unit="batch")
-        for x in batches:
-            model(x)
+        for i, x in enumerate(batches):
+            if i % world == rank:
+                model(x)
     finally:
         for h in handles:
             h.remove()
-    for name, s in sums.items():
-        if not bool(torch.isfinite(s).all()):
-            raise SelectionError(f"calibration scores of {name!r} are NaN or Inf (non-finite inputs or weights?)")
-    return sums
+    if sharded:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        for name in sums:
+            t = sums[name].to(device)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            sums[name] = t.cpu()
+    return {name: s.double() / _FIXED_POINT for name, s in sums.items()}

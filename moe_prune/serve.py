@@ -1,0 +1,195 @@
+"""Serving reduced models on existing engines: a Triton Inference Server model repository, and a small ONNX
+Runtime predictor for people who serve from their own code.
+
+    REPO/NAME/config.pbtxt        inputs, outputs, dynamic batching, the onnxruntime backend, CPU or GPU instances
+    REPO/NAME/1/model.onnx        the (static or Algorithm 2) reduced model, batch axis dynamic
+Serve it with `tritonserver --model-repository REPO`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ExportError, OutputError
+
+_DTYPES = {np.dtype("float32"): "TYPE_FP32", np.dtype("float16"): "TYPE_FP16", np.dtype("int64"): "TYPE_INT64"}
+_ONNX_DTYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 7: "TYPE_INT64", 11: "TYPE_FP64", 6: "TYPE_INT32"}
+
+
+def model_config(name: str, onnx_path: str | os.PathLike, *, max_batch_size: int = 64, kind: str = "cpu",
+                 instances: int = 1, preferred_batch_sizes: tuple = (), queue_delay_us: int = 100) -> str:
+    """The config.pbtxt text for an ONNX model whose first axis is the batch.
+
+    Args:
+        name: the model's name in the repository.
+        onnx_path: the exported model: inputs, outputs, dtypes and shapes are read from it.
+        max_batch_size: the largest batch Triton forms (dynamic batching).
+        kind: "cpu" (KIND_CPU instances) or "gpu" (KIND_GPU; ONNX Runtime's CUDA provider in Triton).
+        instances: model instances per device.
+        preferred_batch_sizes: batch sizes dynamic batching aims for (empty: none).
+        queue_delay_us: how long a request may wait for others to batch with.
+
+    Raises:
+        ExportError: the model has a fixed batch axis, or an unsupported dtype.
+
+    Example:
+        >>> print(model_config("mnist_reduced", "reduced.onnx", kind="cpu"))
+    """
+    import onnx
+
+    if kind not in ("cpu", "gpu"):
+        raise ExportError(f"instance kind {kind!r}: choose cpu or gpu")
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+
+    def tensors(values):
+        out = []
+        for v in values:
+            if v.name in initializers:
+                continue
+            t = v.type.tensor_type
+            dims = t.shape.dim
+            if not dims or not dims[0].dim_param:
+                raise ExportError(f"{onnx_path}: {v.name} has no dynamic batch axis; export with a dynamic batch")
+            dtype = _ONNX_DTYPES.get(t.elem_type)
+            if dtype is None:
+                raise ExportError(f"{onnx_path}: {v.name} has ONNX element type {t.elem_type}, not supported here")
+            shape = [d.dim_value if d.dim_value else -1 for d in dims[1:]]
+            out.append(f'  {{\n    name: "{v.name}"\n    data_type: {dtype}\n    dims: [ {", ".join(map(str, shape))} ]\n  }}')
+        return ",\n".join(out)
+
+    preferred = f"\n  preferred_batch_size: [ {', '.join(map(str, preferred_batch_sizes))} ]" if preferred_batch_sizes else ""
+    return (
+        f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: {max_batch_size}\n'
+        f"input [\n{tensors(graph.input)}\n]\noutput [\n{tensors(graph.output)}\n]\n"
+        f"dynamic_batching {{{preferred}\n  max_queue_delay_microseconds: {queue_delay_us}\n}}\n"
+        f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_{kind.upper()}\n  }}\n]\n"
+    )
+
+
+def parse_model_config(text: str):
+    """Parse config.pbtxt with the ModelConfig protobuf that Triton's Python client ships (tritonclient[grpc]).
+
+    Raises:
+        ExportError: tritonclient is not installed, or the text is not a valid ModelConfig.
+    """
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        raise ExportError("parsing a Triton model config needs tritonclient[grpc]: pip install 'moe-prune[serve]'") from None
+    try:
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as e:
+        raise ExportError(f"the generated config.pbtxt is not a valid Triton ModelConfig: {e}") from None
+
+
+def write_triton_repo(model: nn.Module, repo: str | os.PathLike, name: str, *, kind: str = "cpu",
+                      max_batch_size: int = 64, opset: int = 18, validate: bool = True) -> Path:
+    """Export a (reduced) model into a Triton Inference Server model repository and check the config.
+
+    Args:
+        model: the model to serve (e.g. a compressed checkpoint, or with_selection(model, "1/8", per="batch")).
+        repo: the repository folder (created if missing); REPO/NAME is replaced as a whole, atomically.
+        name: the model's name (letters, digits, '_', '-').
+        kind: "cpu" or "gpu" instances.
+        max_batch_size: see `model_config`.
+        opset: ONNX opset.
+        validate: validate the ONNX model against PyTorch (see export.validate_onnx) and parse the config
+            with Triton's protobuf.
+
+    Returns:
+        REPO/NAME.
+
+    Example:
+        >>> write_triton_repo(moe_prune.load("small.safetensors"), "models", "fmnist_small")
+        >>> # then: tritonserver --model-repository models
+    """
+    from .export import export_onnx, validate_onnx
+
+    if not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise OutputError(f"model name {name!r}: use letters, digits, '_' and '-'")
+    repo = Path(repo)
+    repo.mkdir(parents=True, exist_ok=True)
+    final = repo / name
+    staging = repo / f".{name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        (staging / "1").mkdir(parents=True)
+        onnx_path = export_onnx(model, staging / "1" / "model.onnx", opset=opset)
+        if validate:
+            validate_onnx(onnx_path, model)
+        text = model_config(name, onnx_path, max_batch_size=max_batch_size, kind=kind)
+        if validate:
+            parse_model_config(text)
+        (staging / "config.pbtxt").write_text(text)
+        old = repo / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)  # two renames: a crash in between leaves the old model beside, never half a model
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+class Predictor:
+    """An ONNX Runtime session of a (reduced) image classifier, with the preprocessing the models expect.
+
+    Args:
+        onnx_path: the exported model (its .onnx.data beside it, if any).
+        provider: "cpu", "cuda" or "tensorrt".
+        threads: intra-op threads (None: ONNX Runtime's default).
+
+    Example:
+        >>> p = Predictor("demo-output/onnx/compressed.onnx")
+        >>> p.predict(images)  # uint8 [N, 28, 28] -> class ids [N]
+    """
+
+    def __init__(self, onnx_path: str | os.PathLike, provider: str = "cpu", threads: int | None = None):
+        from .bench import ort_session
+        from .export import check_external_data
+
+        check_external_data(onnx_path)
+        self.session = ort_session(onnx_path, provider, threads)
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_shape = inp.shape[1:]  # e.g. [1, 28, 28]
+
+    def preprocess(self, images) -> np.ndarray:
+        """uint8 images [N, H, W] or [N, C, H, W] in 0..255 -> float32 [N, C, H, W] in [0, 1]; float passes."""
+        x = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        if x.dtype == np.uint8:
+            x = x.astype(np.float32) / 255.0
+        x = x.astype(np.float32, copy=False)
+        shape = list(self.input_shape)  # [C, H, W]
+        if list(x.shape) == shape:
+            x = x[None]  # one image [C, H, W]
+        elif shape[0] == 1 and list(x.shape) == shape[1:]:
+            x = x[None, None]  # one image [H, W]
+        elif shape[0] == 1 and x.ndim == 3 and list(x.shape[1:]) == shape[1:]:
+            x = x[:, None]  # [N, H, W] -> [N, 1, H, W]
+        if list(x.shape[1:]) != shape:
+            raise ValueError(f"expected images of shape {self.input_shape}, got {list(x.shape[1:])}")
+        return np.ascontiguousarray(x)
+
+    def logits(self, images) -> np.ndarray:
+        """Raw model outputs [N, classes]."""
+        return self.session.run(None, {self.input_name: self.preprocess(images)})[0]
+
+    def predict_proba(self, images) -> np.ndarray:
+        z = self.logits(images)
+        z = np.exp(z - z.max(axis=-1, keepdims=True))
+        return z / z.sum(axis=-1, keepdims=True)
+
+    def predict(self, images) -> np.ndarray:
+        """Class ids [N]."""
+        return self.logits(images).argmax(axis=-1)

@@ -1,0 +1,111 @@
+"""Serving (Triton model repository, ONNX Runtime predictor) and calibration sharded over processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import moe_prune
+from moe_prune.compress import compress_model
+from moe_prune.models import MnistConfig, MnistSoftMoE
+from moe_prune.selection import calibrate, with_selection
+from moe_prune.serve import Predictor, model_config, parse_model_config, write_triton_repo
+
+pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] (the [serve] extra) is needed to parse configs")
+
+
+def tiny():
+    return MnistSoftMoE(MnistConfig(num_experts=16)).eval()
+
+
+@pytest.mark.parametrize("variant", ["compressed", "alg2"])
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_triton_repo_config_parses_and_names_the_tensors(tmp_path, variant, kind):
+    model = tiny()
+    served = compress_model(model, {"moe": torch.tensor([1, 5, 9, 12])}) if variant == "compressed" else \
+        with_selection(model, "1/4", per="batch")
+    root = write_triton_repo(served, tmp_path / "repo", "fmnist_small", kind=kind, max_batch_size=32)
+    assert (root / "1" / "model.onnx").is_file()
+    cfg = parse_model_config((root / "config.pbtxt").read_text())
+    assert cfg.name == "fmnist_small" and cfg.backend == "onnxruntime" and cfg.max_batch_size == 32
+    assert [(i.name, list(i.dims)) for i in cfg.input] == [("input", [1, 28, 28])]
+    assert [(o.name, list(o.dims)) for o in cfg.output] == [("output", [10])]
+    assert cfg.input[0].data_type == cfg.output[0].data_type == 11  # TYPE_FP32 in Triton's DataType enum
+    assert cfg.HasField("dynamic_batching")
+    assert cfg.instance_group[0].kind == (1 if kind == "gpu" else 2)  # KIND_GPU = 1, KIND_CPU = 2
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["fmnist_small"]  # no staging left
+
+
+def test_triton_repo_replaces_a_model_whole(tmp_path):
+    write_triton_repo(tiny(), tmp_path, "m")
+    first = (tmp_path / "m" / "1" / "model.onnx").read_bytes()
+    write_triton_repo(compress_model(tiny(), {"moe": torch.tensor([0, 3])}), tmp_path, "m")
+    assert (tmp_path / "m" / "1" / "model.onnx").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_config_parser_rejects_garbage():
+    with pytest.raises(moe_prune.ExportError):
+        parse_model_config("name: 'x' max_batch_size: lots")
+
+
+def test_fixed_batch_model_is_refused(tmp_path):
+    from moe_prune.export import export_onnx
+
+    path = export_onnx(tiny(), tmp_path / "fixed.onnx", dynamic_batch=False)
+    with pytest.raises(moe_prune.ExportError, match="batch"):
+        model_config("m", path)
+
+
+def test_predictor_matches_pytorch(tmp_path):
+    from moe_prune.data import load_images, to_tensor
+    from moe_prune.export import export_onnx
+
+    model = compress_model(tiny(), {"moe": torch.tensor([2, 3, 7])})
+    path = export_onnx(model, tmp_path / "m.onnx")
+    images, _ = load_images("sample", split="test")
+    images = images[:64]
+    with torch.no_grad():
+        ref = model(to_tensor(images))
+    p = Predictor(path)
+    np.testing.assert_allclose(p.logits(images), ref.numpy(), atol=1e-5, rtol=1e-4)
+    assert (p.predict(images) == ref.argmax(-1).numpy()).all()
+    assert p.predict(images[0]).shape == (1,)  # one image
+    np.testing.assert_allclose(p.predict_proba(images).sum(-1), 1, rtol=1e-5)
+
+
+def test_calibration_sums_are_exact_and_order_free():
+    model = tiny()
+    batches = [torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    a = calibrate(model, batches)
+    b = calibrate(model, list(reversed(batches)))
+    assert torch.equal(a["moe"], b["moe"])  # integer accumulation: bit for bit, whatever the order
+
+
+@pytest.mark.slow
+def test_two_process_calibration_equals_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo): the compressed checkpoint equals the single-process one."""
+    model = tiny()
+    src = moe_prune.save(model, tmp_path / "m.safetensors")
+    calib = tmp_path / "calib.npy"
+    np.save(calib, (np.random.default_rng(0).random((100, 28, 28)) * 255).astype(np.uint8))
+    exe = str(Path(sys.executable).with_name("moe-prune"))
+    if not Path(exe).exists():
+        pytest.skip("the moe-prune console script is not installed")
+    args = ["compress", str(src), "--keep", "1/4", "--calib", str(calib), "--batch-size", "16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([exe, *args, "--out", str(tmp_path / "one.safetensors")], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python", exe, *args,
+         "--out", str(tmp_path / "two.safetensors")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = moe_prune.summary(tmp_path / "one.safetensors"), moe_prune.summary(tmp_path / "two.safetensors")
+    assert a["meta"]["calibration_scores"] == b["meta"]["calibration_scores"]
+    assert a["moe_layers"][0]["kept_original_ids"] == b["moe_layers"][0]["kept_original_ids"]
+    assert json.dumps(a["moe_layers"]) == json.dumps(b["moe_layers"])

@@ -57,7 +57,7 @@ def cmd_train(args) -> None:
 
     from .data import load_images
     from .models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig
-    from .train import TrainConfig, train
+    from .train import TrainConfig, init_router_scale, train
 
     train_set = load_images(args.data, split="train")
     test_set = load_images(args.data, split="test")
@@ -72,9 +72,12 @@ def cmd_train(args) -> None:
         else:
             kwargs = {**VIT_DEFAULTS, **(_json_arg(args.vit) if args.vit else {}), "num_experts": n}
             model = SoftMoEViT(ViTConfig(**kwargs))
-        out = out_dir / f"{args.model}-e{n}.safetensors"
+        init_router_scale(model, args.scale_init)
+        suffix = "" if args.scale_init == 1.0 else f"-s{args.scale_init:g}"
+        out = out_dir / f"{args.model}-e{n}{suffix}.safetensors"
         print(f"training {out} ({sum(p.numel() for p in model.parameters()):,} parameters)", file=sys.stderr)
-        result = train(model, train_set, test_set, cfg, out=out, meta={"data": args.data, "command": command})
+        result = train(model, train_set, test_set, cfg, out=out,
+                       meta={"data": args.data, "command": command, "router_scale_init": args.scale_init})
         print(f"{out}: test accuracy {result['test_accuracy']:.4f}")
 
 
@@ -323,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default="fashion-mnist",
                    help="'fashion-mnist' (Debian's dataset-fashion-mnist), 'mnist', or a folder of the four IDX files")
     s.add_argument("--vit", help="ViT constructor arguments as JSON, over the defaults " + json.dumps(VIT_DEFAULTS))
+    s.add_argument("--scale-init", type=float, default=1.0,
+                   help="initial router scale (inverse softmax temperature) of every Soft MoE layer; 1 as in "
+                   "soft-moe and vmoe (default). Larger values start with sharper routing")
     s.add_argument("--epochs", type=int, default=15)
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--lr", type=float, default=1e-3)

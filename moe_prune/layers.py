@@ -93,6 +93,8 @@ class SoftMoEConfig:
             raise ConfigError(
                 f"Soft MoE config: dispatch_input must be 'normalized' or 'raw', got {self.dispatch_input!r}"
             )
+        if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or not 0 < self.eps < math.inf:
+            raise ConfigError(f"Soft MoE config: eps must be a positive finite number, got {self.eps!r}")
         if self.present is not None:
             object.__setattr__(self, "present", tuple(int(i) for i in self.present))
             p = self.present
@@ -354,8 +356,8 @@ class SoftMoE(nn.Module):
                 return self._mix(x, self.route_tokens(x), dispatch, combine, None)
             xn, logits = self.logits(x)
             return self._mix(x, xn, *_softmaxes(logits, mask), None)
-        if experts is None:  # a compressed drop-mode layer: its held experts are the subset
-            return self.run_subset(x, mask, torch.tensor(self.config.present, device=x.device), "drop")
+        if experts is None:  # a compressed drop-mode layer: its held experts are the subset, its stack in order
+            return self.run_subset(x, mask, torch.tensor(self.config.present, device=x.device), "drop", whole_stack=True)
         if experts.dim() == 1:
             return self.run_subset(x, mask, experts, mode)
         return self._per_input(x, mask, experts, mode)
@@ -384,10 +386,11 @@ class SoftMoE(nn.Module):
             raise ValueError(f"experts {experts.tolist()} are not all held by this compressed layer (it holds {list(present)})")
         return pos
 
-    def run_subset(self, x, mask, experts, mode, xn=None, logits=None):
+    def run_subset(self, x, mask, experts, mode, xn=None, logits=None, whole_stack=False):
         """Only the K experts in `experts` [K] (router ids) are computed; their slots' dispatch and combine weights
         come from the full logits (drop) or from the kept columns alone (renorm). `xn` and full `logits` may be
-        passed in when the caller already computed them (Algorithm 2 scores the batch from the same logits)."""
+        passed in when the caller already computed them (Algorithm 2 scores the batch from the same logits).
+        `whole_stack`: `experts` are exactly the experts this layer holds, in order (no gather of weights)."""
         S = self.config.slots_per_expert
         cols = (experts.unsqueeze(1) * S + torch.arange(S, device=experts.device)).reshape(-1)  # [K*S]
         if xn is None:
@@ -400,7 +403,7 @@ class SoftMoE(nn.Module):
         else:
             kept_logits = logits.index_select(2, cols) if logits is not None else xn @ self.router().index_select(1, cols)
             dispatch, combine = _softmaxes(kept_logits, mask)  # [B, M, K*S]
-        return self._mix(x, xn, dispatch, combine, self._stack_index(experts))
+        return self._mix(x, xn, dispatch, combine, None if whole_stack else self._stack_index(experts))
 
     def _per_input(self, x, mask, experts, mode, xn=None, logits=None):
         """Algorithm 1: each input keeps its own experts [B, K]; computed densely, dropped slots discarded."""

@@ -46,6 +46,26 @@ class TrainConfig:
             raise ConfigError(f"train config: epochs and batch_size must be >= 1, lr > 0, weight_decay >= 0; got {self}")
 
 
+def init_router_scale(model: nn.Module, value: float) -> None:
+    """Set every Soft MoE layer's learned router scale (soft-moe and vmoe start it at 1).
+
+    The scale is the inverse temperature of both softmaxes over l2-normalized logits in [-1, 1]: at 1, routing
+    starts nearly uniform and, in short trainings, stays so.
+
+    Example:
+        >>> init_router_scale(model, 10.0)
+    """
+    from .models import moe_layers
+
+    if not value > 0:
+        raise ConfigError(f"router scale init must be positive, got {value}")
+    with torch.no_grad():
+        for layer in moe_layers(model).values():
+            if layer.scale is None:
+                raise ConfigError("this model's Soft MoE layers have no learned scale (phi_norm=False)")
+            layer.scale.fill_(value)
+
+
 def _fingerprint(model: nn.Module, config: TrainConfig, n_train: int) -> str:
     blob = json.dumps({"spec": model_spec(model), "train": asdict(config), "n": n_train}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

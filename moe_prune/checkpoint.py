@@ -126,6 +126,13 @@ def native_info(path: str | os.PathLike) -> tuple[dict, dict, dict[str, tuple[st
         raise CheckpointError(f"{path}: the moe-prune metadata is not valid JSON with a 'spec' ({_short(e)})") from None
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {version!r}; this moe-prune reads version {FORMAT_VERSION}")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: the moe-prune metadata's 'meta' is not a JSON object; the file is damaged")
+    try:  # a damaged spec fails in many ways (wrong types, huge sizes); building it on the meta device checks all
+        with torch.device("meta"):
+            spec = model_spec(build(spec))
+    except Exception as e:
+        raise CheckpointError(f"{path}: its architecture config is invalid: {e if isinstance(e, ConfigError) else _short(e)}") from None
     return spec, meta, tensors
 
 
@@ -177,7 +184,10 @@ def _check_layout(model: nn.Module, header: dict[str, tuple[str, list[int]]], wh
 
 
 def _assign(model: nn.Module, state: dict[str, torch.Tensor], where, device) -> None:
+    expected = model.state_dict()
     for name, t in state.items():
+        if name in expected and expected[name].is_floating_point() and not t.is_floating_point():
+            raise CheckpointError(f"{where}: tensor {name} is {t.dtype}; the model needs floating-point weights")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{where}: tensor {name} holds NaN or Inf values; the checkpoint is damaged")
     state = {k: v.to(device) for k, v in state.items()}
@@ -213,7 +223,23 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_output(path, inputs=inputs, suffix=".safetensors") as tmp:
         save_file(state, str(tmp), metadata=metadata)
+        _sort_metadata(tmp)
     return Path(path)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header in place with its metadata keys sorted, so that equal inputs give equal bytes.
+
+    safetensors writes the metadata from a Rust HashMap, whose order changes from one call to the next.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # the same JSON reordered has the same length; the rest is the usual space padding
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))
 
 
 # -- the public libraries ------------------------------------------------------------------------------------

@@ -296,32 +296,39 @@ def _first_line(e: BaseException) -> str:
 # -- writing -------------------------------------------------------------------------------------------------
 
 
+def _graphs(proto):
+    """Every graph of a model: the main graph and the subgraphs in node attributes, recursively."""
+    stack = [proto.graph]
+    while stack:
+        g = stack.pop()
+        yield g
+        for node in g.node:
+            for a in node.attribute:
+                stack.extend([a.g] if a.HasField("g") else [])
+                stack.extend(a.graphs)
+
+
+def _nodes(proto):
+    """Every node of a model: in all its graphs and in its local functions (whose subgraphs are rare enough)."""
+    for g in _graphs(proto):
+        yield from g.node
+    for fn in proto.functions:
+        yield from fn.node
+
+
 def _tensors(proto) -> list:
     """Every TensorProto of a model: initializers, sparse initializers, and Constant/attribute tensors, also in
     subgraphs and local functions."""
     found = []
-
-    def graph(g):
+    for g in _graphs(proto):
         found.extend(g.initializer)
-        for s in g.sparse_initializer:
-            found.extend((s.values, s.indices))
-        for node in g.node:
-            nodes([node])
-
-    def nodes(ns):
-        for node in ns:
-            for a in node.attribute:
-                if a.HasField("t"):
-                    found.append(a.t)
-                found.extend(a.tensors)
-                if a.HasField("g"):
-                    graph(a.g)
-                for sub in a.graphs:
-                    graph(sub)
-
-    graph(proto.graph)
-    for fn in proto.functions:
-        nodes(fn.node)
+        for sparse in g.sparse_initializer:
+            found.extend((sparse.values, sparse.indices))
+    for node in _nodes(proto):
+        for a in node.attribute:
+            if a.HasField("t"):
+                found.append(a.t)
+            found.extend(a.tensors)
     return found
 
 
@@ -329,22 +336,9 @@ def _strip_debug_info(proto) -> None:
     """Drop per-node debug records: the dynamo exporter stores Python stack traces there, with this checkout's
     absolute paths and FX codegen counters (`<eval_with_key>.80`) that change from one export to the next; without
     them two exports of one model are byte-identical."""
-
-    def graph(g):
-        for node in g.node:
-            node.ClearField("doc_string")
-            del node.metadata_props[:]
-            for a in node.attribute:
-                if a.HasField("g"):
-                    graph(a.g)
-                for sub in a.graphs:
-                    graph(sub)
-
-    graph(proto.graph)
-    for fn in proto.functions:
-        for node in fn.node:
-            node.ClearField("doc_string")
-            del node.metadata_props[:]
+    for node in _nodes(proto):
+        node.ClearField("doc_string")
+        del node.metadata_props[:]
 
 
 def _write(proto, out: Path, embed_limit_bytes: int) -> None:
@@ -453,21 +447,7 @@ def op_histogram(path_or_proto) -> dict[str, int]:
     proto = path_or_proto
     if not isinstance(proto, onnx.ModelProto):
         proto = onnx.load(str(path_or_proto), load_external_data=False)
-    ops: Counter = Counter()
-
-    def graph(g):
-        for node in g.node:
-            ops[node.op_type] += 1
-            for a in node.attribute:
-                if a.HasField("g"):
-                    graph(a.g)
-                for sub in a.graphs:
-                    graph(sub)
-
-    graph(proto.graph)
-    for fn in proto.functions:
-        for node in fn.node:
-            ops[node.op_type] += 1
+    ops = Counter(node.op_type for node in _nodes(proto))
     return dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])))
 
 

@@ -195,6 +195,26 @@ def test_layer_triton_path_matches_torch_path():
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
+def test_model_forward_and_selection_through_the_kernel():
+    """The whole layer, its scores and Algorithm 1/2 selection: the kernel path gives the torch path's results."""
+    from moe_prune.selection import expert_scores, select_experts, with_selection
+
+    layer = SoftMoE(SoftMoEConfig(dim=24, num_experts=8, slots_per_expert=1, hidden=16)).eval()
+    x = torch.randn(3, 17, 24)
+    results = {}
+    with torch.no_grad():
+        for flag in (False, True):
+            layer.use_triton = flag
+            scores = expert_scores(layer, x)
+            results[flag] = (layer(x), scores, select_experts(scores, "1/4", per="batch"),
+                             with_selection(layer, "1/4", per="batch")(x), with_selection(layer, 2, per="input")(x))
+    for a, b in zip(results[True], results[False]):
+        if a.dtype == torch.long:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
 # -- the references ----------------------------------------------------------------------------------------------
 
 

@@ -124,10 +124,14 @@ def native_info(path: str | os.PathLike) -> tuple[dict, dict, dict[str, tuple[st
         version = record.get("format_version")
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: the moe-prune metadata is not valid JSON with a 'spec' ({_short(e)})") from None
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {version!r}; this moe-prune reads version {FORMAT_VERSION}")
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: the moe-prune metadata's 'meta' is not a JSON object; the file is damaged")
+    config = spec.get("config") if isinstance(spec, dict) else None
+    depth = config.get("depth") if isinstance(config, dict) else None
+    if isinstance(depth, int) and depth > len(tensors):  # every block holds tensors; building 10**9 of them would hang
+        raise CheckpointError(f"{path}: its architecture config is invalid: depth {depth}, but the file holds {len(tensors)} tensors")
     try:  # a damaged spec fails in many ways (wrong types, huge sizes); building it on the meta device checks all
         with torch.device("meta"):
             spec = model_spec(build(spec))
@@ -190,7 +194,8 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], where, device) -> 
             raise CheckpointError(f"{where}: tensor {name} is {t.dtype}; the model needs floating-point weights")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{where}: tensor {name} holds NaN or Inf values; the checkpoint is damaged")
-    state = {k: v.to(device) for k, v in state.items()}
+    # One float dtype for the whole model: half-precision or mixed checkpoints load as float32 (inputs are float32).
+    state = {k: v.to(device, torch.float32) if v.is_floating_point() else v.to(device) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
 
 

@@ -225,3 +225,17 @@ def test_save_refuses_to_overwrite_its_input(tmp_path):
     with pytest.raises(OutputError, match="does not exist"):
         moe_prune.save(small_model(), tmp_path / "no" / "such" / "dir.safetensors")
     assert sorted(os.listdir(tmp_path)) == ["good.safetensors"]
+
+
+def test_half_precision_and_mixed_checkpoints_load_as_float32(tmp_path):
+    from safetensors import safe_open
+
+    good = _valid_file(tmp_path)
+    with safe_open(str(good), framework="pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    state = {k: v.half() if i % 2 else v.bfloat16() for i, (k, v) in enumerate(state.items())}
+    save_file(state, tmp_path / "half.safetensors", metadata=meta)
+    model = moe_prune.load(tmp_path / "half.safetensors")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert torch.isfinite(run(model, torch.rand(2, 1, 28, 28))).all()

@@ -187,7 +187,7 @@ def format_demo(r: dict) -> str:
         fmt = human_bytes if key == "bytes" else human_count
         lines.append(f"  {label:<18} {fmt(before):>10} -> {fmt(after):>10}  ({before / max(1, after):.2f}x smaller)")
     if "speed" in r:
-        lines += ["", r["speed"].get("text", "ONNX export and validation passed (latency not measured)")]
+        lines += ["", demo_speed(r["speed"])]
     lines += ["", f"done in {r['seconds']:.0f} s"]
     return "\n".join(lines)
 
@@ -257,3 +257,22 @@ def bench_plot(r: dict, path) -> bool:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return True
+
+
+def demo_speed(r: dict) -> str:
+    """The demo's latency lines: ONNX Runtime only, with the bounds; the full table is in summary.json."""
+    if "latency" not in r:
+        return "ONNX export and validation passed (latency not measured)"
+    env = r["env"]
+    rows = []
+    for bs, stats in r["latency"]["onnxruntime"].items():
+        speed = r["latency"]["speedup"]["onnxruntime"][bs]
+        for name in ("compressed", "alg2"):
+            b = r["bounds"][name]
+            applicable = b["bytes_ratio"] if int(bs) == 1 else b["flop_ratio"] if int(bs) >= 32 else None
+            rows.append([bs, name, f"{stats['full']['p50_ms']:.3f}", f"{stats[name]['p50_ms']:.3f}", f"{speed[name]:.2f}x",
+                         f"{b['flop_ratio']:.2f}x", f"{b['bytes_ratio']:.2f}x",
+                         "" if applicable is None else f"{100 * speed[name] / applicable:.0f}%"])
+    head = (f"speed (ONNX Runtime {env.get('onnxruntime')} {env.get('provider')}, {env['cpu']}, {env['torch_threads']} "
+            "threads; median latency; torch eager and p90/p99 in summary.json):")
+    return head + "\n" + table(rows, ["batch", "reduced", "full ms", "reduced ms", "speedup", "FLOP bound", "bytes bound", "of bound"])

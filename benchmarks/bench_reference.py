@@ -35,6 +35,16 @@ VITS = {
 }
 
 
+def soft_moe_status() -> str:
+    """soft-moe's own model is the baseline most users run; it needs timm, and timm needs torchvision."""
+    try:
+        import soft_moe  # noqa: F401
+    except Exception as e:  # ImportError, or torchvision failing to load beside this torch
+        return (f"not importable here ({type(e).__name__}: {str(e)[:120]}); the 'full, looped experts' row runs the "
+                "same weights with soft-moe's Python loop over experts instead")
+    return "installed, but not timed: build its SoftMoEVisionTransformer with the same arguments to compare"
+
+
 def model_for(name: str):
     if name == "default":
         return load(default_checkpoint())
@@ -59,8 +69,9 @@ def main(argv=None) -> None:
     full = model_for(args.config)
     small, how = reduced_model(full, args.keep, args.mode)
     setup = BenchSetup(keep=args.keep, mode=args.mode, out_dir=str(Path(args.work_dir) / args.config),
-                       provider=args.provider, bench=timing)
+                       provider=args.provider, bench=timing, looped_baseline=True)
     result = benchmark(full, small, setup)
+    result["soft_moe_package"] = soft_moe_status()
     result.update(config=args.config, architecture=getattr(full, "config").to_dict() if args.config != "default" else "default checkpoint",
                   weights="random" if args.config != "default" else "trained (bundled default)", reduced=how,
                   command="python benchmarks/bench_reference.py " + " ".join(sys.argv[1:] if argv is None else argv))

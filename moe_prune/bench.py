@@ -235,3 +235,44 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+class LoopedExperts(torch.nn.Module):
+    """The same experts computed one after another in a Python loop, as soft-moe (bwconrad) runs them: the
+    baseline that shows what stacking the experts into batched matmuls buys."""
+
+    def __init__(self, stacked):
+        super().__init__()
+        self.stacked = stacked
+
+    def forward(self, slots: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        e = self.stacked
+        ids = range(slots.shape[0]) if idx is None else idx.tolist()
+        outs = []
+        for k, i in enumerate(ids):  # slots[k] [N, D] through expert i
+            h = F.linear(slots[k], e.w1[i].T, None if e.b1 is None else e.b1[i])
+            if e.kind == "gelu_mlp":
+                h = F.gelu(h)
+            elif e.kind == "relu_mlp":
+                h = F.relu(h)
+            else:
+                value, gate = h.chunk(2, dim=-1)
+                h = value * F.gelu(gate)
+            outs.append(F.linear(h, e.w2[i].T, None if e.b2 is None else e.b2[i]))
+        return torch.stack(outs)
+
+
+def looped(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` (sharing its weights) whose Soft MoE layers loop over their experts in Python."""
+    import copy
+
+    from .layers import SoftMoE
+
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    out = copy.deepcopy(model, memo)
+    for m in out.modules():
+        if isinstance(m, SoftMoE):
+            m.experts = LoopedExperts(m.experts)
+    return out

@@ -125,6 +125,7 @@ class BenchSetup:
     layers_alone: bool = True
     bench: BenchConfig | None = BenchConfig()
     atol: float = 1e-4
+    looped_baseline: bool = False  # also time the full model with a Python loop over experts (soft-moe's way)
 
 
 def reduced_model(full, keep: str, mode: str = "drop") -> tuple:
@@ -232,7 +233,12 @@ def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
         return result
     _say("  bench", f"whole models, ONNX Runtime {setup.provider} and torch eager, batch sizes {list(setup.bench.batch_sizes)}")
     gen = torch.Generator().manual_seed(0)
-    result["latency"] = bench_models(paths, models, lambda b: example_input(full, b, generator=gen), setup.bench, setup.provider)
+    eager = dict(models)
+    if setup.looped_baseline:
+        from .bench import looped
+
+        eager["full, looped experts"] = looped(full)
+    result["latency"] = bench_models(paths, eager, lambda b: example_input(full, b, generator=gen), setup.bench, setup.provider)
     if setup.layers_alone:
         _say("  bench", f"the Soft MoE layer {result['layer']['name']} alone")
         result["layer"]["latency"] = bench_models(

@@ -198,12 +198,13 @@ def _bench_rows(latency: dict, bounds: dict) -> list:
         for bs, stats in latency.get(engine, {}).items():
             for name, s in stats.items():
                 speed = latency["speedup"][engine][bs][name]
-                b = bounds.get(name)
-                fb, bb = (b["flop_ratio"], b["bytes_ratio"]) if b else (1.0, 1.0)
-                applicable = bb if int(bs) == 1 else fb if int(bs) >= 32 else None
+                b = bounds.get(name) if name != "full" else {"flop_ratio": 1.0, "bytes_ratio": 1.0}
+                fb, bb = (b["flop_ratio"], b["bytes_ratio"]) if b else (None, None)
+                applicable = None if b is None else bb if int(bs) == 1 else fb if int(bs) >= 32 else None
                 rows.append([engine, bs, name, f"{s['p50_ms']:.3f}", f"{s['p90_ms']:.3f}", f"{s['p99_ms']:.3f}",
-                             f"{s['throughput_per_s']:.0f}", f"{speed:.2f}x", f"{fb:.2f}x", f"{bb:.2f}x",
-                             "" if b is None or applicable is None else f"{100 * speed / applicable:.0f}%",
+                             f"{s['throughput_per_s']:.0f}", f"{speed:.2f}x", "" if fb is None else f"{fb:.2f}x",
+                             "" if bb is None else f"{bb:.2f}x",
+                             "" if applicable is None or name == "full" else f"{100 * speed / applicable:.0f}%",
                              "" if s.get("peak_rss_mb") is None else f"{s['peak_rss_mb']:.0f}"])
     return rows
 

@@ -137,3 +137,16 @@ def test_bench_without_a_gpu_says_so(tmp_path, ckpt, capsys):
         pytest.skip("this machine has a GPU")
     assert main(["bench", str(ckpt), "--provider", "cuda", "--batch-sizes", "1", "--out-dir", str(tmp_path / "b")]) == 2
     assert "CUDA" in one_line_error(capsys)
+
+
+def test_looped_baseline_computes_the_same_model():
+    from moe_prune.bench import looped
+    from moe_prune.layers import SoftMoE, SoftMoEConfig
+
+    for kind in ("gelu_mlp", "relu_mlp", "geglu"):
+        layer = SoftMoE(SoftMoEConfig(dim=12, num_experts=6, slots_per_expert=2, hidden=8, expert=kind)).eval()
+        x = torch.randn(3, 5, 12)
+        with torch.no_grad():
+            torch.testing.assert_close(looped(layer)(x), layer(x))
+            kept = torch.tensor([1, 4])
+            torch.testing.assert_close(looped(layer)(x, experts=kept), layer(x, experts=kept))

@@ -162,14 +162,25 @@ class StackedExperts(nn.Module):
 
     def forward(self, slots: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """slots [K, N, D] -> [K, N, D_out]; expert k of the stack is idx[k] (all experts in order if None)."""
-        w1, w2, b1, b2 = self.w1, self.w2, self.b1, self.b2
-        if idx is not None:  # gather only the kept experts' weights: the others are never read
-            w1, w2 = w1.index_select(0, idx), w2.index_select(0, idx)
-            if b1 is not None:
-                b1, b2 = b1.index_select(0, idx), b2.index_select(0, idx)
-        h = torch.matmul(slots, w1)  # [K, N, H or 2H]
+        if idx is None:
+            return self._mlp(slots, self.w1, self.b1, self.w2, self.b2)
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            # In a graph: gather the kept experts' weights (ONNX Gather), then the same batched matmuls.
+            pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
+            return self._mlp(slots, pick(self.w1), pick(self.b1), pick(self.w2), pick(self.b2))
+        # Eager: each kept expert's weights are used in place (views); gathering them first copies K experts'
+        # weights on every call, which measured several times slower on a CPU for ViT-sized experts.
+        if len(idx) == 0:
+            return slots.new_zeros(*slots.shape[:-1], self.w2.shape[-1])
+        at = lambda t, i: None if t is None else t[i]  # noqa: E731
+        return torch.stack([self._mlp(slots[k], self.w1[i], at(self.b1, i), self.w2[i], at(self.b2, i))
+                            for k, i in enumerate(idx.tolist())])
+
+    def _mlp(self, x, w1, b1, w2, b2):
+        """x [..., N, D] through experts with weights w1 [..., D, H1], b1 [..., H1], w2 [..., H, D_out]."""
+        h = torch.matmul(x, w1)  # [..., N, H or 2H]
         if b1 is not None:
-            h = h + b1.unsqueeze(1)
+            h = h + b1.unsqueeze(-2)
         if self.kind == "gelu_mlp":
             h = F.gelu(h)
         elif self.kind == "relu_mlp":
@@ -177,9 +188,9 @@ class StackedExperts(nn.Module):
         else:
             value, gate = h.chunk(2, dim=-1)
             h = value * F.gelu(gate)
-        y = torch.matmul(h, w2)  # [K, N, D_out]
+        y = torch.matmul(h, w2)  # [..., N, D_out]
         if b2 is not None:
-            y = y + b2.unsqueeze(1)
+            y = y + b2.unsqueeze(-2)
         return y
 
 

@@ -188,3 +188,17 @@ def test_wrong_input_shape_is_a_clear_error():
 def test_phi_init_scale():
     layer = SoftMoE(SoftMoEConfig(dim=256, num_experts=64, slots_per_expert=1, hidden=8))
     assert math.isclose(layer.phi.std().item(), 1 / 16, rel_tol=0.1)  # LeCun normal, as soft-moe and vmoe
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_expert_subset_eager_views_equal_the_gathered_graph_path(kind, monkeypatch):
+    """Eager runs kept experts on weight views; traced graphs gather them: both compute the same."""
+    layer = make(expert=kind)
+    slots = torch.randn(3, 5, 12)
+    idx = torch.tensor([4, 0, 2])
+    with torch.no_grad():
+        eager = layer.experts(slots, idx)
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+        graph = layer.experts(slots, idx)
+    torch.testing.assert_close(eager, graph)
+    assert layer.experts(slots[:0], idx[:0]).shape == (0, 5, 12)

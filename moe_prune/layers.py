@@ -417,17 +417,20 @@ class SoftMoE(nn.Module):
         return self._mix(x, xn, dispatch, combine, None if whole_stack else self._stack_index(experts))
 
     def _per_input(self, x, mask, experts, mode, xn=None, logits=None):
-        """Algorithm 1: each input keeps its own experts [B, K]; computed densely, dropped slots discarded."""
-        if self.config.present is not None:
-            raise ValueError("per-input expert subsets need a layer that holds every expert (not a compressed one)")
+        """Algorithm 1: each input keeps its own experts [B, K] (router ids); every expert the layer holds runs,
+        the other experts' slots are discarded (their combine weight is 0, or -inf logits in renorm mode)."""
         B = x.shape[0]
-        E, S = self.config.num_experts, self.config.slots_per_expert
-        kept = torch.zeros(B, E, dtype=torch.bool, device=x.device)
-        kept[torch.arange(B, device=x.device).unsqueeze(1), experts] = True
-        kept = kept.repeat_interleave(S, dim=1).unsqueeze(1)  # [B, 1, E*S]
+        S = self.config.slots_per_expert
         if logits is None:
             xn, logits = self.logits(x)  # [B, M, E*S]
         dispatch, combine = _softmaxes(logits, mask)  # a slot's dispatch column does not depend on other slots
+        present = self.config.present
+        if present is not None:  # a compressed layer: only its held experts' columns (full denominators kept)
+            cols = (torch.tensor(present, device=x.device).unsqueeze(1) * S + torch.arange(S, device=x.device)).reshape(-1)
+            logits, dispatch, combine = (t.index_select(2, cols) for t in (logits, dispatch, combine))
+        kept = torch.zeros(B, self.config.num_held, dtype=torch.bool, device=x.device)
+        kept[torch.arange(B, device=x.device).unsqueeze(1), self._stack_index(experts)] = True
+        kept = kept.repeat_interleave(S, dim=1).unsqueeze(1)  # [B, 1, K_held*S]
         if mode == "drop":
             combine = combine * kept
         else:

@@ -302,3 +302,18 @@ def test_compress_reads_only_kept_experts(tmp_path, monkeypatch):
     assert expert_reads and all(i != "all" for _, i in expert_reads)
     rows = {n: sorted(r for _, i in expert_reads if _ == n for r in range(i.start, i.stop)) for n, _ in expert_reads}
     assert all(r == [2, 3, 9] for r in rows.values())
+
+
+@pytest.mark.parametrize("mode", ["drop", "renorm"])
+def test_per_input_selection_on_a_compressed_layer(tmp_path, mode):
+    """Algorithm 1 on a compressed (drop) layer equals it on the full layer restricted to the held experts."""
+    m = layer()
+    x = torch.randn(4, 6, 12)
+    held = torch.tensor([1, 2, 5, 6])
+    small = compress_model(m, {"": held}, "drop")
+    per_input = torch.tensor([[1, 5], [2, 6], [1, 2], [5, 6]])
+    with torch.no_grad():
+        torch.testing.assert_close(small(x, experts=per_input, mode=mode), m(x, experts=per_input, mode=mode),
+                                   atol=1e-6, rtol=1e-5)
+        chosen = with_selection(small, 2, per="input", mode=mode)(x)
+        assert chosen.shape == (4, 6, 12) and torch.isfinite(chosen).all()

@@ -213,8 +213,28 @@ BENCH_HEADER = ["engine", "batch", "model", "p50 ms", "p90 ms", "p99 ms", "input
                 "bytes bound", "of bound", "peak RSS MB"]
 
 
+def format_costs(bounds: dict, markdown: bool = False) -> str:
+    """Per-input cost by layer kind, full against each reduced model: where the two bounds come from."""
+    kinds = next(iter(bounds.values()))["by_kind"]
+    rows = []
+    for kind in kinds:
+        row = [kind, f"{kinds[kind]['flops'][0] / 1e6:.2f}", f"{kinds[kind]['weight_params'][0] * 4 / 2**20:.2f}"]
+        for b in bounds.values():
+            k = b["by_kind"][kind]
+            row += [f"{k['flops'][1] / 1e6:.2f}", f"{k['weight_params'][1] * 4 / 2**20:.2f}"]
+        rows.append(row)
+    total = ["total (ratio)", "", ""]
+    for b in bounds.values():
+        total += [f"{b['flop_ratio']:.2f}x", f"{b['bytes_ratio']:.2f}x"]
+    header = ["layer kind", "full MFLOP", "full weight MB"]
+    for name in bounds:
+        header += [f"{name} MFLOP", f"{name} weight MB"]
+    return table(rows + [total], header, markdown=markdown)
+
+
 def format_bench(r: dict, markdown: bool = False) -> str:
-    """The latency table of `pipeline.benchmark`: speedup over the full model beside its two analytic bounds.
+    """The latency table of `pipeline.benchmark`: speedup over the full model beside its two analytic bounds,
+    then the per-input cost by layer kind that the bounds are computed from.
 
     "of bound" compares the speedup with the bound that applies: weight bytes at batch 1, FLOPs at batch >= 32.
     """
@@ -227,6 +247,8 @@ def format_bench(r: dict, markdown: bool = False) -> str:
     if "layer" in r and "latency" in r["layer"]:
         lines += ["", f"the Soft MoE layer {r['layer']['name']} alone ({r['layer']['tokens']} tokens):",
                   table(_bench_rows(r["layer"]["latency"], r["layer"]["bounds"]), BENCH_HEADER, markdown=markdown)]
+    lines += ["", "cost per input by layer kind (fp32 weights; the same at every batch size), whole model:",
+              format_costs(r["bounds"], markdown=markdown)]
     return "\n".join(lines)
 
 

@@ -130,6 +130,10 @@ def test_demo_and_bench_on_a_tiny_checkpoint(tmp_path, ckpt, capsys):
     r = json.loads((bench / "bench.json").read_text())
     assert set(r["latency"]["onnxruntime"]["1"]) == {"full", "compressed", "alg2"}
     assert r["bounds"]["compressed"]["flop_ratio"] > 1 and r["layer"]["latency"]["torch"]["4"]["alg2"]["p50_ms"] > 0
+    experts = r["bounds"]["compressed"]["by_kind"]["experts"]  # 4 of 16 experts: a quarter of their cost
+    assert experts["flops"][0] == 4 * experts["flops"][1] and experts["weight_params"][0] == 4 * experts["weight_params"][1]
+    costs = r["text"].split("cost per input by layer kind")[1]
+    assert f"{experts['flops'][1] / 1e6:.2f}" in next(line for line in costs.splitlines() if line.startswith("experts"))
 
 
 def test_bench_without_a_gpu_says_so(tmp_path, ckpt, capsys):

@@ -123,24 +123,25 @@ def check_provider(provider: str) -> str:
     return name
 
 
-def ort_session(path, provider: str = "cpu", threads: int | None = None, spin: bool = True):
+def ort_session(path, provider: str = "cpu", threads: int | None = None, shared_threads: bool = False):
     """An ONNX Runtime session on the asked execution provider; a clear error when it is not available.
 
-    spin=False: the session's idle worker threads sleep at once instead of spinning. Needed when several sessions
-    share the cores in turn (a side-by-side benchmark): spinning workers of the session that just ran steal the
-    cores from the next one (measured: the full ViT-S Soft MoE layer at batch 32 took 167 ms beside two idle
-    sessions, 107 ms with spinning off).
+    shared_threads: run on the process-wide thread pool instead of a pool of the session's own. For several
+    sessions that take turns on the same cores (a side-by-side benchmark): each own pool's workers keep spinning
+    after its run and steal the cores from the next session (measured on 2 cores: the full ViT-S Soft MoE layer
+    at batch 32 took 167 ms beside two idle sessions, 129 ms on the shared pool; with spinning simply turned off,
+    waking the workers cost the tiny default model a third of its speed at batch 1).
     """
     import onnxruntime as ort
 
     name = check_provider(provider)
     opts = ort.SessionOptions()
-    if threads:
+    if shared_threads:
+        ort.set_global_thread_pool_sizes(threads or 0, 1)  # 0: ONNX Runtime's default (one per physical core)
+        opts.use_per_session_threads = False
+    elif threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    if not spin:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     providers = [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
     return ort.InferenceSession(str(path), opts, providers=providers)
 
@@ -166,7 +167,7 @@ def bench_models(onnx_paths: dict, modules: dict, make_input: Callable[[int], to
     if config.threads:
         torch.set_num_threads(config.threads)
     device = "cpu" if provider == "cpu" else "cuda"
-    sessions = {name: ort_session(p, provider, config.threads, spin=False) for name, p in onnx_paths.items()}
+    sessions = {name: ort_session(p, provider, config.threads, shared_threads=True) for name, p in onnx_paths.items()}
     modules = {name: m.to(device).eval() for name, m in modules.items()}
     result = {"onnxruntime": {}, "torch": {}, "speedup": {"onnxruntime": {}, "torch": {}}}
     for bs in config.batch_sizes:
@@ -196,7 +197,7 @@ def bench_models(onnx_paths: dict, modules: dict, make_input: Callable[[int], to
                 ref = next(iter(stats.values()))["p50_ms"]
                 result["speedup"][engine][bs] = {n: ref / s["p50_ms"] for n, s in stats.items()}
     result["env"] = environment(provider, config)
-    result["env"]["onnxruntime_thread_spinning"] = "off: idle workers sleep, so alternating sessions do not steal cores"
+    result["env"]["onnxruntime_threads"] = "one process-wide pool shared by the sessions (see bench.ort_session)"
     return result
 
 

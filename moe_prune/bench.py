@@ -123,25 +123,44 @@ def check_provider(provider: str) -> str:
     return name
 
 
-def ort_session(path, provider: str = "cpu", threads: int | None = None, shared_threads: bool = False):
-    """An ONNX Runtime session on the asked execution provider; a clear error when it is not available.
+_shared_pool_threads: int | None = None  # the size of ONNX Runtime's process-wide pool, once made here (it is fixed)
+
+
+def session_options(threads: int | None = None, shared_threads: bool = False):
+    """ONNX Runtime SessionOptions for every session moe_prune makes.
 
     shared_threads: run on the process-wide thread pool instead of a pool of the session's own. For several
     sessions that take turns on the same cores (a side-by-side benchmark): each own pool's workers keep spinning
     after its run and steal the cores from the next session (measured on 2 cores: the full ViT-S Soft MoE layer
-    at batch 32 took 167 ms beside two idle sessions, 129 ms on the shared pool; with spinning simply turned off,
-    waking the workers cost the tiny default model a third of its speed at batch 1).
+    at batch 32 took 167 ms beside two idle sessions, 122-129 ms on the shared pool; with spinning turned off
+    instead, waking the workers cost the tiny default model a third of its speed at batch 1). Once that pool
+    exists, ONNX Runtime refuses sessions with their own pools in this process, so later sessions use it too.
     """
     import onnxruntime as ort
 
-    name = check_provider(provider)
+    global _shared_pool_threads
     opts = ort.SessionOptions()
-    if shared_threads:
+    if shared_threads and _shared_pool_threads is None:
         ort.set_global_thread_pool_sizes(threads or 0, 1)  # 0: ONNX Runtime's default (one per physical core)
+        _shared_pool_threads = threads or 0
+    if _shared_pool_threads is not None:
+        if shared_threads and (threads or 0) != _shared_pool_threads:
+            raise ValueError(f"ONNX Runtime's shared thread pool was made with {_shared_pool_threads or 'the default'} "
+                             f"threads in this process and cannot change to {threads}; use one thread count per process")
         opts.use_per_session_threads = False
     elif threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    return opts
+
+
+def ort_session(path, provider: str = "cpu", threads: int | None = None, shared_threads: bool = False):
+    """An ONNX Runtime session on the asked execution provider (a clear error when it is not available); see
+    session_options for `shared_threads`."""
+    import onnxruntime as ort
+
+    name = check_provider(provider)
+    opts = session_options(threads, shared_threads)
     providers = [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
     return ort.InferenceSession(str(path), opts, providers=providers)
 

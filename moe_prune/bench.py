@@ -165,14 +165,38 @@ def ort_session(path, provider: str = "cpu", threads: int | None = None, shared_
     return ort.InferenceSession(str(path), opts, providers=providers)
 
 
+def _time_onnx(onnx_paths: dict, inputs: dict, config: BenchConfig, provider: str, progress: bool) -> dict:
+    """Time the ONNX models on one shared thread pool (see session_options): {batch size: {name: stats}}."""
+    sessions = {name: ort_session(p, provider, config.threads, shared_threads=True) for name, p in onnx_paths.items()}
+    out = {}
+    for bs, x in inputs.items():
+        if progress:
+            print(f"  batch {bs}: onnxruntime ...", file=sys.stderr, flush=True)
+        feed = {"input": x}
+        out[bs] = alternate({n: (lambda s=s: s.run(None, feed)) for n, s in sessions.items()}, config, bs)
+    return out
+
+
+def _time_onnx_apart(onnx_paths: dict, inputs: dict, config: BenchConfig, provider: str, progress: bool) -> dict:
+    """_time_onnx in a child process: once ONNX Runtime's shared pool exists, it refuses every session with its
+    own pool in that process, and the caller's later sessions (validation, serving, a user's own) need them."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_time_onnx, (onnx_paths, inputs, config, provider, progress))
+
+
 def bench_models(onnx_paths: dict, modules: dict, make_input: Callable[[int], torch.Tensor],
                  config: BenchConfig = BenchConfig(), provider: str = "cpu", progress: bool = True) -> dict:
     """Benchmark ONNX models (ONNX Runtime) and torch modules (eager), alternating within each engine.
 
+    ONNX Runtime runs in a child process, its sessions on one shared thread pool (see session_options); its
+    peak RSS column is the child's.
+
     Args:
         onnx_paths: {name: .onnx path}; the first is the reference for speedups.
         modules: {name: torch module} (same names as onnx_paths, ideally), run under torch.inference_mode.
-        make_input: batch size -> an input batch (the same batch feeds every model).
+        make_input: batch size -> an input batch (the same batch feeds every model of both engines).
         config: see BenchConfig.
         provider: "cpu", "cuda" or "tensorrt" for ONNX Runtime; torch runs on CUDA when provider is not "cpu".
 
@@ -185,13 +209,16 @@ def bench_models(onnx_paths: dict, modules: dict, make_input: Callable[[int], to
     """
     if config.threads:
         torch.set_num_threads(config.threads)
+    if onnx_paths:
+        check_provider(provider)  # here, not as a traceback from the child
     device = "cpu" if provider == "cpu" else "cuda"
-    sessions = {name: ort_session(p, provider, config.threads, shared_threads=True) for name, p in onnx_paths.items()}
     modules = {name: m.to(device).eval() for name, m in modules.items()}
+    inputs = {bs: make_input(bs) for bs in config.batch_sizes}
     result = {"onnxruntime": {}, "torch": {}, "speedup": {"onnxruntime": {}, "torch": {}}}
-    for bs in config.batch_sizes:
-        x = make_input(bs)
-        feed = {"input": x.numpy()}
+    if onnx_paths:
+        paths = {name: str(p) for name, p in onnx_paths.items()}
+        result["onnxruntime"] = _time_onnx_apart(paths, {bs: x.numpy() for bs, x in inputs.items()}, config, provider, progress)
+    for bs, x in inputs.items():
         xd = x.to(device)
 
         def torch_runner(m):
@@ -202,21 +229,16 @@ def bench_models(onnx_paths: dict, modules: dict, make_input: Callable[[int], to
                     torch.cuda.synchronize()
             return run
 
-        if progress:
-            print(f"  batch {bs}: onnxruntime ...", file=sys.stderr, flush=True)
-        if sessions:
-            result["onnxruntime"][bs] = alternate({n: (lambda s=s: s.run(None, feed)) for n, s in sessions.items()}, config, bs)
-        if progress:
+        if progress and modules:
             print(f"  batch {bs}: torch eager ...", file=sys.stderr, flush=True)
         if modules:
             result["torch"][bs] = alternate({n: torch_runner(m) for n, m in modules.items()}, config, bs)
-        for engine in ("onnxruntime", "torch"):
-            stats = result[engine].get(bs)
-            if stats:
-                ref = next(iter(stats.values()))["p50_ms"]
-                result["speedup"][engine][bs] = {n: ref / s["p50_ms"] for n, s in stats.items()}
+    for engine in ("onnxruntime", "torch"):
+        for bs, stats in result[engine].items():
+            ref = next(iter(stats.values()))["p50_ms"]
+            result["speedup"][engine][bs] = {n: ref / s["p50_ms"] for n, s in stats.items()}
     result["env"] = environment(provider, config)
-    result["env"]["onnxruntime_threads"] = "one process-wide pool shared by the sessions (see bench.ort_session)"
+    result["env"]["onnxruntime_threads"] = "a child process, its sessions on one shared thread pool (bench.session_options)"
     return result
 
 

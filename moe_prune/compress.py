@@ -245,5 +245,8 @@ def process_group_from_env():
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         yield dist.get_rank()
+        # Every rank waits until all are done (rank 0 writes the output) before the group is torn down: a rank
+        # that tore down early was once aborted by gloo ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -48,9 +48,8 @@ from pathlib import Path
 
 import torch
 
-from moe_prune.files import atomic_output
 from moe_prune.layers import SoftMoE, SoftMoEConfig
-from moe_prune.reports import table, write_json
+from moe_prune.reports import save_figure, table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "convex_single_vs_many.json"
@@ -214,10 +213,7 @@ def plot(report: dict, path: Path) -> bool:
                  fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_output(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

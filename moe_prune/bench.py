@@ -123,51 +123,37 @@ def check_provider(provider: str) -> str:
     return name
 
 
-_shared_pool_threads: int | None = None  # the size of ONNX Runtime's process-wide pool, once made here (it is fixed)
+def ort_session(path, provider: str = "cpu", threads: int | None = None, shared_threads: bool = False):
+    """An ONNX Runtime session on the asked execution provider; a clear error when it is not available.
 
-
-def session_options(threads: int | None = None, shared_threads: bool = False):
-    """ONNX Runtime SessionOptions for every session moe_prune makes.
-
-    shared_threads: run on the process-wide thread pool instead of a pool of the session's own. For several
-    sessions that take turns on the same cores (a side-by-side benchmark): each own pool's workers keep spinning
-    after its run and steal the cores from the next session (measured on 2 cores: the full ViT-S Soft MoE layer
-    at batch 32 took 167 ms beside two idle sessions, 122-129 ms on the shared pool; with spinning turned off
-    instead, waking the workers cost the tiny default model a third of its speed at batch 1). Once that pool
-    exists, ONNX Runtime refuses sessions with their own pools in this process, so later sessions use it too.
+    shared_threads: run on the process-wide thread pool (made by the caller with ort.set_global_thread_pool_sizes)
+    instead of a pool of the session's own; see _time_onnx.
     """
     import onnxruntime as ort
 
-    global _shared_pool_threads
+    name = check_provider(provider)
     opts = ort.SessionOptions()
-    if shared_threads and _shared_pool_threads is None:
-        ort.set_global_thread_pool_sizes(threads or 0, 1)  # 0: ONNX Runtime's default (one per physical core)
-        _shared_pool_threads = threads or 0
-    if _shared_pool_threads is not None:
-        if shared_threads and (threads or 0) != _shared_pool_threads:
-            raise ValueError(f"ONNX Runtime's shared thread pool was made with {_shared_pool_threads or 'the default'} "
-                             f"threads in this process and cannot change to {threads}; use one thread count per process")
+    if shared_threads:
         opts.use_per_session_threads = False
     elif threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    return opts
-
-
-def ort_session(path, provider: str = "cpu", threads: int | None = None, shared_threads: bool = False):
-    """An ONNX Runtime session on the asked execution provider (a clear error when it is not available); see
-    session_options for `shared_threads`."""
-    import onnxruntime as ort
-
-    name = check_provider(provider)
-    opts = session_options(threads, shared_threads)
     providers = [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
     return ort.InferenceSession(str(path), opts, providers=providers)
 
 
 def _time_onnx(onnx_paths: dict, inputs: dict, config: BenchConfig, provider: str, progress: bool) -> dict:
-    """Time the ONNX models on one shared thread pool (see session_options): {batch size: {name: stats}}."""
-    sessions = {name: ort_session(p, provider, config.threads, shared_threads=True) for name, p in onnx_paths.items()}
+    """Time the ONNX models, their sessions on one process-wide thread pool: {batch size: {name: stats}}.
+
+    With a pool per session, the workers of the session that just ran keep spinning and steal the cores from the
+    next one (measured on 2 cores: the full ViT-S Soft MoE layer at batch 32 took 167 ms beside two idle sessions,
+    122-129 ms on one shared pool; turning spinning off instead made waking the workers cost the tiny default
+    model a third of its speed at batch 1). Runs in a fresh process (see _time_onnx_apart).
+    """
+    import onnxruntime as ort
+
+    ort.set_global_thread_pool_sizes(config.threads or 0, 1)  # 0: ONNX Runtime's default (one per physical core)
+    sessions = {name: ort_session(p, provider, shared_threads=True) for name, p in onnx_paths.items()}
     out = {}
     for bs, x in inputs.items():
         if progress:
@@ -190,7 +176,7 @@ def bench_models(onnx_paths: dict, modules: dict, make_input: Callable[[int], to
                  config: BenchConfig = BenchConfig(), provider: str = "cpu", progress: bool = True) -> dict:
     """Benchmark ONNX models (ONNX Runtime) and torch modules (eager), alternating within each engine.
 
-    ONNX Runtime runs in a child process, its sessions on one shared thread pool (see session_options); its
+    ONNX Runtime runs in a child process, its sessions on one shared thread pool (see _time_onnx); its
     peak RSS column is the child's.
 
     Args:
@@ -238,7 +224,7 @@ def bench_models(onnx_paths: dict, modules: dict, make_input: Callable[[int], to
             ref = next(iter(stats.values()))["p50_ms"]
             result["speedup"][engine][bs] = {n: ref / s["p50_ms"] for n, s in stats.items()}
     result["env"] = environment(provider, config)
-    result["env"]["onnxruntime_threads"] = "a child process, its sessions on one shared thread pool (bench.session_options)"
+    result["env"]["onnxruntime_threads"] = "a child process, its sessions on one shared thread pool (bench._time_onnx)"
     return result
 
 
@@ -300,18 +286,14 @@ class LoopedExperts(torch.nn.Module):
     def forward(self, slots: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         import torch.nn.functional as F
 
+        from .layers import expert_activation
+
         e = self.stacked
         ids = range(slots.shape[0]) if idx is None else idx.tolist()
         outs = []
         for k, i in enumerate(ids):  # slots[k] [N, D] through expert i
             h = F.linear(slots[k], e.w1[i].T, None if e.b1 is None else e.b1[i])
-            if e.kind == "gelu_mlp":
-                h = F.gelu(h)
-            elif e.kind == "relu_mlp":
-                h = F.relu(h)
-            else:
-                value, gate = h.chunk(2, dim=-1)
-                h = value * F.gelu(gate)
+            h = expert_activation(e.kind, h)
             outs.append(F.linear(h, e.w2[i].T, None if e.b2 is None else e.b2[i]))
         return torch.stack(outs)
 

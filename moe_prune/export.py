@@ -575,9 +575,7 @@ def validate_onnx(
         onnx.checker.check_model(str(path), full_check=True)  # the path form follows external data
     except Exception as e:
         raise ExportError(f"{path}: the ONNX checker rejects it: {_first_line(e)}") from e
-    from .bench import session_options
-
-    options = session_options()
+    options = ort.SessionOptions()
     # A check, not a benchmark: idle threads should sleep rather than spin against the PyTorch reference.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:

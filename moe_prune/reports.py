@@ -147,11 +147,18 @@ def study_plot(reports: list[dict], path) -> bool:
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, path)
+    return True
+
+
+def save_figure(fig, path) -> None:
+    """Lay out a matplotlib figure, write it as a PNG atomically, and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with atomic_output(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    return True
 
 
 def progress(iterable=None, *, enabled: bool = True, **kwargs):
@@ -275,10 +282,7 @@ def bench_plot(r: dict, path) -> bool:
     ax.set_title(f"full vs reduced (keep {r['keep']}, {r['mode']})")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_output(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -146,9 +146,10 @@ def _time_onnx(onnx_paths: dict, inputs: dict, config: BenchConfig, provider: st
     """Time the ONNX models, their sessions on one process-wide thread pool: {batch size: {name: stats}}.
 
     With a pool per session, the workers of the session that just ran keep spinning and steal the cores from the
-    next one (measured on 2 cores: the full ViT-S Soft MoE layer at batch 32 took 167 ms beside two idle sessions,
-    122-129 ms on one shared pool; turning spinning off instead made waking the workers cost the tiny default
-    model a third of its speed at batch 1). Runs in a fresh process (see _time_onnx_apart).
+    next one: on 2 cores the compressed ViT-S Soft MoE layer at batch 32, taking turns with the full one, ran in
+    28.2 ms against 23.9 ms on one shared pool (benchmarks/results/ort_profile_vit-s16.md). Turning spinning off
+    instead slowed the tiny default model at batch 1 (a probe: compressed layer 0.040 -> 0.063 ms).
+    Runs in a fresh process (see _time_onnx_apart).
     """
     import onnxruntime as ort
 

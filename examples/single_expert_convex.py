@@ -156,7 +156,7 @@ def blind_pair(layer: SoftMoE, setup: Setup, seed: int) -> tuple[torch.Tensor, t
         u = torch.randn(setup.dim, generator=g)  # [D]
         x = torch.zeros(2, setup.tokens, setup.dim)  # [2, M, D]
         x[1, 0], x[1, 1] = u, -u
-        dispatch = layer.routing(x[1:])[0][0, :, 0]  # [M]: the single slot's weights over the tokens
+        dispatch = layer.route(x[1:]).dispatch_weights[0, :, 0]  # [M]: the single slot's weights over the tokens
         x[1, 1] = -(dispatch[0] / dispatch[1]) * u
     return x, x.square().sum((1, 2))  # [2, M, D], [2]
 

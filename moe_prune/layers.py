@@ -148,10 +148,20 @@ def expert_activation(kind: ExpertKind, h: torch.Tensor) -> torch.Tensor:
     return value * F.gelu(gate)
 
 
-# Below this many weights (1M floats, 4 MB) gathering the kept experts is cheaper than one Python-level matmul
-# pair per expert: measured on a CPU, gathering 16 of Chung et al.'s MNIST experts (150 KB) beat the loop 2x,
-# and the loop beat gathering 16 ViT-S experts (75 MB) 7x.
+def in_graph() -> bool:
+    """True while torch traces or exports the model: the graph must be plain ONNX operators, shapes dynamic."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
+# Below this many weights (1M floats, 4 MB) gathering experts' weights (one copy per kept expert, or per kept
+# row) is cheaper than one Python-level matmul pair per expert: measured on a CPU, gathering 16 of Chung et al.'s
+# MNIST experts (150 KB) beat the loop 2x, and the loop beat gathering 16 ViT-S experts (75 MB) 7x.
 _GATHER_LIMIT = 1 << 20
+# Grouped rows of large experts: a Python loop over the used experts (weights as views, no copy) costs about
+# this much per expert beyond its matmuls, measured on a CPU as the time to read this many weights; the padded
+# batched matmul over the whole stack reads every expert and computes padding rows instead. The loop is chosen
+# while used * (expert weights + _LOOP_OVERHEAD) < all experts' weights (benchmarks/sparse_per_input.py).
+_LOOP_OVERHEAD = 1 << 17
 
 
 class StackedExperts(nn.Module):
@@ -175,13 +185,18 @@ class StackedExperts(nn.Module):
         # Kaiming-uniform like nn.Linear, per expert.
         nn.init.uniform_(self.w1, -1 / math.sqrt(dim), 1 / math.sqrt(dim))
         nn.init.uniform_(self.w2, -1 / math.sqrt(hidden), 1 / math.sqrt(hidden))
+        # None: the Triton grouped-expert kernel for CUDA inference when triton is installed. True/False forces.
+        self.use_triton: bool | None = None
+
+    @property
+    def weights_per_expert(self) -> int:
+        return self.w1[0].numel() + self.w2[0].numel()
 
     def forward(self, slots: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """slots [K, N, D] -> [K, N, D_out]; expert k of the stack is idx[k] (all experts in order if None)."""
         if idx is None:
             return self._mlp(slots, self.w1, self.b1, self.w2, self.b2)
-        in_graph = torch.jit.is_tracing() or torch.compiler.is_exporting()
-        if in_graph or len(idx) * (self.w1[0].numel() + self.w2[0].numel()) < _GATHER_LIMIT:
+        if in_graph() or len(idx) * self.weights_per_expert < _GATHER_LIMIT:
             # Gather the kept experts' weights (an ONNX Gather in a graph), then the same batched matmuls.
             pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
             return self._mlp(slots, pick(self.w1), pick(self.b1), pick(self.w2), pick(self.b2))
@@ -189,20 +204,89 @@ class StackedExperts(nn.Module):
         # copying them first measured several times slower on a CPU for ViT-sized experts.
         if len(idx) == 0:
             return slots.new_zeros(*slots.shape[:-1], self.w2.shape[-1])
-        at = lambda t, i: None if t is None else t[i]  # noqa: E731
-        return torch.stack([self._mlp(slots[k], self.w1[i], at(self.b1, i), self.w2[i], at(self.b2, i))
-                            for k, i in enumerate(idx.tolist())])
+        return torch.stack([self._expert(slots[k], i) for k, i in enumerate(idx.tolist())])
+
+    def grouped(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Rows that each belong to one expert: rows [R, N, D] -> [R, N, D_out], row r through expert idx[r].
+
+        The per-input path: R = B*K (input, kept expert) pairs, N = S slots each. Each used expert's weights are
+        read once (or, for small experts, gathered per row), so the cost is R expert evaluations, not E*B.
+        """
+        R, N, D = rows.shape
+        if R == 0:
+            return rows.new_zeros(0, N, self.w2.shape[-1])
+        if not in_graph() and self._triton_for(rows):
+            from .kernels.grouped_experts import grouped_experts
+
+            y = grouped_experts(rows.reshape(R * N, D), idx.repeat_interleave(N), self.w1, self.b1, self.w2,
+                                self.b2, self.kind)  # [R*N, D_out]
+            return y.reshape(R, N, -1)
+        if R * self.weights_per_expert < _GATHER_LIMIT:
+            # Small experts: one batched matmul over the rows, each with its expert's weights gathered.
+            pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
+            return self._mlp(rows, pick(self.w1), pick(self.b1), pick(self.w2), pick(self.b2))
+        if in_graph():
+            return self._padded(rows, idx)
+        used, counts = torch.unique(idx, return_counts=True)  # [U], ascending
+        E = self.w1.shape[0]
+        if len(used) * (self.weights_per_expert + _LOOP_OVERHEAD) >= E * self.weights_per_expert:
+            return self._padded(rows, idx)
+        # Few used experts: one matmul pair per used expert on its rows, weights as views.
+        order = torch.argsort(idx, stable=True)  # rows grouped by expert
+        groups = rows.index_select(0, order).split(counts.tolist())
+        y = torch.cat([self._expert(g.reshape(-1, D), e).reshape(len(g), N, -1)
+                       for g, e in zip(groups, used.tolist())])  # [R, N, D_out], grouped order
+        return torch.empty_like(y).index_copy_(0, order, y)
+
+    def _padded(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by expert into a zero-padded [E, C*N, D] batch (C = the most rows any expert has), one
+        batched matmul pair over the whole stack (no weight copy), then each row read back from its place."""
+        R, N, D = rows.shape
+        E = self.w1.shape[0]
+        onehot = idx.unsqueeze(1) == torch.arange(E, device=idx.device)  # [R, E]
+        rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # [R]: the row's place among its expert's rows
+        width = torch.arange(onehot.sum(0).max(), device=idx.device)  # [C]; its length stays dynamic in a graph
+        place = idx * width.shape[0] + rank  # [R]
+        buf = rows.new_zeros(E * width.shape[0], N * D).index_copy(0, place, rows.reshape(R, N * D))  # [E*C, N*D]
+        y = self._mlp(buf.reshape(E, -1, D), self.w1, self.b1, self.w2, self.b2)  # [E, C*N, D_out]
+        return y.reshape(E * width.shape[0], N, -1).index_select(0, place)  # [R, N, D_out]
+
+    def _triton_for(self, rows: torch.Tensor) -> bool:
+        if self.use_triton is not None:
+            return self.use_triton
+        if torch.is_grad_enabled() and (rows.requires_grad or self.w1.requires_grad):
+            return False  # the kernel has no backward: training runs through torch
+        if not (rows.is_cuda and _triton_available()):
+            return False
+        from .kernels.grouped_experts import grouped_experts_supported
+
+        return grouped_experts_supported(rows, self.w1, self.kind)
+
+    def _expert(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """x [N, D] through expert i of the stack, its weights used in place."""
+        at = lambda t: None if t is None else t[i]  # noqa: E731
+        return self._mlp(x, self.w1[i], at(self.b1), self.w2[i], at(self.b2))
 
     def _mlp(self, x, w1, b1, w2, b2):
         """x [..., N, D] through experts with weights w1 [..., D, H1], b1 [..., H1], w2 [..., H, D_out]."""
-        h = torch.matmul(x, w1)  # [..., N, H or 2H]
-        if b1 is not None:
-            h = h + b1.unsqueeze(-2)
+        h = _linear(x, w1, b1)  # [..., N, H or 2H]
         h = expert_activation(self.kind, h)
-        y = torch.matmul(h, w2)  # [..., N, D_out]
-        if b2 is not None:
-            y = y + b2.unsqueeze(-2)
-        return y
+        return _linear(h, w2, b2)  # [..., N, D_out]
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x [..., N, I] @ w [..., I, O] + b [..., O], the bias added inside the matmul where torch can (one pass
+    over the output instead of two: the separate add was 16% of a many-rows expert layer's time on a CPU)."""
+    if b is None:
+        return torch.matmul(x, w)
+    if in_graph():
+        return torch.matmul(x, w) + b.unsqueeze(-2)  # MatMul + Add: ONNX Runtime fuses them
+    if x.dim() == 2 and w.dim() == 2:
+        return torch.addmm(b, x, w)
+    if x.dim() == 3 and w.dim() == 3:
+        return torch.baddbmm(b.unsqueeze(1), x, w)
+    return torch.matmul(x, w) + b.unsqueeze(-2)
+
 
 
 def normalize_tokens(x: torch.Tensor, token_norm: str, gain: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -284,11 +368,85 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# The routing kernel's dtypes, and the most programs its grid's second axis (one per input) may have on CUDA.
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_GRID_Y = 65535
+
+
+class Routing:
+    """One Soft MoE layer call's routing, computed once and handed on: scoring, selection and mixing read it.
+
+    Holds the layer input `x` [B, M, D], its `mask` [B, M] or None and the normalized `tokens` [B, M, D];
+    the router `logits` [B, M, E*S], the full `dispatch_weights` and `combine_weights` [B, M, E*S] and the
+    expert `scores` [B, E] are computed when first asked for. On CUDA the fused Triton kernel fills dispatch,
+    combine and scores in one launch, and the logits are then computed only if a caller needs them (renorm).
+
+    Example:
+        >>> r = layer.route(x)            # nothing but the tokens' normalization has run yet (torch path)
+        >>> keep = select_experts(r.scores, "1/8", per="input")   # [B, K]
+        >>> y = layer.mix(r, keep)        # reuses r's logits and combine weights
+    """
+
+    def __init__(self, layer: "SoftMoE", x: torch.Tensor, mask: torch.Tensor | None, tokens: torch.Tensor, *,
+                 dispatch: torch.Tensor | None = None, combine: torch.Tensor | None = None,
+                 scores: torch.Tensor | None = None):
+        self.layer, self.x, self.mask, self.tokens = layer, x, mask, tokens
+        self._logits, self._dispatch, self._combine, self._scores = None, dispatch, combine, scores
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """Router logits [B, M, E*S]."""
+        if self._logits is None:
+            self._logits = self.tokens @ self.layer.router()
+        return self._logits
+
+    @property
+    def dispatch_weights(self) -> torch.Tensor:
+        """Softmax over tokens [B, M, E*S]: every slot's column sums to 1 (padded tokens get none)."""
+        if self._dispatch is None:
+            self._dispatch = _dispatch(self.logits, self.mask)
+        return self._dispatch
+
+    @property
+    def combine_weights(self) -> torch.Tensor:
+        """Softmax over all E*S slots [B, M, E*S]: every real token's row sums to 1 (padded rows are 0)."""
+        if self._combine is None:
+            self._combine = _combine(self.logits, self.mask)
+        return self._combine
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """Combine-weight mass per router expert [B, E], float32: an input's scores sum to its token count."""
+        if self._scores is None:
+            c = self.layer.config
+            B = self.x.shape[0]
+            self._scores = self.combine_weights.float().sum(dim=1).reshape(B, c.num_experts, c.slots_per_expert).sum(-1)
+        return self._scores
+
+    def columns(self, t: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """t [B, M, E*S] at slot columns cols [C] (shared) or [B, C] (per input) -> [B, M, C]."""
+        if cols.dim() == 1:
+            return t.index_select(2, cols)
+        return t.gather(2, cols.unsqueeze(1).expand(-1, t.shape[1], -1))
+
+    def kept_weights(self, cols: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dispatch and combine weights of the kept slot columns cols [C] or [B, C], each [B, M, C].
+
+        drop: the full model's weights at those columns (a slot's dispatch column depends on its own logits only;
+        combine keeps every slot in its denominator). renorm: both softmaxes over the kept columns alone.
+        """
+        if mode == "renorm":
+            return _softmaxes(self.columns(self.logits, cols), self.mask)
+        dispatch = (self.columns(self._dispatch, cols) if self._dispatch is not None
+                    else _dispatch(self.columns(self.logits, cols), self.mask))  # only the kept columns' softmax
+        return dispatch, self.columns(self.combine_weights, cols)
+
+
 class SoftMoE(nn.Module):
     """A Soft MoE layer with stacked experts; runs all experts, a shared subset, or a per-input subset.
 
     Parameters: phi [D, E, S] (soft-moe's layout), scale [1] (if phi_norm), norm_weight [D] (if token_gain),
-    experts.w1/b1/w2/b2 (see StackedExperts).
+    experts.w1/b1/w2/b2 (see StackedExperts). A call is `mix(route(x, mask), experts, mode)`.
 
     Example:
         >>> layer = SoftMoE(SoftMoEConfig(dim=16, num_experts=8, slots_per_expert=1, hidden=32))
@@ -320,42 +478,38 @@ class SoftMoE(nn.Module):
         """The effective router [D, E*S]."""
         return router_weight(self.phi, self.scale, self.config.eps)
 
-    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normalized tokens [B, M, D], router logits [B, M, E*S]), each computed once per call."""
-        xn = self.route_tokens(x)
-        return xn, xn @ self.router()
+    def route(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> Routing:
+        """Route tokens x [B, M, D] (mask [B, M], True = real token): the Routing every later step reads.
 
-    def routing(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full dispatch and combine weights, each [B, M, E*S] (the Triton kernel on CUDA, else torch)."""
-        if self._triton_for(x):
-            dispatch, combine, _ = self._kernel(x, mask)
-            return dispatch, combine
-        return _softmaxes(self.logits(x)[1], mask)
+        On CUDA (and `use_triton` not False) the fused kernel computes dispatch, combine and scores in one launch;
+        otherwise torch computes what is asked for, each once.
 
-    def scores(self, logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Combine-weight mass per expert [B, E] (float32) from router logits [B, M, E*S]."""
-        combine = logits.float().softmax(dim=-1)
-        if mask is not None:
-            combine = combine * mask.unsqueeze(-1)
-        B, E, S = logits.shape[0], self.config.num_experts, self.config.slots_per_expert
-        return combine.sum(dim=1).reshape(B, E, S).sum(dim=-1)
+        Raises:
+            ValueError: x is not [B, M, D] with this layer's D.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.config.dim:
+            raise ValueError(f"SoftMoE expects tokens [B, M, {self.config.dim}], got {list(x.shape)}")
+        tokens = self.route_tokens(x)
+        if self.triton_for(x):
+            from .kernels.routing import soft_moe_routing
 
-    def _kernel(self, x, mask):
-        from .kernels.routing import soft_moe_routing
+            dispatch, combine, scores = soft_moe_routing(
+                x, self.phi, self.scale, self.norm_weight, token_norm=self.config.token_norm, eps=self.config.eps,
+                mask=mask, slots_per_expert=self.config.slots_per_expert,
+            )
+            return Routing(self, x, mask, tokens, dispatch=dispatch, combine=combine, scores=scores)
+        return Routing(self, x, mask, tokens)
 
-        return soft_moe_routing(
-            x, self.phi, self.scale, self.norm_weight, token_norm=self.config.token_norm, eps=self.config.eps,
-            mask=mask, slots_per_expert=self.config.slots_per_expert,
-        )
-
-    def _triton_for(self, x: torch.Tensor) -> bool:
-        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+    def triton_for(self, x: torch.Tensor) -> bool:
+        """Whether `route` uses the fused Triton kernel for x: CUDA inference, a dtype and grid it takes."""
+        if in_graph():
             return False  # an exported graph is plain ONNX operators
         if self.use_triton is not None:
             return self.use_triton
         if torch.is_grad_enabled() and (x.requires_grad or self.phi.requires_grad):
             return False  # the kernel has no backward: training routes through torch
-        return x.is_cuda and self.config.token_norm != "layer" and _triton_available()
+        return (x.is_cuda and self.config.token_norm != "layer" and x.dtype in _KERNEL_DTYPES
+                and x.shape[0] <= _MAX_GRID_Y and _triton_available())
 
     # -- forward -------------------------------------------------------------------------------------------
     def forward(
@@ -365,98 +519,91 @@ class SoftMoE(nn.Module):
         experts: torch.Tensor | None = None,
         mode: Mode = "drop",
     ) -> torch.Tensor:
-        """Run the layer.
+        """Run the layer: `mix(route(x, mask), experts, mode)`.
 
         Args:
             x: tokens [B, M, D].
             mask: optional key-padding mask [B, M], True for real tokens (padded tokens' outputs are 0).
-            experts: None (all experts the layer holds), router expert ids [K] shared by the batch (only
-                those K experts are computed), or [B, K] per input (every expert runs, the others' slots are
-                then discarded: this path is for accuracy, not speed).
+            experts: None (all experts the layer holds), router expert ids [K] shared by the batch, or [B, K]
+                per input; only the kept experts are computed, on the kept slots only.
             mode: "drop" or "renorm" (see the module docstring); ignored when experts is None.
 
         Returns:
             [B, M, D_out].
         """
-        if x.dim() != 3 or x.shape[-1] != self.config.dim:
-            raise ValueError(f"SoftMoE expects tokens [B, M, {self.config.dim}], got {list(x.shape)}")
+        return self.mix(self.route(x, mask), experts, mode)
+
+    def mix(self, routing: Routing, experts: torch.Tensor | None = None, mode: Mode = "drop") -> torch.Tensor:
+        """Slots from the dispatch weights, the kept experts on them, outputs mixed by the combine weights.
+
+        Args:
+            routing: this call's `route(x, mask)`.
+            experts: None, router ids [K] (a shared subset), or [B, K] (each input its own; Algorithm 1).
+            mode: "drop" or "renorm".
+
+        Returns:
+            [B, M, D_out].
+        """
         if mode not in MODES:
             raise ValueError(f"mode must be 'drop' or 'renorm', got {mode!r}")
-        if experts is None and self.config.present is None:
-            if self._triton_for(x):
-                dispatch, combine, _ = self._kernel(x, mask)
-                return self._mix(x, self.route_tokens(x), dispatch, combine, None)
-            xn, logits = self.logits(x)
-            return self._mix(x, xn, *_softmaxes(logits, mask), None)
+        present = self.config.present
+        if experts is None and present is None:
+            return self._mix(routing, routing.dispatch_weights, routing.combine_weights, None)
         if experts is None:  # a compressed drop-mode layer: its held experts are the subset, its stack in order
-            return self.run_subset(x, mask, torch.tensor(self.config.present, device=x.device), "drop", whole_stack=True)
+            held = torch.tensor(present, device=routing.x.device)
+            return self._mix(routing, *routing.kept_weights(self._columns(held), "drop"), None)
+        if experts.dim() == 2 and not in_graph():
+            if experts.shape[0] == 1:  # one input: its subset is a shared one, the cheapest path
+                experts = experts[0]
+            elif experts.shape[1] == self.config.num_held and present is None:  # every input keeps every expert
+                return self._mix(routing, routing.dispatch_weights, routing.combine_weights, None)
+        cols = self._columns(experts)  # [K*S] or [B, K*S]
+        dispatch, combine = routing.kept_weights(cols, mode)  # [B, M, K*S]
         if experts.dim() == 1:
-            return self.run_subset(x, mask, experts, mode)
-        return self._per_input(x, mask, experts, mode)
+            return self._mix(routing, dispatch, combine, self._stack_index(experts))
+        return self._mix_per_input(routing, dispatch, combine, self._stack_index(experts))
 
-    def _mix(self, x, xn, dispatch, combine, idx):
-        """slots = dispatch^T x; expert outputs; out = combine @ outputs. dispatch/combine [B, M, K*S]."""
-        B, M, D = x.shape
+    def _columns(self, experts: torch.Tensor) -> torch.Tensor:
+        """Router expert ids [..., K] -> their slot columns [..., K*S]."""
+        S = self.config.slots_per_expert
+        cols = experts.unsqueeze(-1) * S + torch.arange(S, device=experts.device)  # [..., K, S]
+        return cols.flatten(-2)
+
+    def _slots(self, routing: Routing, dispatch: torch.Tensor) -> torch.Tensor:
+        """slots = dispatch^T x_d: dispatch [B, M, C] -> [B, C, D]."""
+        xd = routing.x if self.config.dispatch_input == "raw" else routing.tokens
+        return dispatch.transpose(1, 2) @ xd
+
+    def _mix(self, routing, dispatch, combine, idx):
+        """All held experts (idx None) or a shared subset (stack positions idx [K]). dispatch/combine [B, M, K*S]."""
         S, D_out = self.config.slots_per_expert, self.config.out_features
-        xd = x if self.config.dispatch_input == "raw" else xn
-        slots = dispatch.transpose(1, 2) @ xd  # [B, K*S, D]
-        K = slots.shape[1] // S
+        slots = self._slots(routing, dispatch)  # [B, K*S, D]
+        B, KS, D = slots.shape
+        K = KS // S
         slots = slots.reshape(B, K, S, D).transpose(0, 1).reshape(K, B * S, D)  # [K, B*S, D]
         y = self.experts(slots, idx)  # [K, B*S, D_out]
         y = y.reshape(K, B, S, D_out).transpose(0, 1).reshape(B, K * S, D_out)  # [B, K*S, D_out]
         return combine @ y  # [B, M, D_out]
 
+    def _mix_per_input(self, routing, dispatch, combine, idx):
+        """Algorithm 1, sparse: each input's K experts (stack positions idx [B, K]) on its own kept slots only.
+
+        The B*K (input, expert) slot groups are grouped by expert and each used expert runs once on its rows
+        (StackedExperts.grouped), so the experts cost B*K evaluations, as a shared subset of K costs B*K."""
+        S, D_out = self.config.slots_per_expert, self.config.out_features
+        slots = self._slots(routing, dispatch)  # [B, K*S, D]
+        B, KS, D = slots.shape
+        y = self.experts.grouped(slots.reshape(-1, S, D), idx.reshape(-1))  # [B*K, S, D_out]
+        return combine @ y.reshape(B, KS, D_out)  # [B, M, D_out]
+
     def _stack_index(self, experts: torch.Tensor) -> torch.Tensor:
-        """Router ids [K] -> positions in this layer's expert stack (a lookup table for a compressed layer)."""
+        """Router ids [...] -> positions in this layer's expert stack (a lookup table for a compressed layer)."""
         present = self.config.present
         if present is None:
             return experts
         table = torch.full((self.config.num_experts,), -1, dtype=torch.long, device=experts.device)
         table[list(present)] = torch.arange(len(present), device=experts.device)
         pos = table[experts]
-        if not (torch.jit.is_tracing() or torch.compiler.is_exporting()) and bool((pos < 0).any()):
+        if not in_graph() and bool((pos < 0).any()):
             raise ValueError(f"experts {experts.tolist()} are not all held by this compressed layer (it holds {list(present)})")
         return pos
-
-    def run_subset(self, x, mask, experts, mode, xn=None, logits=None, whole_stack=False):
-        """Only the K experts in `experts` [K] (router ids) are computed; their slots' dispatch and combine weights
-        come from the full logits (drop) or from the kept columns alone (renorm). `xn` and full `logits` may be
-        passed in when the caller already computed them (Algorithm 2 scores the batch from the same logits).
-        `whole_stack`: `experts` are exactly the experts this layer holds, in order (no gather of weights)."""
-        S = self.config.slots_per_expert
-        cols = (experts.unsqueeze(1) * S + torch.arange(S, device=experts.device)).reshape(-1)  # [K*S]
-        if xn is None:
-            xn = self.route_tokens(x)
-        if mode == "drop":
-            if logits is None:
-                logits = xn @ self.router()  # [B, M, E*S]: the combine denominator needs every slot
-            # Dispatch only for the kept slots; combine needs every slot for its denominator.
-            dispatch = _dispatch(logits.index_select(2, cols), mask)
-            combine = _combine(logits, mask).index_select(2, cols)
-        else:
-            kept_logits = logits.index_select(2, cols) if logits is not None else xn @ self.router().index_select(1, cols)
-            dispatch, combine = _softmaxes(kept_logits, mask)  # [B, M, K*S]
-        return self._mix(x, xn, dispatch, combine, None if whole_stack else self._stack_index(experts))
-
-    def _per_input(self, x, mask, experts, mode, xn=None, logits=None):
-        """Algorithm 1: each input keeps its own experts [B, K] (router ids); every expert the layer holds runs,
-        the other experts' slots are discarded (their combine weight is 0, or -inf logits in renorm mode)."""
-        B = x.shape[0]
-        S = self.config.slots_per_expert
-        if logits is None:
-            xn, logits = self.logits(x)  # [B, M, E*S]
-        dispatch, combine = _softmaxes(logits, mask)  # a slot's dispatch column does not depend on other slots
-        present = self.config.present
-        if present is not None:  # a compressed layer: only its held experts' columns (full denominators kept)
-            cols = (torch.tensor(present, device=x.device).unsqueeze(1) * S + torch.arange(S, device=x.device)).reshape(-1)
-            logits, dispatch, combine = (t.index_select(2, cols) for t in (logits, dispatch, combine))
-        kept = torch.zeros(B, self.config.num_held, dtype=torch.bool, device=x.device)
-        kept[torch.arange(B, device=x.device).unsqueeze(1), self._stack_index(experts)] = True
-        kept = kept.repeat_interleave(S, dim=1).unsqueeze(1)  # [B, 1, K_held*S]
-        if mode == "drop":
-            combine = combine * kept
-        else:
-            combine = logits.masked_fill(~kept, float("-inf")).softmax(dim=-1)
-            if mask is not None:
-                combine = combine * mask.unsqueeze(-1)
-        return self._mix(x, xn, dispatch, combine, None)

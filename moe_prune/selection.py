@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import SelectionError
-from .layers import MODES, SoftMoE
+from .layers import MODES, SoftMoE, in_graph
 from .models import moe_layers
 
 Per = Literal["input", "batch"]
@@ -88,15 +88,12 @@ def expert_scores(layer: SoftMoE, x: torch.Tensor, mask: torch.Tensor | None = N
         >>> scores = expert_scores(model.moe, model.tokens(images))  # [B, E]
         >>> select_experts(scores, "1/8", per="batch")
     """
-    if layer._triton_for(x):
-        return layer._kernel(x, mask)[2]
-    # Only the combine softmax is needed: the dispatch weights (a softmax over tokens) do not enter the scores.
-    return layer.scores(layer.logits(x)[1], mask)
+    return layer.route(x, mask).scores
 
 
 def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest along the last axis, ascending; ties go to the lower index."""
-    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+    if in_graph():
         top = torch.topk(scores, k, dim=-1, sorted=True).indices  # ONNX TopK puts the lower index first on ties
     else:
         top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
@@ -125,7 +122,7 @@ def select_experts(scores: torch.Tensor, keep: int | float | str, per: Per = "in
         raise SelectionError(f"per={per!r}: choose 'input' (Algorithm 1) or 'batch' (Algorithm 2)")
     if scores.dim() not in (1, 2):
         raise SelectionError(f"scores must be [B, E] or [E], got shape {list(scores.shape)}")
-    if not (torch.jit.is_tracing() or torch.compiler.is_exporting()) and not bool(torch.isfinite(scores).all()):
+    if not in_graph() and not bool(torch.isfinite(scores).all()):
         raise SelectionError("the expert scores contain NaN or Inf (non-finite inputs or weights?); no selection made")
     k = parse_keep(keep, scores.shape[-1])
     if per == "batch" and scores.dim() == 2:
@@ -161,22 +158,18 @@ class PrunedSoftMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         layer = self.layer
+        routing = layer.route(x, mask)
         if self.experts is not None:
-            return layer(x, mask, experts=self.choice(self.experts), mode=self.mode)
-        # Algorithm 1 or 2 on this call's input; on the torch path the scores come from the logits the layer uses.
-        triton = layer._triton_for(x)
-        xn, logits = (None, None) if triton else layer.logits(x)
-        scores = layer._kernel(x, mask)[2] if triton else layer.scores(logits, mask)  # [B, E]
+            return layer.mix(routing, self.choice(self.experts), self.mode)
+        # Algorithm 1 or 2 on this call's input, scored from the routing the layer then mixes with.
+        scores = routing.scores  # [B, E]
         present = layer.config.present
         if present is not None:  # a compressed layer can only choose among the experts it holds
             held = torch.tensor(present, device=x.device)
             experts = held[select_experts(scores.index_select(1, held), self.k, self.per)]
         else:
             experts = select_experts(scores, self.k, self.per)
-        experts = self.choice(experts)
-        if experts.dim() == 2:
-            return layer._per_input(x, mask, experts, self.mode, xn=xn, logits=logits)
-        return layer.run_subset(x, mask, experts, self.mode, xn=xn, logits=logits)
+        return layer.mix(routing, self.choice(experts), self.mode)
 
 
 def _check_ids(experts: torch.Tensor, layer: SoftMoE) -> None:
@@ -248,6 +241,19 @@ def with_selection(module: nn.Module, keep, per: Per = "batch", mode: str = "dro
     return _replace_layers(module, lambda name, layer: PrunedSoftMoE(layer, keep=keep, per=per, mode=mode))
 
 
+class _Scoring(nn.Module):
+    """A Soft MoE layer run in full that hands each call's expert scores to `record`: one routing per call."""
+
+    def __init__(self, layer: SoftMoE, record):
+        super().__init__()
+        self.layer, self.record = layer, record
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        routing = self.layer.route(x, mask)
+        self.record(routing.scores)
+        return self.layer.mix(routing)
+
+
 # Calibration sums scores as integers in units of 2**-24: integer addition is exact and order-free, so a data set
 # sharded over processes (each rank takes every world-th batch) gives bit for bit the sums of one process.
 _FIXED_POINT = 2.0**24
@@ -284,28 +290,19 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], progress: bool 
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
     sums = {name: torch.zeros(layer.config.num_experts, dtype=torch.int64) for name, layer in layers.items()}
 
-    def hook(name):
-        def fn(layer, args, kwargs):
-            x = args[0]
-            mask = args[1] if len(args) > 1 else kwargs.get("mask")
-            scores = expert_scores(layer, x, mask)  # [B, E]
-            if not bool(torch.isfinite(scores).all()):
-                raise SelectionError(f"calibration scores of {name!r} are NaN or Inf (non-finite inputs or weights?)")
-            sums[name] += torch.round(scores.double() * _FIXED_POINT).long().sum(dim=0).cpu()
-        return fn
+    def record(name, scores):  # scores [B, E], from the routing the layer then mixes with
+        if not bool(torch.isfinite(scores).all()):
+            raise SelectionError(f"calibration scores of {name!r} are NaN or Inf (non-finite inputs or weights?)")
+        sums[name] += torch.round(scores.double() * _FIXED_POINT).long().sum(dim=0).cpu()
 
-    handles = [layer.register_forward_pre_hook(hook(name), with_kwargs=True) for name, layer in layers.items()]
-    try:
-        if progress:
-            from .reports import progress as progress_bar
+    scoring = _replace_layers(model, lambda name, layer: _Scoring(layer, lambda s, name=name: record(name, s)))
+    if progress:
+        from .reports import progress as progress_bar
 
-            batches = progress_bar(batches, desc="calibrating", unit="batch")
-        for i, x in enumerate(batches):
-            if i % world == rank:
-                model(x)
-    finally:
-        for h in handles:
-            h.remove()
+        batches = progress_bar(batches, desc="calibrating", unit="batch")
+    for i, x in enumerate(batches):
+        if i % world == rank:
+            scoring(x)
     if sharded:
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"
         for name in sums:

@@ -9,6 +9,12 @@ import torch.nn.functional as F
 from moe_prune.errors import ConfigError
 from moe_prune.layers import SoftMoE, SoftMoEConfig, routing_ref
 
+
+def weights(layer, x, mask=None):
+    """The full dispatch and combine weights [B, M, E*S] of one routed call."""
+    r = layer.route(x, mask)
+    return r.dispatch_weights, r.combine_weights
+
 KINDS = ["gelu_mlp", "relu_mlp", "geglu"]
 
 
@@ -94,7 +100,7 @@ def test_dispatch_modes_differ():
 def test_softmax_axes(M):
     x = torch.randn(4, M, 12)
     layer = make()
-    dispatch, combine = layer.routing(x)
+    dispatch, combine = weights(layer, x)
     assert dispatch.shape == combine.shape == (4, M, 12)
     # each dispatch column (a slot) sums to 1 over tokens; each combine row (a token) sums to 1 over slots
     torch.testing.assert_close(dispatch.sum(dim=1), torch.ones(4, 12))
@@ -105,22 +111,22 @@ def test_normalization_is_scale_invariant_and_uses_eps():
     """l2-normalized routing: scaling a token changes nothing in its routing; a zero token stays finite."""
     layer = make()
     x = torch.randn(1, 4, 12)
-    d1, c1 = layer.routing(x)
-    d2, c2 = layer.routing(x * torch.tensor([1.0, 5.0, 0.2, 30.0]).view(1, 4, 1))
+    d1, c1 = weights(layer, x)
+    d2, c2 = weights(layer, x * torch.tensor([1.0, 5.0, 0.2, 30.0]).view(1, 4, 1))
     torch.testing.assert_close(c1, c2)
     torch.testing.assert_close(d1, d2)
     x[0, 0] = 0
-    d, c = layer.routing(x)
+    d, c = weights(layer, x)
     assert torch.isfinite(d).all() and torch.isfinite(c).all()
 
 
 def test_scale_sharpens_routing():
     layer = make()
     x = torch.randn(1, 6, 12)
-    _, c1 = layer.routing(x)
+    _, c1 = weights(layer, x)
     with torch.no_grad():
         layer.scale.fill_(20.0)
-    _, c2 = layer.routing(x)
+    _, c2 = weights(layer, x)
     entropy = lambda c: -(c * c.clamp_min(1e-30).log()).sum(-1).mean()  # noqa: E731
     assert entropy(c2) < entropy(c1)
 
@@ -131,7 +137,7 @@ def test_mask_excludes_padded_tokens():
     mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
     with torch.no_grad():
         y = layer(x, mask=mask)
-        dispatch, combine = layer.routing(x, mask)
+        dispatch, combine = weights(layer, x, mask)
         # padded tokens get no dispatch weight and a zero output; real tokens equal running on the unpadded input
         assert dispatch[1, 4:].abs().max() == 0
         torch.testing.assert_close(dispatch[1, :4].sum(0), torch.ones(12))
@@ -148,7 +154,7 @@ def test_routing_ref_matches_layer_routing():
     layer = make(token_gain=True)
     x = torch.randn(2, 5, 12)
     d, c = routing_ref(x, layer.phi, layer.scale, layer.norm_weight, eps=layer.config.eps)
-    d2, c2 = layer.routing(x)
+    d2, c2 = weights(layer, x)
     torch.testing.assert_close(d, d2)
     torch.testing.assert_close(c, c2)
 

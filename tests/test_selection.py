@@ -13,6 +13,12 @@ from moe_prune.layers import SoftMoE, SoftMoEConfig
 from moe_prune.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig
 
 
+
+def weights(layer, x, mask=None):
+    """The full dispatch and combine weights [B, M, E*S] of one routed call."""
+    r = layer.route(x, mask)
+    return r.dispatch_weights, r.combine_weights
+
 def layer(E=8, S=2, D=12, H=10, kind="gelu_mlp"):
     m = SoftMoE(SoftMoEConfig(dim=D, num_experts=E, slots_per_expert=S, hidden=H, expert=kind)).eval()
     with torch.no_grad():
@@ -45,7 +51,7 @@ def test_scores_sum_to_token_count(M):
 def test_scores_are_combine_mass():
     m = layer()
     x = torch.randn(2, 6, 12)
-    _, combine = m.routing(x)  # [B, M, E*S]
+    _, combine = weights(m, x)  # [B, M, E*S]
     expected = combine.reshape(2, 6, 8, 2).sum(dim=(1, 3))
     torch.testing.assert_close(expert_scores(m, x), expected)
 
@@ -115,7 +121,7 @@ def test_drop_equals_full_layer_with_dropped_slot_outputs_zeroed(kind):
     x = torch.randn(3, 7, 12)
     kept = torch.tensor([1, 4, 6])
     with torch.no_grad():
-        dispatch, combine = m.routing(x)
+        dispatch, combine = weights(m, x)
         slots = dispatch.transpose(1, 2) @ m.route_tokens(x)  # [B, E*S, D]
         y = m.experts(slots.reshape(3, 8, 2, 12).transpose(0, 1).reshape(8, 6, 12))  # [E, B*S, D]
         y = y.reshape(8, 3, 2, 12).transpose(0, 1)  # [B, E, S, D]

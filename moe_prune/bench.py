@@ -229,6 +229,34 @@ def bench_models(onnx_paths: dict, modules: dict, make_input: Callable[[int], to
     return result
 
 
+def machine_roofline(threads: int | None = None, device: str = "cpu") -> dict:
+    """This machine's peak fp32 matmul rate and weight-read bandwidth, measured in torch: the roofline's corners.
+
+    Peak: the median of 2048x2048 @ 2048x2048 products. Bandwidth: the median time to sum 256 MiB (a read of
+    memory much larger than the caches, as reading a large model's weights once per batch is).
+    Returns {"flops_per_s", "bytes_per_s"}.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+
+    def median_seconds(fn, reps):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        return float(np.median(ts))
+
+    a = torch.randn(2048, 2048, device=device)
+    flops = 2 * 2048**3 / median_seconds(lambda: a @ a, 7)
+    big = torch.ones(64 << 20, device=device)  # 256 MiB of fp32
+    bandwidth = big.numel() * 4 / median_seconds(lambda: big.sum(), 7)
+    return {"flops_per_s": flops, "bytes_per_s": bandwidth}
+
+
 def environment(provider: str = "cpu", config: BenchConfig | None = None) -> dict:
     """Versions, device and thread settings, for every results file."""
     import subprocess

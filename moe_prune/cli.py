@@ -211,7 +211,7 @@ def cmd_export(args) -> None:
             raise ConfigError("--dynamic and --keep go together (Algorithm 2 keeps `keep` experts per batch)")
         model = load(args.checkpoint)
         if args.dynamic:
-            model = with_selection(model, args.keep, per="batch", mode=args.mode or "drop")
+            model = with_selection(model, args.keep, per=args.per, mode=args.mode or "drop")
         name = args.name or Path(args.checkpoint).name.split(".")[0].replace(".", "_")
         root = write_triton_repo(model, args.out, name, kind=args.instance_kind, max_batch_size=args.max_batch_size,
                                  opset=args.opset, validate=not args.no_validate)
@@ -219,7 +219,7 @@ def cmd_export(args) -> None:
         print(f"serve it with: tritonserver --model-repository {Path(args.out).resolve()}")
         return
     path, report = export_checkpoint(
-        args.checkpoint, args.out, keep=args.keep, dynamic=args.dynamic, mode=args.mode, opset=args.opset,
+        args.checkpoint, args.out, keep=args.keep, dynamic=args.dynamic, per=args.per, mode=args.mode, opset=args.opset,
         dynamo=args.exporter == "dynamo", atol=args.atol, validate=not args.no_validate,
     )
     print(f"exported {args.checkpoint} -> {path}")
@@ -275,12 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .safetensors file, or a folder (then NAME.keepKofN.MODE.safetensors)")
     s.set_defaults(func=cmd_compress)
 
-    s = sub.add_parser("bench", help="latency of the full, compressed and Algorithm 2 models side by side, against the bounds",
+    s = sub.add_parser("bench", help="latency of the full, compressed, Algorithm 2 and Algorithm 1 models side by side, against the bounds",
                        description="Export the full model, its reduced version (a compressed checkpoint, or one made "
-                       "here by calibrating on the bundled sample) and the Algorithm 2 model to ONNX, validate them, "
+                       "here by calibrating on the bundled sample), the Algorithm 2 (per batch) and the Algorithm 1 (per input) "
+                       "models to ONNX, validate them, "
                        "then time them alternately on ONNX Runtime and in PyTorch eager at each batch size. Prints "
                        "p50/p90/p99 latency, throughput, peak memory and the speedup over the full model beside its "
-                       "analytic bounds (FLOP ratio and weight-bytes ratio, whole model and the Soft MoE layer alone). "
+                       "analytic bounds (FLOP ratio, weight-bytes ratio and the roofline of this machine's measured peak and "
+                       "bandwidth, whole model and the Soft MoE layer alone). "
                        "Writes bench.json, bench.md and bench.png to --out-dir.")
     s.add_argument("checkpoint", help="the full native checkpoint")
     s.add_argument("--compressed", help="its compressed checkpoint (default: made here, see above)")
@@ -354,17 +356,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", default="eval", help="where eval.json, eval.md, eval.png go")
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("export", help="export a checkpoint to ONNX (full, compressed, or Algorithm 2 in the graph) and validate it",
+    s = sub.add_parser("export", help="export a checkpoint to ONNX (full, compressed, or Algorithm 1 or 2 in the graph) and validate it",
                        description="Export a native checkpoint (full or compressed) to ONNX with a dynamic batch axis "
                        "(input 'input', output 'output'), then check it: the ONNX checker, and ONNX Runtime against "
                        "PyTorch on random batches of two batch sizes. With --keep and --dynamic the graph runs "
-                       "Chung et al.'s Algorithm 2 per batch (scores, TopK, only the kept experts computed) and "
+                       "Chung et al.'s Algorithm 2 per batch (scores, TopK, only the kept experts computed), or with "
+                       "--per input Algorithm 1 (each input's own top experts, only its kept slots computed), and "
                        "also outputs the chosen expert ids of each layer ('experts.<layer>'). A large model's weights "
                        "go to OUT.data beside it. Exit status 2 if validation fails.")
     s.add_argument("checkpoint", help="a native .safetensors checkpoint (full or compressed)")
     s.add_argument("--out", required=True, help="the .onnx file to write (atomically)")
     s.add_argument("--keep", help="with --dynamic: experts to keep per batch in every layer, a fraction (1/8) or a count")
-    s.add_argument("--dynamic", action="store_true", help="select the experts per batch inside the graph (Algorithm 2)")
+    s.add_argument("--dynamic", action="store_true", help="select the experts inside the graph (see --per)")
+    s.add_argument("--per", choices=("batch", "input"), default="batch",
+                   help="with --dynamic: 'batch' (Algorithm 2, one subset per batch) or 'input' (Algorithm 1, each "
+                        "input its own experts at about the cost of a shared subset; answers do not depend on the "
+                        "other inputs of a batch, the one to serve behind dynamic batching) (default: batch)")
     s.add_argument("--mode", choices=["drop", "renorm"], help="with --keep: drop (the paper, default) or renorm")
     s.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     s.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",

@@ -8,6 +8,11 @@ What can be exported (each takes one tensor named "input" and returns "output"; 
     with_selection(model, keep)        Chung et al.'s Algorithm 2 inside the graph, per batch:
                                        scores -> ReduceSum over B -> TopK -> Gather of the kept experts' weights,
                                        so only k experts are computed, whatever the batch
+    with_selection(model, keep,        Algorithm 1 inside the graph, per input: scores -> TopK per input ->
+                   per="input")        GatherElements of the kept slots' weights -> the B*K slot groups through
+                                       their experts (small experts: weights gathered per group; large ones: the
+                                       groups scattered into a [E, C, ...] batch padded to the busiest expert,
+                                       one batched MatMul over the stack), so B*K expert evaluations
     a compressed checkpoint's model    its layers run the experts they hold (SoftMoEConfig.present)
 
 `export_onnx(..., with_choice=True)` adds one output per pruned layer, "experts.<layer name>": the router ids the
@@ -641,6 +646,7 @@ def export_checkpoint(
     *,
     keep: float | str | None = None,
     dynamic: bool = False,
+    per: str = "batch",
     mode: str | None = None,
     opset: int = 18,
     dynamo: bool = False,
@@ -652,8 +658,10 @@ def export_checkpoint(
     Args:
         checkpoint: a native .safetensors checkpoint.
         out: the .onnx file to write.
-        keep: with `dynamic`, the experts Algorithm 2 keeps per batch in every layer (count or fraction).
-        dynamic: put Algorithm 2 in the graph (needs `keep`).
+        keep: with `dynamic`, the experts kept in every layer, per batch or per input (count or fraction).
+        dynamic: choose the experts inside the graph (needs `keep`).
+        per: with `dynamic`, "batch" (Algorithm 2: one subset per batch) or "input" (Algorithm 1: each input
+            its own subset, computed on its kept slots only; its answers do not depend on the rest of the batch).
         mode: "drop" (default) or "renorm", with `keep`.
         opset, dynamo: see `export_onnx`.
         atol: validation tolerance (rtol stays 1e-3).
@@ -684,8 +692,10 @@ def export_checkpoint(
         raise ExportError("--mode applies with --keep/--dynamic (a compressed checkpoint runs its held experts)")
     check_output(out, inputs=(checkpoint,))
     model = load(checkpoint)
+    if per not in ("batch", "input"):
+        raise ExportError(f"per={per!r}: choose 'batch' (Algorithm 2) or 'input' (Algorithm 1)")
     if dynamic:
-        model = with_selection(model, keep, per="batch", mode=mode or "drop")
+        model = with_selection(model, keep, per=per, mode=mode or "drop")
     path = export_onnx(model, out, opset=opset, dynamo=dynamo, with_choice=dynamic)
     report = validate_onnx(path, model, atol=atol, check=False) if validate else None
     return path, report

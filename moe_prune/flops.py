@@ -8,6 +8,12 @@ Soft MoE layer with M tokens, width D, E experts of S slots, K kept:
     router   2*M*D*(E*S)   (drop mode: all slots, the combine denominator needs them; renorm: K*S columns)
     dispatch 2*M*(K*S)*D,  combine 2*M*(K*S)*D_out,  experts (K*S) * expert FLOPs per slot
 Elementwise work (norms, softmax, GELU) is left out: it is small beside the matmuls and the same in both models.
+
+Per-input subsets (Algorithm 1) compute K experts per input, as a shared subset does, but a batch reads the weights
+of every expert some input kept: U(B) of them (`union`; about E * (1 - (1 - K/E)^B) if choices were uniform, 126 of
+128 at B = 32, K = 16), so their weight bytes grow with the batch while their FLOPs per input do not. Neither ratio
+alone bounds them; the roofline does: a pass costs at least max(FLOPs / peak FLOP/s, weight bytes / bandwidth),
+and `roofline_ratio` compares two models by that, with the machine's measured peak and bandwidth.
 """
 
 from __future__ import annotations
@@ -57,11 +63,12 @@ def expert_params(layer: SoftMoE) -> float:
 
 
 def moe_cost(layer: SoftMoE, tokens: int, kept: int | None = None, mode: str = "drop", dynamic: bool = False,
-             cost: Cost | None = None) -> Cost:
+             cost: Cost | None = None, union: int | None = None) -> Cost:
     """Add one Soft MoE layer's cost for `tokens` tokens with `kept` experts computed (None: all it holds).
 
-    `dynamic`: the subset is chosen per batch inside the model (Algorithm 2), which needs the full router logits
-    and all of Phi for the scores even in renorm mode.
+    `dynamic`: the subset is chosen inside the model (Algorithm 1 or 2), which needs the full router logits
+    and all of Phi for the scores even in renorm mode. `union`: per-input subsets whose batch kept `union`
+    distinct experts: their weights are what the pass reads (the FLOPs stay those of `kept` per input).
     """
     c = layer.config
     cost = cost or Cost()
@@ -74,12 +81,12 @@ def moe_cost(layer: SoftMoE, tokens: int, kept: int | None = None, mode: str = "
     cost.flops["combine"] += 2 * tokens * K * S * c.out_features
     cost.flops["experts"] += K * S * expert_flops_per_slot(layer)
     cost.params["router"] += D * router_cols + (1 if c.phi_norm else 0) + (D if c.token_gain else 0)
-    cost.params["experts"] += K * expert_params(layer)
+    cost.params["experts"] += (K if union is None else union) * expert_params(layer)
     return cost
 
 
 def model_cost(model: nn.Module, kept: dict | int | None = None, mode: str = "drop", dynamic: bool = False,
-               tokens: int | None = None) -> Cost:
+               tokens: int | None = None, union: dict | int | None = None) -> Cost:
     """Cost per input of a model run with `kept` experts per Soft MoE layer.
 
     Args:
@@ -89,6 +96,7 @@ def model_cost(model: nn.Module, kept: dict | int | None = None, mode: str = "dr
         mode: "drop" or "renorm".
         dynamic: experts chosen per batch in the graph (Algorithm 2): full router logits for the scores.
         tokens: tokens per input for a bare layer.
+        union: per-input subsets: the number of distinct experts the batch kept, an int or {layer name: count}.
 
     Example:
         >>> full, small = model_cost(vit), model_cost(vit, kept=16)
@@ -97,13 +105,14 @@ def model_cost(model: nn.Module, kept: dict | int | None = None, mode: str = "dr
     cost = Cost()
     layers = moe_layers(model)
     k_of = lambda name: kept.get(name) if isinstance(kept, dict) else kept  # noqa: E731
+    u_of = lambda name: union.get(name) if isinstance(union, dict) else union  # noqa: E731
     if isinstance(model, SoftMoE):
         if tokens is None:
             raise ValueError("model_cost of a bare Soft MoE layer needs tokens=")
-        return moe_cost(model, tokens, k_of(""), mode, dynamic, cost)
+        return moe_cost(model, tokens, k_of(""), mode, dynamic, cost, u_of(""))
     if isinstance(model, MnistSoftMoE):
         c = model.config
-        moe_cost(model.moe, c.tokens, k_of("moe"), mode, dynamic, cost)
+        moe_cost(model.moe, c.tokens, k_of("moe"), mode, dynamic, cost, u_of("moe"))
         cost.flops["head"] += 2 * model.head.in_features * model.head.out_features
         cost.params["head"] += model.head.weight.numel()
         return cost
@@ -121,7 +130,7 @@ def model_cost(model: nn.Module, kept: dict | int | None = None, mode: str = "dr
             p.numel() for n, p in block.named_parameters() if n.startswith(("norm1", "norm2", "ls")))
         name = f"blocks.{i}.mlp"
         if name in layers:
-            moe_cost(layers[name], M, k_of(name), mode, dynamic, cost)
+            moe_cost(layers[name], M, k_of(name), mode, dynamic, cost, u_of(name))
         else:
             cost.flops["dense_mlp"] += 2 * 2 * M * D * block.mlp.fc1.out_features
             cost.params["dense_mlp"] += sum(p.numel() for p in block.mlp.parameters())
@@ -142,3 +151,19 @@ def bounds(full: Cost, reduced: Cost) -> dict:
         "by_kind": {k: {"flops": (full.flops.get(k, 0.0), reduced.flops.get(k, 0.0)),
                         "weight_params": (full.params.get(k, 0.0), reduced.params.get(k, 0.0))} for k in kinds},
     }
+
+
+def roofline_seconds(cost: Cost, batch: int, flops_per_s: float, bytes_per_s: float, bytes_per_param: int = 4) -> float:
+    """The least time a pass over `batch` inputs can take: its FLOPs at peak, or its weights read once, whichever
+    is longer (activations are left out, as everywhere here)."""
+    return max(batch * cost.total_flops / flops_per_s, cost.total_params * bytes_per_param / bytes_per_s)
+
+
+def roofline_ratio(full: Cost, reduced: Cost, batch: int, flops_per_s: float, bytes_per_s: float) -> float:
+    """The speedup bound of `reduced` over `full` at `batch` on a machine of that peak and bandwidth.
+
+    Example:
+        >>> alg1 = model_cost(vit, kept=16, dynamic=True, union=126)   # the batch of 32 kept 126 experts
+        >>> roofline_ratio(model_cost(vit), alg1, 32, 2e11, 1.4e10)
+    """
+    return roofline_seconds(full, batch, flops_per_s, bytes_per_s) / roofline_seconds(reduced, batch, flops_per_s, bytes_per_s)

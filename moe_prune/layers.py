@@ -162,6 +162,9 @@ _GATHER_LIMIT = 1 << 20
 # batched matmul over the whole stack reads every expert and computes padding rows instead. The loop is chosen
 # while used * (expert weights + _LOOP_OVERHEAD) < all experts' weights (benchmarks/sparse_per_input.py).
 _LOOP_OVERHEAD = 1 << 17
+# A graph's row count is dynamic: it gathers weights per row only for experts small enough that this many rows
+# (B*K at batch 32 with 8 kept) stay under _GATHER_LIMIT; larger experts get the padded batched matmul.
+_GRAPH_ROWS = 256
 
 
 class StackedExperts(nn.Module):
@@ -221,7 +224,7 @@ class StackedExperts(nn.Module):
             y = grouped_experts(rows.reshape(R * N, D), idx.repeat_interleave(N), self.w1, self.b1, self.w2,
                                 self.b2, self.kind)  # [R*N, D_out]
             return y.reshape(R, N, -1)
-        if R * self.weights_per_expert < _GATHER_LIMIT:
+        if (_GRAPH_ROWS if in_graph() else R) * self.weights_per_expert < _GATHER_LIMIT:
             # Small experts: one batched matmul over the rows, each with its expert's weights gathered.
             pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
             return self._mlp(rows, pick(self.w1), pick(self.b1), pick(self.w2), pick(self.b2))
@@ -243,7 +246,7 @@ class StackedExperts(nn.Module):
         batched matmul pair over the whole stack (no weight copy), then each row read back from its place."""
         R, N, D = rows.shape
         E = self.w1.shape[0]
-        onehot = idx.unsqueeze(1) == torch.arange(E, device=idx.device)  # [R, E]
+        onehot = (idx.unsqueeze(1) == torch.arange(E, device=idx.device)).long()  # [R, E]
         rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # [R]: the row's place among its expert's rows
         width = torch.arange(onehot.sum(0).max(), device=idx.device)  # [C]; its length stays dynamic in a graph
         place = idx * width.shape[0] + rank  # [R]

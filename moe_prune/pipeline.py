@@ -96,7 +96,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
                  "bytes": (info["bytes"], small_info["bytes"])},
     }
     if config.export:
-        _say("5/5 export + bench", "ONNX export of the full, compressed and Algorithm 2 models, validation, latency")
+        _say("5/5 export + bench", "ONNX export of the full, compressed, Algorithm 2 and Algorithm 1 models, validation, latency")
         setup = BenchSetup(keep=config.keep, mode=config.mode, out_dir=str(out / "onnx"), layers_alone=False,
                            bench=BenchConfig(batch_sizes=(1, 8, 32), min_seconds=1.0) if config.bench else None)
         result["speed"] = benchmark(model, small, setup)
@@ -106,7 +106,8 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
 
 @dataclass(frozen=True)
 class BenchSetup:
-    """What `benchmark` compares: the full model, its static subset (compressed) and Algorithm 2 in the graph.
+    """What `benchmark` compares: the full model, its static subset (compressed), and Algorithms 2 (per batch)
+    and 1 (per input) in the graph.
 
     Args:
         keep, mode: the subset size and mode (Algorithm 2 keeps `keep` per batch; a static subset of the same
@@ -156,7 +157,64 @@ def reduced_model(full, keep: str, mode: str = "drop") -> tuple:
 def _variants(full, small, keep: str, mode: str) -> dict:
     from .selection import with_selection
 
-    return {"full": full, "compressed": small, "alg2": with_selection(full, keep, per="batch", mode=mode)}
+    return {"full": full, "compressed": small, "alg2": with_selection(full, keep, per="batch", mode=mode),
+            "alg1": with_selection(full, keep, per="input", mode=mode)}
+
+
+def union_of_choices(alg1, x: torch.Tensor) -> dict:
+    """{layer name: how many distinct experts the inputs of batch x kept}, for a model made by with_selection
+    (per input): the experts whose weights that batch reads."""
+    from .selection import PrunedSoftMoE
+
+    seen, handles = {}, []
+    for name, m in alg1.named_modules():
+        if isinstance(m, PrunedSoftMoE):
+            handles.append(m.choice.register_forward_hook(
+                lambda mod, args, out, name=name: seen.__setitem__(name, int(out.unique().numel()))))
+    try:
+        with torch.inference_mode():
+            alg1(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _costs(full, small, alg1, k: dict, mode: str, inputs: dict, tokens=None) -> tuple[dict, dict]:
+    """Costs of the variants, and Algorithm 1's per batch size (its weight bytes are the union its batch kept)."""
+    from .flops import model_cost
+
+    costs = {"full": model_cost(full, tokens=tokens), "compressed": model_cost(small, mode=mode, tokens=tokens),
+             "alg2": model_cost(full, kept=k, mode=mode, dynamic=True, tokens=tokens)}
+    by_batch = {}
+    for bs, x in inputs.items():
+        union = union_of_choices(alg1, x)
+        by_batch[bs] = (union, model_cost(full, kept=k, mode=mode, dynamic=True, tokens=tokens, union=union))
+    costs["alg1"] = by_batch[min(by_batch)][1] if by_batch else model_cost(full, kept=k, mode=mode, dynamic=True, tokens=tokens)
+    return costs, by_batch
+
+
+def _bounds(costs: dict, by_batch: dict, machine: dict | None) -> dict:
+    """Each variant's FLOP and weight-byte bounds, and per batch size its roofline bound (and, for Algorithm 1,
+    the weight-byte bound of the experts that batch kept)."""
+    from .flops import bounds, roofline_ratio
+
+    out = {}
+    for name, c in costs.items():
+        if name == "full":
+            continue
+        b = bounds(costs["full"], c)
+        b["by_batch"] = {}
+        for bs in by_batch:
+            cb = by_batch[bs][1] if name == "alg1" else c
+            entry = {"bytes_ratio": bounds(costs["full"], cb)["bytes_ratio"]}
+            if name == "alg1":
+                entry["union"] = by_batch[bs][0]
+            if machine:
+                entry["roofline"] = roofline_ratio(costs["full"], cb, int(bs), machine["flops_per_s"], machine["bytes_per_s"])
+            b["by_batch"][bs] = entry
+        out[name] = b
+    return out
 
 
 def _export_all(models: dict, out: Path, atol: float, tokens=None) -> tuple[dict, dict]:
@@ -180,7 +238,8 @@ def m_dim(module) -> int:
 
 
 def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
-    """Export full, compressed and Algorithm 2 models to ONNX, validate them, time them against their bounds.
+    """Export full, compressed, Algorithm 2 and Algorithm 1 models to ONNX, validate them, time them against
+    their bounds (FLOP, weight-byte and roofline ratios; Algorithm 1's bytes and roofline per batch size).
 
     Args:
         full: the full native model. small: its compressed version (see compress.compress_model).
@@ -195,9 +254,8 @@ def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
         >>> r = benchmark(model, small, BenchSetup(out_dir="bench"))
         >>> print(r["text"])
     """
-    from .bench import bench_models, environment
+    from .bench import bench_models, environment, machine_roofline
     from .export import example_input
-    from .flops import bounds, model_cost
     from .models import moe_layers
     from .selection import parse_keep
 
@@ -209,10 +267,15 @@ def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     models = _variants(full, small, setup.keep, setup.mode)
     k = {name: parse_keep(setup.keep, layer.config.num_held) for name, layer in moe_layers(full).items()}
-    costs = {"full": model_cost(full), "compressed": model_cost(small, mode=setup.mode),
-             "alg2": model_cost(full, kept=k, mode=setup.mode, dynamic=True)}
-    result = {"keep": setup.keep, "mode": setup.mode, "k": k,
-              "bounds": {name: bounds(costs["full"], c) for name, c in costs.items() if name != "full"},
+    batch_sizes = setup.bench.batch_sizes if setup.bench is not None else (1, 32)
+    gen = torch.Generator().manual_seed(0)
+    inputs = {bs: example_input(full, bs, generator=gen) for bs in batch_sizes}
+    machine = None
+    if setup.bench is not None:
+        machine = machine_roofline(setup.bench.threads, "cpu" if setup.provider == "cpu" else "cuda")
+    costs, by_batch = _costs(full, small, models["alg1"], k, setup.mode, inputs)
+    result = {"keep": setup.keep, "mode": setup.mode, "k": k, "machine": machine,
+              "bounds": _bounds(costs, by_batch, machine),
               "cost_per_input": {name: c.as_dict() for name, c in costs.items()}}
     paths, reports = _export_all(models, out, setup.atol)
     result["onnx"] = {name: str(p) for name, p in paths.items()}
@@ -221,10 +284,9 @@ def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
         name0, layer0 = next(iter(moe_layers(full).items()))
         tokens = full.config.tokens
         layers = _variants(layer0, moe_layers(small)[name0], str(k[name0]), setup.mode)
-        lcost = {"full": model_cost(layer0, tokens=tokens), "compressed": model_cost(layers["compressed"], mode=setup.mode, tokens=tokens),
-                 "alg2": model_cost(layer0, kept=k[name0], mode=setup.mode, dynamic=True, tokens=tokens)}
-        result["layer"] = {"name": name0, "tokens": tokens,
-                           "bounds": {n: bounds(lcost["full"], c) for n, c in lcost.items() if n != "full"}}
+        linputs = {bs: torch.randn(bs, tokens, layer0.config.dim, generator=gen) for bs in batch_sizes}
+        lcosts, lby_batch = _costs(layer0, layers["compressed"], layers["alg1"], k[name0], setup.mode, linputs, tokens)
+        result["layer"] = {"name": name0, "tokens": tokens, "bounds": _bounds(lcosts, lby_batch, machine)}
         (out / "layer").mkdir(exist_ok=True)
         lpaths, _ = _export_all(layers, out / "layer", setup.atol, tokens=tokens)
         result["layer"]["onnx"] = {n: str(p) for n, p in lpaths.items()}
@@ -232,18 +294,15 @@ def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
         result["env"] = environment(setup.provider)
         return result
     _say("  bench", f"whole models, ONNX Runtime {setup.provider} and torch eager, batch sizes {list(setup.bench.batch_sizes)}")
-    gen = torch.Generator().manual_seed(0)
     eager = dict(models)
     if setup.looped_baseline:
         from .bench import looped
 
         eager["full, looped experts"] = looped(full)
-    result["latency"] = bench_models(paths, eager, lambda b: example_input(full, b, generator=gen), setup.bench, setup.provider)
+    result["latency"] = bench_models(paths, eager, inputs.__getitem__, setup.bench, setup.provider)
     if setup.layers_alone:
         _say("  bench", f"the Soft MoE layer {result['layer']['name']} alone")
-        result["layer"]["latency"] = bench_models(
-            lpaths, layers, lambda b: torch.randn(b, result["layer"]["tokens"], layer0.config.dim, generator=gen),
-            setup.bench, setup.provider)
+        result["layer"]["latency"] = bench_models(lpaths, layers, linputs.__getitem__, setup.bench, setup.provider)
     result["env"] = result["latency"].pop("env")
     from .reports import format_bench
 

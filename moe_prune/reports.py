@@ -199,25 +199,32 @@ def format_demo(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _bound_at(b: dict | None, bs) -> tuple:
+    """(FLOP bound, weight-byte bound, roofline bound) of a variant at batch size bs; None where unknown. The
+    bytes bound of Algorithm 1 depends on the batch (the experts its inputs kept); the roofline on both."""
+    if b is None:
+        return None, None, None
+    at = b.get("by_batch", {}).get(bs) or b.get("by_batch", {}).get(str(bs)) or {}
+    return b["flop_ratio"], at.get("bytes_ratio", b["bytes_ratio"]), at.get("roofline")
+
+
 def _bench_rows(latency: dict, bounds: dict) -> list:
     rows = []
     for engine in ("onnxruntime", "torch"):
         for bs, stats in latency.get(engine, {}).items():
             for name, s in stats.items():
                 speed = latency["speedup"][engine][bs][name]
-                b = bounds.get(name) if name != "full" else {"flop_ratio": 1.0, "bytes_ratio": 1.0}
-                fb, bb = (b["flop_ratio"], b["bytes_ratio"]) if b else (None, None)
-                applicable = None if b is None else bb if int(bs) == 1 else fb if int(bs) >= 32 else None
+                fb, bb, rb = _bound_at(bounds.get(name), int(bs)) if name != "full" else (1.0, 1.0, 1.0)
                 rows.append([engine, bs, name, f"{s['p50_ms']:.3f}", f"{s['p90_ms']:.3f}", f"{s['p99_ms']:.3f}",
                              f"{s['throughput_per_s']:.0f}", f"{speed:.2f}x", "" if fb is None else f"{fb:.2f}x",
-                             "" if bb is None else f"{bb:.2f}x",
-                             "" if applicable is None or name == "full" else f"{100 * speed / applicable:.0f}%",
+                             "" if bb is None else f"{bb:.2f}x", "" if rb is None else f"{rb:.2f}x",
+                             "" if rb is None or name == "full" else f"{100 * speed / rb:.0f}%",
                              "" if s.get("peak_rss_mb") is None else f"{s['peak_rss_mb']:.0f}"])
     return rows
 
 
 BENCH_HEADER = ["engine", "batch", "model", "p50 ms", "p90 ms", "p99 ms", "inputs/s", "speedup", "FLOP bound",
-                "bytes bound", "of bound", "peak RSS MB"]
+                "bytes bound", "roofline", "of roofline", "peak RSS MB"]
 
 
 def format_costs(bounds: dict, markdown: bool = False) -> str:
@@ -243,7 +250,8 @@ def format_bench(r: dict, markdown: bool = False) -> str:
     """The latency table of `pipeline.benchmark`: speedup over the full model beside its two analytic bounds,
     then the per-input cost by layer kind that the bounds are computed from.
 
-    "of bound" compares the speedup with the bound that applies: weight bytes at batch 1, FLOPs at batch >= 32.
+    "of roofline" compares the speedup with the roofline bound at that batch size: each pass costs at least its
+    FLOPs at the machine's measured peak or its weight bytes at the measured bandwidth, whichever is longer.
     """
     env = r["env"]
     lines = [f"latency, keep {r['keep']} ({r['mode']}), ONNX Runtime {env.get('onnxruntime')} {env.get('provider')} "
@@ -294,12 +302,14 @@ def demo_speed(r: dict) -> str:
     rows = []
     for bs, stats in r["latency"]["onnxruntime"].items():
         speed = r["latency"]["speedup"]["onnxruntime"][bs]
-        for name in ("compressed", "alg2"):
-            b = r["bounds"][name]
-            applicable = b["bytes_ratio"] if int(bs) == 1 else b["flop_ratio"] if int(bs) >= 32 else None
+        for name in ("compressed", "alg2", "alg1"):
+            if name not in stats:
+                continue
+            fb, bb, rb = _bound_at(r["bounds"][name], int(bs))
             rows.append([bs, name, f"{stats['full']['p50_ms']:.3f}", f"{stats[name]['p50_ms']:.3f}", f"{speed[name]:.2f}x",
-                         f"{b['flop_ratio']:.2f}x", f"{b['bytes_ratio']:.2f}x",
-                         "" if applicable is None else f"{100 * speed[name] / applicable:.0f}%"])
+                         f"{fb:.2f}x", f"{bb:.2f}x", "" if rb is None else f"{rb:.2f}x",
+                         "" if rb is None else f"{100 * speed[name] / rb:.0f}%"])
     head = (f"speed (ONNX Runtime {env.get('onnxruntime')} {env.get('provider')}, {env['cpu']}, {env['torch_threads']} "
             "threads; median latency; torch eager and p90/p99 in summary.json):")
-    return head + "\n" + table(rows, ["batch", "reduced", "full ms", "reduced ms", "speedup", "FLOP bound", "bytes bound", "of bound"])
+    return head + "\n" + table(rows, ["batch", "reduced", "full ms", "reduced ms", "speedup", "FLOP bound", "bytes bound", "roofline",
+                                   "of roofline"])

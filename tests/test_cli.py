@@ -128,7 +128,12 @@ def test_demo_and_bench_on_a_tiny_checkpoint(tmp_path, ckpt, capsys):
     assert main(["bench", str(ckpt), "--keep", "1/4", "--batch-sizes", "1,4", "--min-seconds", "0",
                  "--out-dir", str(bench)]) == 0
     r = json.loads((bench / "bench.json").read_text())
-    assert set(r["latency"]["onnxruntime"]["1"]) == {"full", "compressed", "alg2"}
+    assert set(r["latency"]["onnxruntime"]["1"]) == {"full", "compressed", "alg2", "alg1"}
+    # Algorithm 1 reads the experts its batch kept: 4 at batch 1, between 4 and 16 for 4 inputs
+    alg1 = r["bounds"]["alg1"]["by_batch"]
+    assert alg1["1"]["union"] == {"moe": 4} and 4 <= alg1["4"]["union"]["moe"] <= 16
+    assert alg1["1"]["bytes_ratio"] == r["bounds"]["alg2"]["bytes_ratio"] >= alg1["4"]["bytes_ratio"]
+    assert all(b["roofline"] > 1 for b in alg1.values())
     assert r["bounds"]["compressed"]["flop_ratio"] > 1 and r["layer"]["latency"]["torch"]["4"]["alg2"]["p50_ms"] > 0
     experts = r["bounds"]["compressed"]["by_kind"]["experts"]  # 4 of 16 experts: a quarter of their cost
     assert experts["flops"][0] == 4 * experts["flops"][1] and experts["weight_params"][0] == 4 * experts["weight_params"][1]

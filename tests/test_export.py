@@ -81,6 +81,8 @@ def _variant(family: str, variant: str, mode: str):
         return with_experts(model, experts, mode=mode)
     if variant == "dynamic":
         return with_selection(model, "1/4", per="batch", mode=mode)
+    if variant == "per_input":
+        return with_selection(model, "1/4", per="input", mode=mode)
     return model
 
 
@@ -97,7 +99,7 @@ def _files(folder: Path) -> list[str]:
 
 
 CASES = [(f, "full", "drop") for f in BUILD] + [
-    (f, v, m) for f in BUILD for v in ("static", "dynamic") for m in ("drop", "renorm")
+    (f, v, m) for f in BUILD for v in ("static", "dynamic", "per_input") for m in ("drop", "renorm")
 ]
 
 
@@ -111,7 +113,7 @@ def test_onnx_matches_torch(tmp_path, family, variant, mode):
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     ops = op_histogram(path)
     assert "Einsum" not in ops and ops.get("MatMul", 0) >= 3
-    assert ("TopK" in ops) == (variant == "dynamic")
+    assert ("TopK" in ops) == (variant in ("dynamic", "per_input"))
 
     gen = torch.Generator().manual_seed(4)
     for batch in (1, 3):  # neither is the traced batch size (2)
@@ -330,6 +332,36 @@ def test_fixed_batch_and_bad_options(tmp_path):
     assert _files(tmp_path) == ["fixed.onnx"]
 
 
+@pytest.mark.parametrize("graph_path", ["gathered per group", "padded over the stack"])
+@pytest.mark.parametrize("family", ["mnist", "vit", "layer"])
+def test_graph_algorithm1_equals_torch_choice_and_output(tmp_path, family, graph_path, monkeypatch):
+    """Algorithm 1 in the graph: each input's own experts (a [B, k] choice output) and the output, both equal to
+    PyTorch's at batch sizes other than the traced one; both graph formulations of the grouped experts."""
+    monkeypatch.setattr("moe_prune.layers._GATHER_LIMIT", 0 if graph_path == "padded over the stack" else 1 << 40)
+    model = with_selection(BUILD[family](), "1/4", per="input")
+    path = export_onnx(model, tmp_path / "alg1.onnx", with_choice=True)
+    ops = op_histogram(path)
+    assert ("ScatterElements" in ops) == (graph_path == "padded over the stack")
+    gen = torch.Generator().manual_seed(6)
+    for batch in (1, 5):
+        x = example_input(model, batch, generator=gen)
+        x = x * (torch.rand(x.shape, generator=gen) < 0.05) if family == "mnist" else 3 * torch.randn(x.shape, generator=gen)
+        got = _run(path, x)
+        choices = {}
+        handles = [m.choice.register_forward_hook(lambda mod, a, out, n=n: choices.__setitem__(n, out))
+                   for n, m in model.named_modules() if isinstance(m, PrunedSoftMoE)]
+        with torch.no_grad():
+            ref = model(x)
+        for h in handles:
+            h.remove()
+        torch.testing.assert_close(torch.from_numpy(got["output"]), ref, atol=ATOL, rtol=RTOL)
+        for name, ids in choices.items():
+            assert ids.shape[0] == batch and got["experts" + (f".{name}" if name else "")].tolist() == ids.tolist()
+        if batch == 5:
+            assert len({tuple(r) for r in next(iter(choices.values())).tolist()}) > 1  # inputs differ in choice
+    assert validate_onnx(path, model, atol=1e-4).passed
+
+
 def test_cli_export(tmp_path, capsys):
     from moe_prune import save
 
@@ -339,6 +371,10 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", str(ckpt), "--out", str(out), "--keep", "1/4", "--dynamic", "--mode", "renorm"]) == 0
     text = capsys.readouterr().out
     assert "PASSED" in text and "experts.moe" in text and out.is_file()
+    alg1 = tmp_path / "alg1.onnx"
+    assert main(["export", str(ckpt), "--out", str(alg1), "--keep", "1/4", "--dynamic", "--per", "input"]) == 0
+    assert "PASSED" in capsys.readouterr().out
+    assert [d.dim_param for d in onnx.load(str(alg1)).graph.output[1].type.tensor_type.shape.dim][0] == "batch"
 
     compressed = MnistSoftMoE(MnistConfig(num_experts=8),
                               SoftMoEConfig(dim=196, num_experts=8, slots_per_expert=1, hidden=98,

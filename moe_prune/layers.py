@@ -162,6 +162,10 @@ _GATHER_LIMIT = 1 << 20
 # batched matmul over the whole stack reads every expert and computes padding rows instead. The loop is chosen
 # while used * (expert weights + _LOOP_OVERHEAD) < all experts' weights (benchmarks/sparse_per_input.py).
 _LOOP_OVERHEAD = 1 << 17
+# Many rows per expert (the full layer, eager): one fused addmm pair per expert beats the batched matmul over the
+# stack from about this many rows (16 experts x 256 rows, D=512, H=2048: 1.16x on a CPU; at 16-32 rows the
+# batched matmul is as fast or faster). benchmarks/vs_libraries.py measures the regimes.
+_LOOP_ROWS = 128
 # A graph's row count is dynamic: it gathers weights per row only for experts small enough that this many rows
 # (B*K at batch 32 with 8 kept) stay under _GATHER_LIMIT; larger experts get the padded batched matmul.
 _GRAPH_ROWS = 256
@@ -198,7 +202,12 @@ class StackedExperts(nn.Module):
     def forward(self, slots: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """slots [K, N, D] -> [K, N, D_out]; expert k of the stack is idx[k] (all experts in order if None)."""
         if idx is None:
-            return self._mlp(slots, self.w1, self.b1, self.w2, self.b2)
+            if in_graph() or slots.shape[1] < _LOOP_ROWS:
+                return self._mlp(slots, self.w1, self.b1, self.w2, self.b2)
+            out = slots.new_empty(*slots.shape[:-1], self.w2.shape[-1])  # [E, N, D_out], written expert by expert
+            for e in range(slots.shape[0]):
+                self._expert(slots[e], e, out=out[e])
+            return out
         if in_graph() or len(idx) * self.weights_per_expert < _GATHER_LIMIT:
             # Gather the kept experts' weights (an ONNX Gather in a graph), then the same batched matmuls.
             pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
@@ -265,10 +274,15 @@ class StackedExperts(nn.Module):
 
         return grouped_experts_supported(rows, self.w1, self.kind)
 
-    def _expert(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        """x [N, D] through expert i of the stack, its weights used in place."""
+    def _expert(self, x: torch.Tensor, i: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, D] through expert i of the stack, its weights used in place (the result into `out` if given)."""
         at = lambda t: None if t is None else t[i]  # noqa: E731
-        return self._mlp(x, self.w1[i], at(self.b1), self.w2[i], at(self.b2))
+        if out is None:
+            return self._mlp(x, self.w1[i], at(self.b1), self.w2[i], at(self.b2))
+        h = expert_activation(self.kind, _linear(x, self.w1[i], at(self.b1)))  # [N, H]
+        if self.b2 is None:
+            return torch.mm(h, self.w2[i], out=out)
+        return torch.addmm(self.b2[i], h, self.w2[i], out=out)
 
     def _mlp(self, x, w1, b1, w2, b2):
         """x [..., N, D] through experts with weights w1 [..., D, H1], b1 [..., H1], w2 [..., H, D_out]."""

@@ -209,3 +209,17 @@ def test_expert_subset_eager_views_equal_the_gathered_graph_path(kind, monkeypat
         graph = layer.experts(slots, idx)
     torch.testing.assert_close(eager, graph)
     assert layer.experts(slots[:0], idx[:0]).shape == (0, 5, 12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_layer_expert_loop_equals_batched_matmul(kind, monkeypatch):
+    """Many rows per expert run as one addmm pair per expert (eager); few as one batched matmul: the same layer."""
+    layer = make(expert=kind)
+    x = torch.randn(3, 7, 12)
+    with torch.no_grad():
+        monkeypatch.setattr("moe_prune.layers._LOOP_ROWS", 1 << 30)
+        batched = layer(x)
+        monkeypatch.setattr("moe_prune.layers._LOOP_ROWS", 1)
+        looped = layer(x)
+    torch.testing.assert_close(looped, batched, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(looped, loop_reference(layer, x), atol=1e-5, rtol=1e-4)

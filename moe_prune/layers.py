@@ -21,7 +21,7 @@ import functools
 import importlib.util
 import math
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -162,13 +162,61 @@ _GATHER_LIMIT = 1 << 20
 # batched matmul over the whole stack reads every expert and computes padding rows instead. The loop is chosen
 # while used * (expert weights + _LOOP_OVERHEAD) < all experts' weights (benchmarks/sparse_per_input.py).
 _LOOP_OVERHEAD = 1 << 17
+# A graph also gathers per row when its rows number at most this fraction of the experts: copying R experts'
+# weights then costs less than reading all E (ONNX Runtime, ViT-S/16 experts, 16 rows of 128 experts: gathered
+# 26.5 ms, padded over the stack 77 ms; benchmarks/ort_grouped_experts.py).
+_GRAPH_FEW_ROWS = 0.5
 # Many rows per expert (the full layer, eager): one fused addmm pair per expert beats the batched matmul over the
 # stack from about this many rows (16 experts x 256 rows, D=512, H=2048: 1.16x on a CPU; at 16-32 rows the
 # batched matmul is as fast or faster). benchmarks/vs_libraries.py measures the regimes.
 _LOOP_ROWS = 128
-# A graph's row count is dynamic: it gathers weights per row only for experts small enough that this many rows
-# (B*K at batch 32 with 8 kept) stay under _GATHER_LIMIT; larger experts get the padded batched matmul.
-_GRAPH_ROWS = 256
+
+
+@functools.cache
+def _grouped_graph():
+    """StackedExperts.grouped as TorchScript, for ONNX graphs: both execution choices in the graph (an ONNX If on
+    the batch's row count), since a graph's batch is only known when it runs. Scripted on first use."""
+
+    @torch.jit.script
+    def mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+            b2: Optional[torch.Tensor], kind: int) -> torch.Tensor:
+        # x [..., N, D] -> [..., N, D_out]; kind indexes EXPERT_KINDS (gelu_mlp, relu_mlp, geglu).
+        h = torch.matmul(x, w1)
+        if b1 is not None:
+            h = h + b1.unsqueeze(-2)
+        if kind == 0:
+            h = F.gelu(h)
+        elif kind == 1:
+            h = F.relu(h)
+        else:
+            value, gate = h.chunk(2, dim=-1)
+            h = value * F.gelu(gate)
+        y = torch.matmul(h, w2)
+        if b2 is not None:
+            y = y + b2.unsqueeze(-2)
+        return y
+
+    @torch.jit.script
+    def grouped(rows: torch.Tensor, idx: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
+                w2: torch.Tensor, b2: Optional[torch.Tensor], kind: int, gather_limit: int, few_rows: int) -> torch.Tensor:
+        # rows [R, N, D], idx [R] -> [R, N, D_out]
+        R, N, D = rows.shape[0], rows.shape[1], rows.shape[2]
+        if R * (w1.shape[1] * w1.shape[2] + w2.shape[1] * w2.shape[2]) < gather_limit or R <= few_rows:
+            # each row with its expert's weights gathered: small experts, or so few rows that copying their
+            # experts costs less than reading the whole stack (ONNX Runtime has no matmul on a subset in place)
+            return mlp(rows, w1.index_select(0, idx), None if b1 is None else b1.index_select(0, idx),
+                       w2.index_select(0, idx), None if b2 is None else b2.index_select(0, idx), kind)
+        # rows grouped into a [E, C*N, D] batch padded to the busiest expert, the stack's weights used in place
+        E = w1.shape[0]
+        onehot = (idx.unsqueeze(1) == torch.arange(E, device=idx.device)).long()  # [R, E]
+        rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # [R]: the row's place among its expert's rows
+        C = int(onehot.sum(0).max())
+        place = idx * C + rank  # [R]
+        x = torch.zeros(E * C, N * D, dtype=rows.dtype, device=rows.device).index_copy(0, place, rows.reshape(R, N * D))
+        y = mlp(x.reshape(E, C * N, D), w1, b1, w2, b2, kind)  # [E, C*N, D_out]
+        return y.reshape(E * C, N, y.shape[-1]).index_select(0, place)
+
+    return grouped
 
 
 class StackedExperts(nn.Module):
@@ -227,13 +275,17 @@ class StackedExperts(nn.Module):
         R, N, D = rows.shape
         if R == 0:
             return rows.new_zeros(0, N, self.w2.shape[-1])
+        if torch.jit.is_tracing():
+            # The graph chooses at run time, by its batch's row count, with the rule below (an ONNX If).
+            return _grouped_graph()(rows, idx, self.w1, self.b1, self.w2, self.b2, EXPERT_KINDS.index(self.kind),
+                                    _GATHER_LIMIT, int(_GRAPH_FEW_ROWS * self.w1.shape[0]))
         if not in_graph() and self._triton_for(rows):
             from .kernels.grouped_experts import grouped_experts
 
             y = grouped_experts(rows.reshape(R * N, D), idx.repeat_interleave(N), self.w1, self.b1, self.w2,
                                 self.b2, self.kind)  # [R*N, D_out]
             return y.reshape(R, N, -1)
-        if (_GRAPH_ROWS if in_graph() else R) * self.weights_per_expert < _GATHER_LIMIT:
+        if R * self.weights_per_expert < _GATHER_LIMIT:
             # Small experts: one batched matmul over the rows, each with its expert's weights gathered.
             pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
             return self._mlp(rows, pick(self.w1), pick(self.b1), pick(self.w2), pick(self.b2))

@@ -668,10 +668,11 @@ def _tree(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("case", sorted(MISTAKES))
-def test_user_mistake_is_one_line_and_leaves_nothing(workspace, case, monkeypatch, capfd):
+def test_user_mistake_is_one_line_and_leaves_nothing(workspace, case, tmp_path, monkeypatch, capfd):
     from moe_prune.cli import main
 
     argv, words, patch = MISTAKES[case]
+    workspace = Path(shutil.copytree(workspace, tmp_path / "ws"))  # each row on its own copy: rows cannot mask each other
     monkeypatch.chdir(workspace)
     if patch is not None:
         patch(monkeypatch)

@@ -256,7 +256,8 @@ def test_speedup_far_above_its_bound_is_flagged():
     assert of_bound(6.66, 2.0) == ("333% !", True) and of_bound(1.0, None) == ("", False)
     stats = lambda ms: {"p50_ms": ms}  # noqa: E731
     r = {"env": {"onnxruntime": "1", "provider": "cpu", "cpu": "x", "torch_threads": 1},
-         "bounds": {n: {"flop_ratio": 2.0, "bytes_ratio": 2.0} for n in ("compressed", "alg2")},
+         "bounds": {n: {"flop_ratio": 2.0, "bytes_ratio": 2.0, "by_batch": {"1": {"bytes_ratio": 2.0, "roofline": 2.0}}}
+                    for n in ("compressed", "alg2")},
          "latency": {"onnxruntime": {"1": {"full": stats(1.0), "compressed": stats(0.15), "alg2": stats(0.6)}},
                      "speedup": {"onnxruntime": {"1": {"compressed": 6.66, "alg2": 1.66}}}}}
     text = demo_speed(r)
@@ -295,5 +296,5 @@ def test_bench_on_a_bare_layer_times_tokens(tmp_path, capsys):
     out = tmp_path / "b"
     assert main(["bench", str(layer), "--keep", "2", "--batch-sizes", "1", "--min-seconds", "0", "--out-dir", str(out)]) == 0
     r = json.loads((out / "bench.json").read_text())
-    assert r["tokens"] == 16 and set(r["latency"]["onnxruntime"]["1"]) == {"full", "compressed", "alg2"}
+    assert r["tokens"] == 16 and set(r["latency"]["onnxruntime"]["1"]) == {"full", "compressed", "alg2", "alg1"}
     assert r["bounds"]["compressed"]["by_kind"]["experts"]["flops"][0] == 4 * r["bounds"]["compressed"]["by_kind"]["experts"]["flops"][1]

@@ -46,6 +46,18 @@ class BenchConfig:
     min_seconds: float = 2.0
     threads: int | None = None
 
+    def __post_init__(self):
+        from .errors import ConfigError
+
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ConfigError(f"batch sizes {list(self.batch_sizes)}: give positive integers, e.g. 1,8,32")
+        if not self.min_seconds >= 0:  # also refuses NaN
+            raise ConfigError(f"--min-seconds {self.min_seconds:g}: must be 0 or more (0: just the fixed rounds)")
+        if self.warmup < 0 or self.rounds < 1 or self.iters_per_round < 1:
+            raise ConfigError(f"bench config: warmup >= 0, rounds >= 1 and iters_per_round >= 1; got {self}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads {self.threads}: give at least 1 (or leave it out for the default)")
+
 
 def _peak_rss_reset() -> None:
     try:

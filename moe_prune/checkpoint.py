@@ -134,10 +134,27 @@ def native_info(path: str | os.PathLike) -> tuple[dict, dict, dict[str, tuple[st
         raise CheckpointError(f"{path}: its architecture config is invalid: depth {depth}, but the file holds {len(tensors)} tensors")
     try:  # a damaged spec fails in many ways (wrong types, huge sizes); building it on the meta device checks all
         with torch.device("meta"):
-            spec = model_spec(build(spec))
+            skeleton = build(spec)
+            spec = model_spec(skeleton)
     except Exception as e:
         raise CheckpointError(f"{path}: its architecture config is invalid: {e if isinstance(e, ConfigError) else _short(e)}") from None
+    # The header against the spec, as `load` checks it: `info` and `compress` never describe a file `load` refuses.
+    _check_layout(skeleton, tensors, path)
     return spec, meta, tensors
+
+
+def skeleton(path: str | os.PathLike) -> nn.Module:
+    """The model a native checkpoint describes, on the meta device (no tensor read), with its `checkpoint_meta`:
+    enough to know what input it takes before minutes of work (see data.check_inputs).
+
+    Example:
+        >>> data.check_inputs(skeleton("model.safetensors"), images, "calib.npy")
+    """
+    spec, meta, _ = native_info(path)
+    with torch.device("meta"):
+        model = build(spec)
+    model.checkpoint_meta = meta
+    return model
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:

@@ -6,11 +6,23 @@ Errors a user can cause (moe_prune.errors) print as one line on stderr with exit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shlex
 import sys
 from pathlib import Path
 
 from .errors import ConfigError, MoePruneError
+
+
+def _command(args) -> str:
+    """The command line this run was called with, quoted so that it can be pasted back into a shell."""
+    return shlex.join(["moe-prune", *args.argv])
+
+
+def _no_plot_note(path) -> None:
+    print(f"moe-prune: note: {path} not written: matplotlib is not installed (pip install matplotlib, or the "
+          "[dev] extra)", file=sys.stderr)
 
 
 def _json_arg(text: str) -> dict:
@@ -37,9 +49,20 @@ def cmd_info(args) -> None:
 
 def cmd_convert(args) -> None:
     from .checkpoint import convert
+    from .files import output_folder, resolve_out
 
-    model, source = convert(args.source, args.out, args.source_format, _json_arg(args.kwargs))
-    print(f"converted {args.source} ({source}) -> {args.out}")
+    kwargs = _json_arg(args.kwargs)
+    out = resolve_out(args.out, ".safetensors", f"{Path(args.source).stem}.native.safetensors")
+    with _folder_for(out, args.out):
+        model, source = convert(args.source, out, args.source_format, kwargs)
+    print(f"converted {args.source} ({source}) -> {out}")
+
+
+def _folder_for(out: Path, given: str):
+    """Create the folder of a folder-form --out (see files.resolve_out) for the run; else nothing to create."""
+    from .files import output_folder
+
+    return output_folder(out.parent) if out.name != Path(given).name else contextlib.nullcontext()
 
 
 def _int_list(text: str) -> list[int]:
@@ -59,12 +82,12 @@ def cmd_train(args) -> None:
     from .models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig
     from .train import TrainConfig, init_router_scale, train
 
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     train_set = load_images(args.data, split="train")
     test_set = load_images(args.data, split="test")
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    command = "moe-prune " + " ".join(sys.argv[1:])
+    out_dir.mkdir(parents=True, exist_ok=True)  # kept on failure: it holds the .resume files of finished epochs
+    command = _command(args)
     for n in args.experts:
         torch_seed(args.seed)
         if args.model == "mnist":
@@ -94,31 +117,50 @@ def _csv(text: str) -> list[str]:
 def cmd_eval(args) -> None:
     from pathlib import Path
 
-    from .data import calibration_batches, load_images
-    from .evaluate import StudyConfig, study
-    from .checkpoint import load
+    from .checkpoint import load, skeleton
+    from .data import calibration_inputs, check_inputs, iterate_batches, load_images
+    from .evaluate import StudyConfig, check_labels, study
+    from .files import output_folder
+    from .models import moe_layers
     from .reports import study_markdown, study_plot, write_json, write_text
-    from .selection import calibrate
+    from .selection import calibrate, parse_keep
 
-    test_set = load_images(args.data, split="test")
     config = StudyConfig(keeps=tuple(args.keep), modes=tuple(args.modes), batch_sizes=tuple(args.batch_sizes),
                          random_seeds=args.random_seeds)
+    if args.calib_limit < 1:
+        raise ConfigError(f"--calib-limit {args.calib_limit}: give at least 1")
+    test_set = load_images(args.data, split="test")
+    calib_src = args.calib or args.data
+    calib_x = calibration_inputs(calib_src, limit=args.calib_limit)
+    for path in args.checkpoints:  # every input checked against every model before minutes of work
+        model = skeleton(path)
+        check_inputs(model, test_set[0], args.data)
+        check_inputs(model, calib_x, calib_src)
+        for keep in config.keeps:
+            for layer in moe_layers(model).values():
+                parse_keep(keep, layer.config.num_held)
+    batches = [x for x, _ in iterate_batches(calib_x, None, 256)]
     reports = []
-    for path in args.checkpoints:
-        model = load(path)
-        sums = calibrate(model, calibration_batches(args.calib or args.data, limit=args.calib_limit))
-        report = study(model, test_set, sums, config)
-        report.update(name=Path(path).name, checkpoint=str(path), data=args.data, calib=args.calib or args.data,
-                      calib_limit=args.calib_limit)
-        reports.append(report)
-        print(f"{path}: n={report['experts']} full {report['full']:.4f}, no experts {report['no_experts']:.4f}", file=sys.stderr)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"command": "moe-prune " + " ".join(sys.argv[1:]), "reports": reports, **_versions()}
-    write_json(out / "eval.json", record)
-    md = study_markdown(reports)
-    write_text(out / "eval.md", f"Command: `{record['command']}`\n\n{md}\n")
-    plotted = study_plot(reports, out / "eval.png")
+    with output_folder(args.out_dir) as out:  # a failed run leaves no output behind
+        for i, path in enumerate(args.checkpoints, 1):
+            model = load(path)
+            check_labels(model, *test_set, where=args.data)
+            print(f"[eval {i}/{len(args.checkpoints)}] {path}: calibrating on {len(calib_x)} inputs of {calib_src}, "
+                  f"then the study on {len(test_set[0])} test images", file=sys.stderr, flush=True)
+            sums = calibrate(model, batches, progress=True)
+            report = study(model, test_set, sums, config)
+            report.update(name=Path(path).name, checkpoint=str(path), data=args.data, calib=calib_src,
+                          calib_limit=args.calib_limit)
+            reports.append(report)
+            print(f"{path}: n={report['experts']} full {report['full']:.4f}, no experts {report['no_experts']:.4f}",
+                  file=sys.stderr)
+        record = {"command": _command(args), "reports": reports, **_versions()}
+        write_json(out / "eval.json", record)
+        md = study_markdown(reports)
+        write_text(out / "eval.md", f"Command: `{record['command']}`\n\n{md}\n")
+        plotted = study_plot(reports, out / "eval.png")
+    if not plotted:
+        _no_plot_note(out / "eval.png")
     print(md)
     print(f"\nwrote {out / 'eval.json'}, {out / 'eval.md'}" + (f", {out / 'eval.png'}" if plotted else ""))
 
@@ -127,34 +169,48 @@ def cmd_demo(args) -> None:
     from .pipeline import DemoConfig, run_demo
     from .reports import format_demo, write_json
 
-    result = run_demo(DemoConfig(checkpoint=args.checkpoint, out_dir=args.out_dir, keep=args.keep, mode=args.mode,
-                                 export=not args.no_export, bench=not args.no_bench))
-    write_json(f"{args.out_dir}/summary.json", result)
+    from .files import output_folder
+
+    config = DemoConfig(checkpoint=args.checkpoint, out_dir=args.out_dir, keep=args.keep, mode=args.mode,
+                        export=not args.no_export, bench=not args.no_bench)
+    with output_folder(args.out_dir) as out:  # a failed demo leaves no output behind
+        result = run_demo(config)
+        write_json(out / "summary.json", result)
     print(format_demo(result))
 
 
 def cmd_bench(args) -> None:
     from pathlib import Path
 
-    from .bench import BenchConfig
+    from .bench import BenchConfig, check_provider
     from .checkpoint import load
-    from .pipeline import BenchSetup, benchmark, reduced_model
+    from .files import output_folder
+    from .models import moe_layers
+    from .pipeline import BenchSetup, benchmark, check_compressed_from, reduced_model
     from .reports import bench_plot, format_bench, write_json, write_text
+    from .selection import parse_keep
 
+    config = BenchConfig(batch_sizes=tuple(args.batch_sizes), threads=args.threads, min_seconds=args.min_seconds)
+    check_provider(args.provider)
     full = load(args.checkpoint)
-    small, how = (load(args.compressed), f"compressed checkpoint {args.compressed}") if args.compressed else \
-        reduced_model(full, args.keep, args.mode)
-    out = Path(args.out_dir)
-    setup = BenchSetup(keep=args.keep, mode=args.mode, out_dir=str(out / "onnx"), provider=args.provider,
-                       layers_alone=not args.no_layer,
-                       bench=BenchConfig(batch_sizes=tuple(args.batch_sizes), threads=args.threads,
-                                         min_seconds=args.min_seconds))
-    result = benchmark(full, small, setup)
-    result.update(command="moe-prune " + " ".join(sys.argv[1:]), checkpoint=args.checkpoint, reduced=how)
-    write_json(out / "bench.json", result)
-    write_text(out / "bench.md", f"Command: `{result['command']}`\n\nReduced model: {how}\n\n"
-               + format_bench(result, markdown=True) + "\n")
-    plotted = bench_plot(result, out / "bench.png")
+    for layer in moe_layers(full).values():
+        parse_keep(args.keep, layer.config.num_held)
+    if args.compressed:
+        small, how = load(args.compressed), f"compressed checkpoint {args.compressed}"
+        check_compressed_from(full, small, args.checkpoint, args.compressed)
+    else:
+        small, how = reduced_model(full, args.keep, args.mode)
+    with output_folder(args.out_dir) as out:  # a failed run leaves no output behind
+        setup = BenchSetup(keep=args.keep, mode=args.mode, out_dir=str(out / "onnx"), provider=args.provider,
+                           layers_alone=not args.no_layer, bench=config)
+        result = benchmark(full, small, setup)
+        result.update(command=_command(args), checkpoint=args.checkpoint, reduced=how)
+        write_json(out / "bench.json", result)
+        write_text(out / "bench.md", f"Command: `{result['command']}`\n\nReduced model: {how}\n\n"
+                   + format_bench(result, markdown=True) + "\n")
+        plotted = bench_plot(result, out / "bench.png")
+    if not plotted:
+        _no_plot_note(out / "bench.png")
     print(result["text"])
     print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}" + (f", {out / 'bench.png'}" if plotted else ""))
 
@@ -162,19 +218,24 @@ def cmd_bench(args) -> None:
 def cmd_compress(args) -> None:
     from pathlib import Path
 
-    from .checkpoint import summary
+    from .checkpoint import skeleton, summary
     from .compress import compress_checkpoint, process_group_from_env
     from .data import calibration_batches
+    from .files import check_output, resolve_out
+    from .models import moe_layers
     from .reports import human_bytes, human_count
+    from .selection import parse_keep
 
     src = Path(args.checkpoint)
-    out = Path(args.out)
-    if out.suffix != ".safetensors":  # a folder: name the file after the source, the keep and the mode
-        out = out / f"{src.stem}.keep{args.keep.replace('/', 'of')}.{args.mode}.safetensors"
-        out.parent.mkdir(parents=True, exist_ok=True)
-    batches = calibration_batches(args.calib, limit=args.calib_limit, batch_size=args.batch_size)
-    command = "moe-prune " + " ".join(sys.argv[1:])
-    with process_group_from_env() as rank:
+    out = resolve_out(args.out, ".safetensors", f"{src.stem}.keep{args.keep.replace('/', 'of')}.{args.mode}.safetensors")
+    model = skeleton(src)  # what the checkpoint takes, read from its header: the checks below come first
+    for layer in moe_layers(model).values():
+        parse_keep(args.keep, layer.config.num_held)
+    if out.parent.exists():
+        check_output(out, inputs=(src,))
+    batches = calibration_batches(args.calib, limit=args.calib_limit, batch_size=args.batch_size, model=model)
+    command = _command(args)
+    with process_group_from_env() as rank, _folder_for(out, args.out):
         path, subsets = compress_checkpoint(src, out, args.keep, batches, mode=args.mode, progress=rank == 0,
                                             meta={"command": command, "calibration": {"data": args.calib, "limit": args.calib_limit}})
     if rank != 0:
@@ -201,7 +262,10 @@ def _versions() -> dict:
 
 def cmd_export(args) -> None:
     from .export import export_checkpoint
+    from .files import resolve_out
 
+    if not args.atol >= 0:
+        raise ConfigError(f"--atol {args.atol:g}: the validation tolerance must be 0 or more (default 1e-4)")
     if args.format == "triton-repo":
         from .checkpoint import load
         from .selection import with_selection
@@ -209,6 +273,10 @@ def cmd_export(args) -> None:
 
         if (args.keep is None) != (not args.dynamic):
             raise ConfigError("--dynamic and --keep go together (Algorithm 2 keeps `keep` experts per batch)")
+        if args.max_batch_size < 1:
+            raise ConfigError(f"--max-batch-size {args.max_batch_size}: must be at least 1 (the largest batch Triton forms)")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ConfigError(f"{args.out}: exists and is not a folder; --out of triton-repo is the repository folder")
         model = load(args.checkpoint)
         if args.dynamic:
             model = with_selection(model, args.keep, per=args.per, mode=args.mode or "drop")
@@ -218,14 +286,20 @@ def cmd_export(args) -> None:
         print(f"wrote the Triton model repository {args.out}: {root / 'config.pbtxt'}, {root / '1' / 'model.onnx'}")
         print(f"serve it with: tritonserver --model-repository {Path(args.out).resolve()}")
         return
-    path, report = export_checkpoint(
-        args.checkpoint, args.out, keep=args.keep, dynamic=args.dynamic, per=args.per, mode=args.mode, opset=args.opset,
-        dynamo=args.exporter == "dynamo", atol=args.atol, validate=not args.no_validate,
-    )
-    print(f"exported {args.checkpoint} -> {path}")
+    out = resolve_out(args.out, ".onnx", f"{Path(args.checkpoint).stem}.onnx")
+    with _folder_for(out, args.out):
+        path, report = export_checkpoint(
+            args.checkpoint, out, keep=args.keep, dynamic=args.dynamic, per=args.per, mode=args.mode, opset=args.opset,
+            dynamo=args.exporter == "dynamo", atol=args.atol, validate=not args.no_validate,
+            keep_invalid=args.keep_invalid,
+        )
+        if report is not None:
+            print(report.format())
+            if not args.keep_invalid:  # a failure here takes back the folder this run made
+                report.raise_for_failure()
     if report is not None:
-        print(report.format())
-        report.raise_for_failure()
+        report.raise_for_failure()  # the kept model and its folder stay; the message says where
+    print(f"exported {args.checkpoint} -> {path}")
 
 
 # The Soft MoE ViT for 28x28 inputs: 49 patches + a class token, Soft MoE in the last 3 of 4 blocks.
@@ -235,162 +309,209 @@ VIT_DEFAULTS = dict(
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="moe-prune",
-        description="Run Soft MoE models with a fraction of their experts (Chung et al., TMLR 2025): "
-        "inspect, convert, select, compress, export to ONNX, benchmark.",
-    )
-    p.add_argument("--traceback", action="store_true", help="show the full traceback of an error (for bug reports)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class _Help(argparse.HelpFormatter):
+    """Every option with a default value ends its help with "(default: X)"; flags are off unless given."""
 
-    s = sub.add_parser("demo", help="the whole flow on the bundled checkpoint: select 1/8, compress, export, measure",
-                       description="Load a checkpoint (default: the small Fashion-MNIST model shipped with moe-prune), "
-                       "calibrate on half of the bundled sample and keep the top experts of every Soft MoE layer, write "
-                       "the compressed checkpoint, measure accuracy kept on the other half (beside random subsets and "
-                       "no experts), export full and reduced models to ONNX, validate them and benchmark them.")
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})".replace("%", "%%")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error printed as one line like every other error (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"moe-prune: error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
+OUT_RULE = ("a FILE.{suffix} is written exactly there (atomically); an existing folder or a path ending in '/' "
+            "gets {name} inside it (a missing folder is created, and removed again if the run fails)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = _Parser(
+        prog="moe-prune", formatter_class=_Help,
+        description="Run Soft MoE models with a fraction of their experts (Chung et al., TMLR 2025): "
+        "inspect, convert, select, compress, export to ONNX, benchmark. Errors a user can cause print one line "
+        "and exit with status 2; outputs appear only when a run succeeds.",
+    )
+    p.add_argument("--version", action="version", version=f"moe-prune {__version__}")
+    p.add_argument("--traceback", action="store_true", help="show the full traceback of an error (for bug reports)")
+    # --traceback is also accepted after COMMAND; SUPPRESS keeps the subcommand from resetting the global flag.
+    common = _Parser(add_help=False)
+    common.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error (for bug reports)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def command(name, **kw):
+        return sub.add_parser(name, parents=[common], formatter_class=_Help, **kw)
+
+    s = command("demo", help="the whole flow on the bundled checkpoint: select 1/8, compress, export, measure",
+                description="Load a checkpoint (default: the small Fashion-MNIST model shipped with moe-prune), "
+                "calibrate on half of the bundled sample and keep the top experts of every Soft MoE layer, write "
+                "the compressed checkpoint, measure accuracy kept on the other half (beside random subsets and "
+                "no experts), export full and reduced models to ONNX, validate them and benchmark them. The model "
+                "must take 28x28 one-channel images.")
     s.add_argument("--checkpoint", help="a native checkpoint of a 28x28 Fashion-MNIST classifier (default: the bundled one)")
-    s.add_argument("--keep", default="1/8", help="fraction or count of experts to keep (default 1/8)")
+    s.add_argument("--keep", default="1/8", help="fraction or count of experts to keep")
     s.add_argument("--mode", choices=["drop", "renorm"], default="drop", help="drop (the paper) or renorm")
-    s.add_argument("--out-dir", default="demo-output", help="where outputs go (default demo-output/)")
+    s.add_argument("--out-dir", default="demo-output", help="the folder the outputs go to")
     s.add_argument("--no-export", action="store_true", help="skip the ONNX export and benchmark")
     s.add_argument("--no-bench", action="store_true", help="export and validate, but skip the benchmark")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("compress", help="calibrate, keep the top experts of every Soft MoE layer, write a smaller checkpoint",
-                       description="Sum every Soft MoE layer's expert scores (combine-weight mass) over calibration "
-                       "data, keep each layer's top experts, and write a native checkpoint holding only those (re-indexed; "
-                       "their original ids in its metadata, see `moe-prune info --json`). drop mode keeps all of the "
-                       "router (the combine denominator needs every slot); renorm keeps only the kept columns. The "
-                       "input is never modified; the output is written atomically. Under torchrun the calibration is sharded "
-                       "over the processes (torchrun --nproc-per-node N --no-python moe-prune compress ...); the result "
-                       "equals one process's exactly.")
+    s = command("compress", help="calibrate, keep the top experts of every Soft MoE layer, write a smaller checkpoint",
+                description="Sum every Soft MoE layer's expert scores (combine-weight mass) over calibration "
+                "data, keep each layer's top experts, and write a native checkpoint holding only those (re-indexed; "
+                "their original ids in its metadata, see `moe-prune info --json`). drop mode keeps all of the "
+                "router (the combine denominator needs every slot); renorm keeps only the kept columns. The "
+                "input is never modified; the output is written atomically. Under torchrun the calibration is sharded "
+                "over the processes (torchrun --nproc-per-node N --no-python moe-prune compress ...); the result "
+                "equals one process's exactly.")
     s.add_argument("checkpoint", help="a native checkpoint")
-    s.add_argument("--keep", default="1/8", help="fraction ('1/8', 0.125) or count (16) of experts to keep (default 1/8)")
+    s.add_argument("--keep", default="1/8", help="fraction ('1/8', 0.125) or count (16) of experts to keep")
     s.add_argument("--calib", required=True, help="calibration data: 'fashion-mnist' or 'mnist' (train split), 'sample' "
-                   "(the bundled images), an IDX folder (train split), or a .npy/.npz of model inputs")
-    s.add_argument("--calib-limit", type=int, default=10000, help="use at most this many calibration inputs (default 10000)")
-    s.add_argument("--batch-size", type=int, default=256)
+                   "(the bundled images), an IDX folder (train split), or a .npy/.npz of model inputs (images "
+                   "[N, 1, 28, 28] in [0, 1] or uint8 [N, 28, 28]; tokens [N, M, D] for a bare Soft MoE layer)")
+    s.add_argument("--calib-limit", type=int, default=10000, help="use at most this many calibration inputs")
+    s.add_argument("--batch-size", type=int, default=256, help="calibration batch size")
     s.add_argument("--mode", choices=["drop", "renorm"], default="drop", help="drop (the paper) or renorm")
-    s.add_argument("--out", required=True, help="output .safetensors file, or a folder (then NAME.keepKofN.MODE.safetensors)")
+    s.add_argument("--out", required=True, help="the output: " + OUT_RULE.format(
+        suffix="safetensors", name="NAME.keepKofN.MODE.safetensors"))
     s.set_defaults(func=cmd_compress)
 
-    s = sub.add_parser("bench", help="latency of the full, compressed, Algorithm 2 and Algorithm 1 models side by side, against the bounds",
-                       description="Export the full model, its reduced version (a compressed checkpoint, or one made "
-                       "here by calibrating on the bundled sample), the Algorithm 2 (per batch) and the Algorithm 1 (per input) "
-                       "models to ONNX, validate them, "
-                       "then time them alternately on ONNX Runtime and in PyTorch eager at each batch size. Prints "
-                       "p50/p90/p99 latency, throughput, peak memory and the speedup over the full model beside its "
-                       "analytic bounds (FLOP ratio, weight-bytes ratio and the roofline of this machine's measured peak and "
-                       "bandwidth, whole model and the Soft MoE layer alone). "
-                       "Writes bench.json, bench.md and bench.png to --out-dir.")
+    s = command("bench", help="latency of the full, compressed, Algorithm 2 and Algorithm 1 models side by side, against the bounds",
+                description="Export the full model, its reduced version (a compressed checkpoint, or one made "
+                "here by calibrating on the bundled sample), the Algorithm 2 (per batch) and the Algorithm 1 (per input) "
+                "models to ONNX, validate them, "
+                "then time them alternately on ONNX Runtime and in PyTorch eager at each batch size. Prints "
+                "p50/p90/p99 latency, throughput, peak memory and the speedup over the full model beside its "
+                "analytic bounds (FLOP ratio, weight-bytes ratio and the roofline of this machine's measured peak and "
+                "bandwidth, whole model and the Soft MoE layer alone). "
+                "A bare Soft MoE layer is timed on random tokens [B, 16, D]. "
+                "Writes bench.json, bench.md and bench.png (with matplotlib) to --out-dir.")
     s.add_argument("checkpoint", help="the full native checkpoint")
-    s.add_argument("--compressed", help="its compressed checkpoint (default: made here, see above)")
-    s.add_argument("--keep", default="1/8", help="experts kept (default 1/8)")
-    s.add_argument("--mode", choices=["drop", "renorm"], default="drop")
-    s.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 32])
+    s.add_argument("--compressed", help="its compressed checkpoint (checked to come from CHECKPOINT; default: made "
+                   "here, see above)")
+    s.add_argument("--keep", default="1/8", help="experts kept")
+    s.add_argument("--mode", choices=["drop", "renorm"], default="drop", help="drop (the paper) or renorm")
+    s.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 32], help="comma-separated batch sizes")
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
                    help="ONNX Runtime execution provider (cuda/tensorrt need the [gpu] extra and an NVIDIA GPU)")
     s.add_argument("--threads", type=int, help="intra-op threads for ONNX Runtime and torch (default: theirs)")
     s.add_argument("--min-seconds", type=float, default=2.0, help="time each model at least this long per batch size")
     s.add_argument("--no-layer", action="store_true", help="skip the Soft MoE layer-alone comparison")
-    s.add_argument("--out-dir", default="bench-output")
+    s.add_argument("--out-dir", default="bench-output", help="the folder the outputs go to")
     s.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("info", help="print a checkpoint's architecture, Soft MoE layers, experts and parameters",
-                       description="Print a native checkpoint's architecture, its Soft MoE layers (experts, slots, "
-                       "hidden width, kept experts of a compressed checkpoint) and parameter counts.")
+    s = command("info", help="print a checkpoint's architecture, Soft MoE layers, experts and parameters",
+                description="Print a native checkpoint's architecture, its Soft MoE layers (experts, slots, "
+                "hidden width, kept experts of a compressed checkpoint) and parameter counts. The header is "
+                "checked against the architecture as `load` checks it.")
     s.add_argument("checkpoint", help="a native .safetensors checkpoint")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("convert", help="convert a soft-moe / soft-moe-pytorch checkpoint to the native format",
-                       description="Convert a safetensors state dict saved from soft_moe.SoftMoEVisionTransformer "
-                       "(bwconrad) or soft_moe_pytorch.SoftMoE (lucidrains) to a native checkpoint, which carries "
-                       "its architecture. The source library's constructor arguments are needed: pass them with --kwargs.")
+    s = command("convert", help="convert a soft-moe / soft-moe-pytorch checkpoint to the native format",
+                description="Convert a safetensors state dict saved from soft_moe.SoftMoEVisionTransformer "
+                "(bwconrad) or soft_moe_pytorch.SoftMoE (lucidrains) to a native checkpoint, which carries "
+                "its architecture. The source library's constructor arguments are needed: pass them with --kwargs.")
     s.add_argument("source", help="the library's state dict as .safetensors")
     s.add_argument("--from", dest="source_format", choices=["auto", "bwconrad", "lucidrains"], default="auto",
-                   help="which library saved it (default: detect from the tensor names)")
+                   help="which library saved it (auto: detect from the tensor names)")
     s.add_argument("--kwargs", required=True,
                    help="the model's constructor keyword arguments: inline JSON ('{\"num_experts\": 16, ...}') or a "
                    "JSON file (an object, or {\"kwargs\": {...}} as in shared/fixtures/*/config.json)")
-    s.add_argument("--out", required=True, help="the native .safetensors file to write (atomically)")
+    s.add_argument("--out", required=True, help="the output: " + OUT_RULE.format(
+        suffix="safetensors", name="SOURCE.native.safetensors"))
     s.set_defaults(func=cmd_convert)
 
-    s = sub.add_parser("train", help="train Soft MoE classifiers (Chung et al.'s MNIST family, or the ViT) on IDX data",
-                       description="Train one model per expert count with Adam (Chung et al.'s setup), evaluating on "
-                       "the test split after each epoch. Writes OUT_DIR/{model}-e{n}.safetensors with the test accuracy, "
-                       "history and command in its metadata; a killed run resumes from its last completed epoch.")
+    s = command("train", help="train Soft MoE classifiers (Chung et al.'s MNIST family, or the ViT) on IDX data",
+                description="Train one model per expert count with Adam (Chung et al.'s setup), evaluating on "
+                "the test split after each epoch. Writes OUT_DIR/{model}-e{n}.safetensors with the test accuracy, "
+                "history and command in its metadata; a killed run resumes from its last completed epoch.")
     s.add_argument("--model", choices=["mnist", "vit"], default="mnist",
                    help="mnist: Chung et al.'s 4-token model with experts of width 784/n; vit: a Soft MoE ViT for 28x28")
     s.add_argument("--experts", type=_int_list, default=[2, 4, 8, 16, 32, 64, 128, 256, 512],
-                   help="comma-separated expert counts, one model each (default: 2,4,...,512)")
+                   help="comma-separated expert counts, one model each")
     s.add_argument("--data", default="fashion-mnist",
                    help="'fashion-mnist' (Debian's dataset-fashion-mnist), 'mnist', or a folder of the four IDX files")
     s.add_argument("--vit", help="ViT constructor arguments as JSON, over the defaults " + json.dumps(VIT_DEFAULTS))
     s.add_argument("--scale-init", type=float, default=1.0,
                    help="initial router scale (inverse softmax temperature) of every Soft MoE layer; 1 as in "
-                   "soft-moe and vmoe (default). Larger values start with sharper routing")
-    s.add_argument("--epochs", type=int, default=15)
-    s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out-dir", default="runs", help="where the checkpoints go (default: runs/)")
+                   "soft-moe and vmoe. Larger values start with sharper routing")
+    s.add_argument("--epochs", type=int, default=15, help="epochs per model")
+    s.add_argument("--batch-size", type=int, default=256, help="training batch size")
+    s.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    s.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the batch order")
+    s.add_argument("--out-dir", default="runs", help="the folder the checkpoints go to")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("eval", help="the paper's accuracy study: Algorithms 1 and 2, static and random subsets, k = 0",
-                       description="For each checkpoint and each k: accuracy with Algorithm 1 (per-input top k), "
-                       "Algorithm 2 (per-batch top k, at several batch sizes), the static subset calibrated on --calib, "
-                       "and random subsets (mean ± std over seeds), in drop and renorm modes; beside the full model "
-                       "and the no-experts baseline (k = 0). For models with at most 16 experts every k from 1 to n-1. "
-                       "Writes eval.json, eval.md and eval.png to --out-dir.")
-    s.add_argument("checkpoints", nargs="+", help="native checkpoints")
+    s = command("eval", help="the paper's accuracy study: Algorithms 1 and 2, static and random subsets, k = 0",
+                description="For each checkpoint and each k: accuracy with Algorithm 1 (per-input top k), "
+                "Algorithm 2 (per-batch top k, at several batch sizes), the static subset calibrated on --calib, "
+                "and random subsets (mean ± std over seeds), in drop and renorm modes; beside the full model "
+                "and the no-experts baseline (k = 0). For models with at most 16 experts every k from 1 to n-1. "
+                "Writes eval.json, eval.md and eval.png (with matplotlib) to --out-dir.")
+    s.add_argument("checkpoints", nargs="+", help="native checkpoints of image classifiers")
     s.add_argument("--data", default="fashion-mnist", help="test data: 'fashion-mnist', 'mnist', 'sample' or an IDX folder")
     s.add_argument("--calib", help="calibration data for the static subset: a data set name or folder (its train "
                    "split; 'sample' uses the sample's images), or a .npy/.npz of inputs (default: --data)")
-    s.add_argument("--calib-limit", type=int, default=10000, help="use at most this many calibration inputs (default 10000)")
+    s.add_argument("--calib-limit", type=int, default=10000, help="use at most this many calibration inputs")
     s.add_argument("--keep", type=_csv, default=["1/2", "1/4", "1/8"], help="comma-separated fractions or counts")
     s.add_argument("--modes", type=_csv, default=["drop", "renorm"], help="drop and/or renorm")
     s.add_argument("--batch-sizes", type=_int_list, default=[1, 32, 256], help="batch sizes for Algorithm 2")
-    s.add_argument("--random-seeds", type=int, default=10, help="random subsets per k")
-    s.add_argument("--out-dir", default="eval", help="where eval.json, eval.md, eval.png go")
+    s.add_argument("--random-seeds", type=int, default=10, help="random subsets per k (at least 1)")
+    s.add_argument("--out-dir", default="eval", help="the folder eval.json, eval.md and eval.png go to")
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("export", help="export a checkpoint to ONNX (full, compressed, or Algorithm 1 or 2 in the graph) and validate it",
-                       description="Export a native checkpoint (full or compressed) to ONNX with a dynamic batch axis "
-                       "(input 'input', output 'output'), then check it: the ONNX checker, and ONNX Runtime against "
-                       "PyTorch on random batches of two batch sizes. With --keep and --dynamic the graph runs "
-                       "Chung et al.'s Algorithm 2 per batch (scores, TopK, only the kept experts computed), or with "
-                       "--per input Algorithm 1 (each input's own top experts, only its kept slots computed), and "
-                       "also outputs the chosen expert ids of each layer ('experts.<layer>'). A large model's weights "
-                       "go to OUT.data beside it. Exit status 2 if validation fails.")
+    s = command("export", help="export a checkpoint to ONNX (full, compressed, or Algorithm 1 or 2 in the graph) and validate it",
+                description="Export a native checkpoint (full or compressed) to ONNX with a dynamic batch axis "
+                "(input 'input', output 'output'), then check it: the ONNX checker, and ONNX Runtime against "
+                "PyTorch on random batches of two batch sizes. With --keep and --dynamic the graph runs "
+                "Chung et al.'s Algorithm 2 per batch (scores, TopK, only the kept experts computed), or with "
+                "--per input Algorithm 1 (each input's own top experts, only its kept slots computed), and "
+                "also outputs the chosen expert ids of each layer ('experts.<layer>'). A large model's weights "
+                "go to OUT.data beside it. The model appears at --out only when it passed validation (see "
+                "--keep-invalid); exit status 2 if validation fails.")
     s.add_argument("checkpoint", help="a native .safetensors checkpoint (full or compressed)")
-    s.add_argument("--out", required=True, help="the .onnx file to write (atomically)")
+    s.add_argument("--out", required=True, help="onnx: " + OUT_RULE.format(suffix="onnx", name="NAME.onnx")
+                   + "; triton-repo: the repository folder")
     s.add_argument("--keep", help="with --dynamic: experts to keep per batch in every layer, a fraction (1/8) or a count")
     s.add_argument("--dynamic", action="store_true", help="select the experts inside the graph (see --per)")
     s.add_argument("--per", choices=("batch", "input"), default="batch",
                    help="with --dynamic: 'batch' (Algorithm 2, one subset per batch) or 'input' (Algorithm 1, each "
                         "input its own experts at about the cost of a shared subset; answers do not depend on the "
-                        "other inputs of a batch, the one to serve behind dynamic batching) (default: batch)")
-    s.add_argument("--mode", choices=["drop", "renorm"], help="with --keep: drop (the paper, default) or renorm")
-    s.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+                        "other inputs of a batch, the one to serve behind dynamic batching)")
+    s.add_argument("--mode", choices=["drop", "renorm"], help="with --keep: drop (the paper; the default) or renorm")
+    s.add_argument("--opset", type=int, default=18, help="ONNX opset")
     s.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
-                   help="torchscript (default: exports every moe-prune model, folds static subsets) or dynamo (torch.export)")
-    s.add_argument("--atol", type=float, default=1e-4, help="validation tolerance (default 1e-4; rtol is 1e-3)")
+                   help="torchscript (exports every moe-prune model, folds static subsets) or dynamo (torch.export)")
+    s.add_argument("--atol", type=float, default=1e-4, help="validation tolerance, 0 or more (rtol is 1e-3)")
     s.add_argument("--no-validate", action="store_true", help="skip the validation")
+    s.add_argument("--keep-invalid", action="store_true",
+                   help="write the model to --out even when it fails validation (for inspection; the error says where)")
     s.add_argument("--format", choices=["onnx", "triton-repo"], default="onnx",
                    help="onnx (a file) or triton-repo: a model repository for NVIDIA Triton Inference Server at --out "
                    "(OUT/NAME/1/model.onnx and OUT/NAME/config.pbtxt, checked with Triton's own ModelConfig protobuf)")
     s.add_argument("--name", help="with triton-repo: the model's name (default: the checkpoint's file name)")
     s.add_argument("--instance-kind", choices=["cpu", "gpu"], default="cpu", help="with triton-repo: KIND_CPU or KIND_GPU")
-    s.add_argument("--max-batch-size", type=int, default=64, help="with triton-repo: the largest dynamic batch")
+    s.add_argument("--max-batch-size", type=int, default=64, help="with triton-repo: the largest dynamic batch (at least 1)")
     s.set_defaults(func=cmd_export)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # what the records say this run was (see _command), not sys.argv of whoever called main
     try:
         args.func(args)
     except MoePruneError as e:

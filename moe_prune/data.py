@@ -452,6 +452,16 @@ def load_inputs(path: str | os.PathLike) -> torch.Tensor:
         >>> load_inputs("/tmp/calib.npy").shape
         torch.Size([4, 1, 28, 28])
     """
+    arr, src = _load_array(path)
+    if arr.dtype == np.uint8:
+        if arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[1] != 1):
+            raise DataError(f"{src}: uint8 images must be [N, H, W] or [N, 1, H, W], got {list(arr.shape)}")
+        return to_tensor(arr)
+    return torch.from_numpy(arr)
+
+
+def _load_array(path) -> tuple[np.ndarray, str]:
+    """(the file's inputs as uint8 or float32 numpy, its name for messages): see `load_inputs`."""
     path = Path(path)
     fix = "save a plain numeric array with np.save / np.savez (float32 [N, ...] inputs or uint8 [N, 28, 28] images)"
     try:
@@ -482,13 +492,13 @@ def load_inputs(path: str | os.PathLike) -> torch.Tensor:
     if arr.ndim < 1 or arr.shape[0] == 0:
         raise DataError(f"{src}: no inputs (shape {list(arr.shape)}); {fix}")
     if arr.dtype == np.uint8:
-        return to_tensor(arr)
+        return arr, src
     if arr.dtype.kind != "f":
         raise DataError(f"{src}: dtype {arr.dtype} is neither uint8 images nor float inputs; {fix}")
-    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    if not torch.isfinite(x).all():
+    x = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(x).all():
         raise DataError(f"{src}: holds NaN or infinite values; clean the inputs before calibrating")
-    return x
+    return x, src
 
 
 def calibration_inputs(source: str | os.PathLike, limit: int | None = None):
@@ -507,7 +517,7 @@ def calibration_inputs(source: str | os.PathLike, limit: int | None = None):
     """
     text = str(source)
     if text.endswith((".npy", ".npz")):
-        x = load_inputs(source)
+        x = _load_array(source)[0]  # uint8 images stay uint8 (converted per batch), as a data set's do
     elif text == "sample":
         x = load_images("sample", split="test")[0]
     else:
@@ -517,6 +527,91 @@ def calibration_inputs(source: str | os.PathLike, limit: int | None = None):
     return x[:limit] if limit is not None else x
 
 
-def calibration_batches(source: str | os.PathLike, limit: int | None = None, batch_size: int = 256):
-    """`calibration_inputs` as float32 batches (see iterate_batches); a list, so it can be iterated twice."""
-    return [x for x, _ in iterate_batches(calibration_inputs(source, limit), None, batch_size)]
+def calibration_batches(source: str | os.PathLike, limit: int | None = None, batch_size: int = 256, model=None):
+    """`calibration_inputs` as float32 batches (see iterate_batches); a list, so it can be iterated twice.
+
+    With `model`, the inputs are first checked against what it takes (`check_inputs`)."""
+    x = calibration_inputs(source, limit)
+    if model is not None:
+        check_inputs(model, x, source)
+    return [b for b, _ in iterate_batches(x, None, batch_size)]
+
+
+def model_input(model) -> dict:
+    """What a model takes: {"kind": "images", "shape": [C, H, W], "range": (0.0, 1.0) or None} or
+    {"kind": "tokens", "shape": [None, D]} (None: any token count). `range` is known for the models trained
+    here (pixels / 255); a converted soft-moe ViT has its own normalization, so it is None there.
+
+    Example:
+        >>> model_input(MnistSoftMoE(MnistConfig(num_experts=8)))
+        {'kind': 'images', 'shape': [1, 28, 28], 'range': (0.0, 1.0)}
+    """
+    from .layers import SoftMoE
+    from .selection import PrunedSoftMoE
+
+    native = model.layer if isinstance(model, PrunedSoftMoE) else model
+    if isinstance(native, SoftMoE):
+        return {"kind": "tokens", "shape": [None, native.config.dim]}
+    c = native.config
+    size = (c.img_size, c.img_size) if isinstance(c.img_size, int) else tuple(c.img_size)
+    converted = "converted_from" in getattr(native, "checkpoint_meta", {})
+    return {"kind": "images", "shape": [c.in_chans, *size], "range": None if converted else (0.0, 1.0)}
+
+
+def describe_input(want: dict) -> str:
+    """`model_input` in words: "images [N, 1, 28, 28] (float in [0, 1], or uint8 [N, 28, 28])"."""
+    if want["kind"] == "tokens":
+        return f"tokens [N, M, {want['shape'][1]}] (float; a bare Soft MoE layer)"
+    c, h, w = want["shape"]
+    text = f"images [N, {c}, {h}, {w}]"
+    extra = []
+    if want.get("range"):
+        extra.append(f"float in [{want['range'][0]:g}, {want['range'][1]:g}]")
+    if c == 1:
+        extra.append(f"or uint8 [N, {h}, {w}]")
+    return text + (f" ({', '.join(extra)})" if extra else "")
+
+
+def check_inputs(model, inputs, src) -> None:
+    """Refuse inputs the model cannot take, in one line naming `src`, the shape found and the shape it takes.
+
+    uint8 [N, H, W] / [N, 1, H, W] images count as [N, 1, H, W] in [0, 1] (see `to_tensor`). Float images
+    outside the model's input range (0-255 pixels given to a model trained on [0, 1]) are refused; where the
+    range is not known (a converted checkpoint) values that look like 0-255 pixels get a warning on stderr.
+
+    Raises:
+        DataError: wrong rank, channels, size or token width; or float pixels outside the model's range.
+
+    Example:
+        >>> check_inputs(model, np.zeros((4, 32, 32), np.uint8), "calib.npy")  # DataError: ... takes [N, 1, 28, 28]
+    """
+    import sys
+
+    want = model_input(model)
+    t = torch.as_tensor(inputs) if not isinstance(inputs, torch.Tensor) else inputs
+    found = f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
+    shape = list(t.shape)
+    if want["kind"] == "images" and t.dtype == torch.uint8 and t.ndim == 3:
+        shape = [shape[0], 1, *shape[1:]]
+    takes = describe_input(want)
+    if want["kind"] == "tokens":
+        ok = len(shape) == 3 and shape[2] == want["shape"][1]
+        hint = "save float32 tokens [N, M, D] with np.save (a bare layer takes no images)"
+    else:
+        ok = len(shape) == 4 and shape[1:] == want["shape"]
+        hint = ("add the channel axis (x[:, None])" if len(shape) == 3 and [1, *shape[1:]] == want["shape"]
+                else "resize or reshape the inputs to that shape")
+    if not ok:
+        raise DataError(f"{src}: inputs are {found}, but the model takes {takes}; {hint}")
+    if want["kind"] != "images" or t.dtype == torch.uint8 or t.numel() == 0:
+        return
+    lo, hi = float(t.min()), float(t.max())
+    rng = want.get("range")
+    if rng is not None and (lo < rng[0] - 1e-3 or hi > rng[1] + 1e-3):
+        raise DataError(
+            f"{src}: float pixels span [{lo:g}, {hi:g}], but the model takes [{rng[0]:g}, {rng[1]:g}] "
+            f"(pixels / 255); divide the inputs by 255, or save them as uint8 images"
+        )
+    if rng is None and hi > 10:
+        print(f"moe-prune: warning: {src}: float pixels go up to {hi:g}; if they are 0-255 values, normalize "
+              "them as the model was trained", file=sys.stderr)

@@ -75,6 +75,18 @@ class StudyConfig:
     every_k_below: int = 16
     eval_batch_size: int = 256
 
+    def __post_init__(self):
+        from .errors import ConfigError
+
+        if self.random_seeds < 1:
+            raise ConfigError(f"--random-seeds {self.random_seeds}: give at least 1 (random subsets per k, for "
+                              "their mean and std)")
+        if not self.batch_sizes or min(self.batch_sizes) < 1 or self.eval_batch_size < 1:
+            raise ConfigError(f"batch sizes {list(self.batch_sizes)}: give positive integers, e.g. 1,32,256")
+        bad = [m for m in self.modes if m not in ("drop", "renorm")]
+        if bad or not self.modes:
+            raise ConfigError(f"--modes {','.join(self.modes)}: choose drop and/or renorm")
+
 
 def _ks(n: int, config: StudyConfig) -> list[int]:
     ks = {parse_keep(keep, n) for keep in config.keeps}

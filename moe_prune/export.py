@@ -463,9 +463,10 @@ class BatchCheck:
     batch_size: int
     batches: int
     max_abs: float
-    max_rel: float
+    max_rel: float  # over elements with |torch| > atol; informative only: the rule is `worst`
     passed: bool
     choice_match: bool | None = None  # None: the graph has no "experts.*" outputs
+    worst: float = 0.0  # max over elements of |onnx - torch| / (atol + rtol * |torch|): passed iff <= 1
 
 
 @dataclass
@@ -480,6 +481,8 @@ class ValidationReport:
     checks: list[BatchCheck] = field(default_factory=list)
     choice_outputs: list[str] = field(default_factory=list)
     batch_note: str = ""
+    data_bytes: int = 0  # size of the external data files, measured when validated
+    outcome: str = ""  # where the model is after validation (set by export_checkpoint), said on failure
 
     @property
     def passed(self) -> bool:
@@ -493,19 +496,20 @@ class ValidationReport:
             return "[x]" if ok else "[ ]"
 
         lines = [
-            (f"ONNX validation of {self.path} (ONNX Runtime {onnxruntime.__version__} CPU vs PyTorch, "
-             f"atol {self.atol:g}, rtol {self.rtol:g})"),
+            (f"ONNX validation of {self.path} (ONNX Runtime {onnxruntime.__version__} CPU vs PyTorch; an element "
+             f"passes when |onnx - torch| <= atol + rtol * |torch|, atol {self.atol:g}, rtol {self.rtol:g})"),
             "  [x] onnx.checker.check_model(full_check=True) passed",
         ]
         if self.data_files:
-            size = sum((self.path.parent / f).stat().st_size for f in self.data_files)
             lines.append(f"  [x] external data inside the model's folder: {', '.join(self.data_files)} "
-                         f"({size / 1e6:.1f} MB; keep it beside the model)")
+                         f"({self.data_bytes / 1e6:.1f} MB; keep it beside the model)")
         else:
             lines.append("  [x] self-contained (no external data)")
         for c in self.checks:
-            lines.append(f"  {mark(c.passed)} batch size {c.batch_size}: max abs error {c.max_abs:.2e}, "
-                         f"max rel error {c.max_rel:.2e} over {c.batches} batches{'' if c.passed else '  FAIL'}")
+            # The mark, the number beside it and the verdict follow one rule: worst <= 1 (numpy.allclose).
+            lines.append(f"  {mark(c.passed)} batch size {c.batch_size}: worst element at {c.worst:.2f} of its "
+                         f"tolerance (max abs error {c.max_abs:.2e}) over {c.batches} batches"
+                         f"{'' if c.passed else '  FAIL'}")
         if self.batch_note:
             lines.append(f"      ({self.batch_note})")
         if self.choice_outputs:
@@ -527,10 +531,10 @@ class ValidationReport:
             worst = max(bad, key=lambda c: c.max_abs)
             raise ExportError(
                 f"{self.path}: ONNX Runtime differs from PyTorch beyond atol {self.atol:g} / rtol {self.rtol:g}: "
-                f"max abs error {worst.max_abs:.2e} at batch size {worst.batch_size}; if that is expected "
-                "(e.g. float16), loosen it with --atol"
+                f"max abs error {worst.max_abs:.2e} at batch size {worst.batch_size}{self.outcome}; if that is "
+                "expected (e.g. float16), loosen it with --atol"
             )
-        raise ExportError(f"{self.path}: the graph's expert choice differs from PyTorch's Algorithm 2 choice")
+        raise ExportError(f"{self.path}: the graph's expert choice differs from PyTorch's Algorithm 2 choice{self.outcome}")
 
 
 def validate_onnx(
@@ -605,7 +609,7 @@ def validate_onnx(
     if missing:
         raise ExportError(f"{path}: outputs {missing} name no pruned layer of the model ({sorted(choices)})")
     report = ValidationReport(path, atol, rtol, data_files, op_histogram(path), choice_outputs=choice_names,
-                              batch_note=note)
+                              batch_note=note, data_bytes=sum((path.parent / f).stat().st_size for f in data_files))
     gen = torch.Generator().manual_seed(seed)
     with _eval_mode(model), _recording(choices) as seen, torch.no_grad():
         for B in batch_sizes:
@@ -634,7 +638,12 @@ def _compare(check: BatchCheck, y: np.ndarray, ref: np.ndarray, atol: float, rto
     big = np.abs(ref) > atol
     if big.any():
         check.max_rel = max(check.max_rel, float((err[big] / np.abs(ref[big])).max()))
-    check.passed &= bool(np.all(err <= atol + rtol * np.abs(ref)))
+    tol = atol + rtol * np.abs(ref.astype(np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(tol > 0, err / np.where(tol > 0, tol, 1.0), np.where(err > 0, np.inf, 0.0))
+    ratio = np.where(np.isnan(ratio), np.inf, ratio)  # a NaN output is as bad as it gets
+    check.worst = max(check.worst, float(ratio.max(initial=0.0)))
+    check.passed &= bool(np.all(err <= tol))
 
 
 # -- from a checkpoint (the CLI) -----------------------------------------------------------------------------
@@ -652,6 +661,7 @@ def export_checkpoint(
     dynamo: bool = False,
     atol: float = 1e-4,
     validate: bool = True,
+    keep_invalid: bool = False,
 ) -> tuple[Path, ValidationReport | None]:
     """Load a native checkpoint (full or compressed), export it to ONNX and validate it (`moe-prune export`).
 
@@ -666,13 +676,16 @@ def export_checkpoint(
         opset, dynamo: see `export_onnx`.
         atol: validation tolerance (rtol stays 1e-3).
         validate: run `validate_onnx` (without raising: the caller prints the report, then
-            `report.raise_for_failure()`).
+            `report.raise_for_failure()`). The model is exported and validated in a hidden folder beside `out`
+            and appears at `out` only when it passed (an old file there is kept otherwise).
+        keep_invalid: put a model that failed validation at `out` anyway (for inspection; the report says so).
 
     Returns:
         (the .onnx path, the ValidationReport or None).
 
     Raises:
-        ExportError: keep without dynamic or the reverse, or a failed export. CheckpointError: see `load`.
+        ExportError: keep without dynamic or the reverse, a negative atol, or a failed export.
+            CheckpointError: see `load`.
         SelectionError: a bad keep or mode. OutputError: `out` cannot be written safely.
 
     Example:
@@ -690,12 +703,25 @@ def export_checkpoint(
         )
     if mode is not None and keep is None:
         raise ExportError("--mode applies with --keep/--dynamic (a compressed checkpoint runs its held experts)")
-    check_output(out, inputs=(checkpoint,))
+    if not atol >= 0:  # also NaN; a negative tolerance fails every model after minutes of work
+        raise ExportError(f"--atol {atol:g}: the validation tolerance must be 0 or more (default 1e-4)")
+    out = check_output(out, inputs=(checkpoint,))
     model = load(checkpoint)
     if per not in ("batch", "input"):
         raise ExportError(f"per={per!r}: choose 'batch' (Algorithm 2) or 'input' (Algorithm 1)")
     if dynamic:
         model = with_selection(model, keep, per=per, mode=mode or "drop")
-    path = export_onnx(model, out, opset=opset, dynamo=dynamo, with_choice=dynamic)
-    report = validate_onnx(path, model, atol=atol, check=False) if validate else None
-    return path, report
+    if not validate:
+        return export_onnx(model, out, opset=opset, dynamo=dynamo, with_choice=dynamic), None
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".validating", dir=out.parent) as tmp:
+        staged = export_onnx(model, Path(tmp) / out.name, opset=opset, dynamo=dynamo, with_choice=dynamic)
+        report = validate_onnx(staged, model, atol=atol, check=False)
+        if report.passed or keep_invalid:
+            for name in report.data_files:  # the data first: the new model is never visible without it
+                os.replace(Path(tmp) / name, out.parent / name)
+            os.replace(staged, out)
+            report.outcome = "" if report.passed else f"; the failed model is kept at {out} (--keep-invalid)"
+        else:
+            report.outcome = f"; {out} was not written (--keep-invalid keeps a model that fails)"
+    report.path = out
+    return out, report

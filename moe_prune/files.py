@@ -73,3 +73,73 @@ def atomic_output(path: str | os.PathLike, inputs: tuple = (), suffix: str = "")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def resolve_out(out: str | os.PathLike, suffix: str, default_name: str) -> Path:
+    """The one `--out` rule of every command that writes one file (compress, convert, export).
+
+    A path ending in `suffix` is the file, written exactly there. An existing folder, or a path ending in "/",
+    is a folder: the file is `default_name` inside it (the folder is created by `output_folder`). Anything else
+    is refused, so a typo never becomes a file or a folder nobody asked for.
+
+    Raises:
+        OutputError: the path has another suffix (or none) and is not a folder.
+
+    Example:
+        >>> resolve_out("out/", ".safetensors", "m.keep1of8.drop.safetensors")
+        PosixPath('out/m.keep1of8.drop.safetensors')
+    """
+    text = os.fspath(out)
+    path = Path(text)
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        return path / default_name
+    if path.suffix == suffix:
+        return path
+    raise OutputError(
+        f"{text}: --out must be a {suffix} file or a folder (an existing one, or a path ending in '/', then the "
+        f"file is named {default_name}); add the suffix or a trailing '/'"
+    )
+
+
+@contextlib.contextmanager
+def output_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Create the output folder `path` (and missing parents) for one run; on failure take back what the run made.
+
+    Everything new inside the folder when the block raises (files, folders) is removed, and so are the folders
+    this call created, so a failed run leaves the folder as it found it, or absent. Files that were there
+    before are never touched.
+
+    Raises:
+        OutputError: `path` is a file, or the nearest existing folder above it is not writable.
+
+    Example:
+        >>> with output_folder("demo-output") as out:
+        ...     (out / "summary.json").write_text("{}")
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder; give a folder path, or move the file away")
+    missing, p = [], out
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise OutputError(f"{out}: {p} is not a folder; give a folder path")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: the folder {p} is not writable")
+    before = set(out.rglob("*")) if out.exists() else set()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: could not be created ({e.strerror or e})") from e
+    try:
+        yield out
+    except BaseException:
+        new = set(out.rglob("*")) - before
+        for q in sorted(new, key=lambda q: len(q.parts), reverse=True):  # files and subfolders, deepest first
+            with contextlib.suppress(OSError):
+                q.rmdir() if q.is_dir() and not q.is_symlink() else q.unlink()
+        for d in missing:  # innermost first; only if empty (another process may have written there meanwhile)
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise

@@ -573,6 +573,10 @@ class SoftMoE(nn.Module):
         """Whether `route` uses the fused Triton kernel for x: CUDA inference, a dtype and grid it takes."""
         if in_graph():
             return False  # an exported graph is plain ONNX operators
+        # What the kernel cannot take goes to torch even with use_triton=True, instead of failing in its launcher:
+        # fp32/fp16/bf16 only (no float64 tl.dot), and at most _MAX_GRID_Y inputs (the batch is grid axis 1).
+        if x.dtype not in _KERNEL_DTYPES or x.dim() != 3 or x.shape[0] > _MAX_GRID_Y:
+            return False
         if self.use_triton is not None:
             return self.use_triton
         if torch.is_grad_enabled() and (x.requires_grad or self.phi.requires_grad):

@@ -48,6 +48,55 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
         >>> summary = run_demo(DemoConfig(out_dir="/tmp/demo"))
         >>> summary["accuracy"]["static"] / summary["accuracy"]["full"]
     """
+    from .files import output_folder
+
+    if config.random_seeds < 1:
+        from .errors import ConfigError
+
+        raise ConfigError(f"random_seeds={config.random_seeds}: give at least 1")
+    ckpt = Path(config.checkpoint) if config.checkpoint else default_checkpoint()
+    _check_demo_model(ckpt)  # before any output exists
+    with output_folder(config.out_dir) as out:  # a failed demo leaves no output behind
+        return _demo(config, ckpt, out)
+
+
+def _check_demo_model(ckpt: Path) -> None:
+    """The demo measures accuracy on the bundled Fashion-MNIST images: refuse other models in one line."""
+    from .checkpoint import skeleton
+    from .data import check_inputs, describe_input, load_images, model_input
+    from .errors import DataError
+
+    model = skeleton(ckpt)
+    try:
+        check_inputs(model, load_images("sample", split="test")[0], "the bundled sample")
+    except DataError:
+        raise DataError(f"{ckpt}: the demo runs on the bundled 28x28 Fashion-MNIST images, but this model takes "
+                        f"{describe_input(model_input(model))}; for other models use `moe-prune compress --calib "
+                        "INPUTS.npy` and `moe-prune bench`") from None
+
+
+def _held(layer) -> torch.Tensor:
+    """The router ids of the experts a layer holds (all of them, or a compressed layer's `present`)."""
+    p = layer.config.present
+    return torch.tensor(p) if p is not None else torch.arange(layer.config.num_experts)
+
+
+def random_subsets(model, k_of, generator: torch.Generator) -> dict:
+    """A random subset of each layer's held experts, as router ids (what with_experts and compress take).
+
+    Args:
+        k_of: {layer name: k}, or one k for every layer.
+    """
+    from .models import moe_layers
+
+    out = {}
+    for name, layer in moe_layers(model).items():
+        k = k_of[name] if isinstance(k_of, dict) else k_of
+        out[name] = _held(layer)[torch.randperm(layer.config.num_held, generator=generator)[:k]].sort().values
+    return out
+
+
+def _demo(config: DemoConfig, ckpt: Path, out: Path) -> dict:
     from .checkpoint import load, summary
     from .compress import compress_file, static_subsets
     from .data import iterate_batches, load_images
@@ -56,9 +105,6 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     from .selection import with_experts, with_selection
 
     t0 = time.perf_counter()
-    ckpt = Path(config.checkpoint) if config.checkpoint else default_checkpoint()
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     _say("1/5 load", str(ckpt))
     model = load(ckpt)
     info = summary(ckpt)
@@ -80,8 +126,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     k = len(next(iter(subsets.values())))
     rand = []
     for seed in range(config.random_seeds):
-        g = torch.Generator().manual_seed(seed)
-        subset = {name: torch.randperm(layer.config.num_experts, generator=g)[:k].sort().values for name, layer in layers.items()}
+        subset = random_subsets(model, k, torch.Generator().manual_seed(seed))
         rand.append(accuracy(with_experts(model, subset, mode=config.mode), *test))
     acc["random_mean"] = sum(rand) / len(rand)
     acc["random_std"] = math.sqrt(sum((r - acc["random_mean"]) ** 2 for r in rand) / max(1, len(rand) - 1))
@@ -147,11 +192,58 @@ def reduced_model(full, keep: str, mode: str = "drop") -> tuple:
         subsets, _ = static_subsets(full, [x for x, _ in iterate_batches(images, None, 250)], keep)
         how = f"static top {keep} calibrated on 500 images of the bundled sample"
     else:
-        g = torch.Generator().manual_seed(0)
-        subsets = {name: torch.randperm(layer.config.num_held, generator=g)[:parse_keep(keep, layer.config.num_held)].sort().values
-                   for name, layer in moe_layers(full).items()}
+        k = {name: parse_keep(keep, layer.config.num_held) for name, layer in moe_layers(full).items()}
+        subsets = random_subsets(full, k, torch.Generator().manual_seed(0))
         how = f"a random {keep} of the experts (seed 0): latency does not depend on which experts are kept"
     return compress_model(full, subsets, mode), how
+
+
+def check_compressed_from(full, small, full_path, small_path) -> None:
+    """Refuse a `bench --compressed` checkpoint that was not compressed from the full one.
+
+    Same family and architecture, the same Soft MoE layers with the same widths, kept experts (`origin`) that
+    are router ids of the full model, and those experts' weights equal to the full model's rows.
+
+    Raises:
+        CheckpointError: naming both files and what differs.
+    """
+    from .errors import CheckpointError
+    from .models import model_spec, moe_layers
+
+    def refuse(why):
+        raise CheckpointError(f"{small_path}: was not compressed from {full_path} ({why}); pass the checkpoint "
+                              f"`moe-prune compress {full_path} ...` wrote, or leave out --compressed")
+
+    a, b = model_spec(full), model_spec(small)
+    if a["family"] != b["family"]:
+        refuse(f"a {b['family']} model, the full one is a {a['family']} model")
+    if a["family"] != "layer" and a["config"] != b["config"]:
+        diff = sorted(key for key in a["config"] if a["config"].get(key) != b["config"].get(key))
+        refuse(f"its architecture differs in {', '.join(diff)}")
+    fl, sl = moe_layers(full), moe_layers(small)
+    if list(fl) != list(sl):
+        refuse(f"Soft MoE layers {list(sl)}, the full model has {list(fl)}")
+    for name, f in fl.items():
+        s, where = sl[name], f"layer {name or '(layer)'}"
+        same = ("dim", "out_dim", "hidden", "slots_per_expert", "expert", "token_norm", "dispatch_input")
+        diff = [key for key in same if getattr(f.config, key, None) != getattr(s.config, key, None)]
+        if diff:
+            refuse(f"{where} differs in {', '.join(diff)}")
+        if s.config.origin is None:
+            refuse(f"{where} records no kept experts: it is not a compressed checkpoint")
+        origin = list(s.config.origin)
+        if f.config.origin is not None or f.config.present is not None:
+            held = list(f.config.origin or f.config.present)
+            if not set(origin) <= set(held):
+                refuse(f"{where} keeps experts {origin}, not all among the full model's {held}")
+            rows = [held.index(e) for e in origin]
+        else:
+            if not all(0 <= e < f.config.num_experts for e in origin):
+                refuse(f"{where} keeps experts {origin}, the full model has {f.config.num_experts}")
+            rows = origin
+        with torch.no_grad():
+            if not torch.equal(f.experts.w1[rows], s.experts.w1):
+                refuse(f"{where}: the kept experts' weights differ from the full model's experts {origin}")
 
 
 def _variants(full, small, keep: str, mode: str) -> dict:
@@ -263,8 +355,13 @@ def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
         from .bench import check_provider
 
         check_provider(setup.provider)  # before minutes of exporting
+    from .export import _DEFAULT_TOKENS
+    from .layers import SoftMoE
+
     out = Path(setup.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    bare = isinstance(full, SoftMoE)  # a bare layer runs on example tokens [B, 16, D]; it is its own "layer alone"
+    tokens = _DEFAULT_TOKENS if bare else None
     models = _variants(full, small, setup.keep, setup.mode)
     k = {name: parse_keep(setup.keep, layer.config.num_held) for name, layer in moe_layers(full).items()}
     batch_sizes = setup.bench.batch_sizes if setup.bench is not None else (1, 32)
@@ -273,14 +370,16 @@ def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
     machine = None
     if setup.bench is not None:
         machine = machine_roofline(setup.bench.threads, "cpu" if setup.provider == "cpu" else "cuda")
-    costs, by_batch = _costs(full, small, models["alg1"], k, setup.mode, inputs)
+    costs, by_batch = _costs(full, small, models["alg1"], k, setup.mode, inputs, tokens)
     result = {"keep": setup.keep, "mode": setup.mode, "k": k, "machine": machine,
               "bounds": _bounds(costs, by_batch, machine),
               "cost_per_input": {name: c.as_dict() for name, c in costs.items()}}
     paths, reports = _export_all(models, out, setup.atol)
     result["onnx"] = {name: str(p) for name, p in paths.items()}
     result["validation"] = reports
-    if setup.layers_alone:
+    if bare:
+        result["tokens"] = tokens
+    if setup.layers_alone and not bare:
         name0, layer0 = next(iter(moe_layers(full).items()))
         tokens = full.config.tokens
         layers = _variants(layer0, moe_layers(small)[name0], str(k[name0]), setup.mode)
@@ -300,7 +399,7 @@ def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
 
         eager["full, looped experts"] = looped(full)
     result["latency"] = bench_models(paths, eager, inputs.__getitem__, setup.bench, setup.provider)
-    if setup.layers_alone:
+    if setup.layers_alone and not bare:
         _say("  bench", f"the Soft MoE layer {result['layer']['name']} alone")
         result["layer"]["latency"] = bench_models(lpaths, layers, linputs.__getitem__, setup.bench, setup.provider)
     result["env"] = result["latency"].pop("env")

@@ -45,6 +45,8 @@ def model_config(name: str, onnx_path: str | os.PathLike, *, max_batch_size: int
 
     if kind not in ("cpu", "gpu"):
         raise ExportError(f"instance kind {kind!r}: choose cpu or gpu")
+    if max_batch_size < 1:
+        raise ExportError(f"--max-batch-size {max_batch_size}: must be at least 1 (the largest batch Triton forms)")
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     initializers = {t.name for t in graph.initializer}
 
@@ -110,13 +112,26 @@ def write_triton_repo(model: nn.Module, repo: str | os.PathLike, name: str, *, k
     Example:
         >>> write_triton_repo(moe_prune.load("small.safetensors"), "models", "fmnist_small")
         >>> # then: tritonserver --model-repository models
+
+    Raises:
+        OutputError: `repo` is a file or cannot be written; a bad name. ExportError: export or validation failed
+            (nothing is left behind: REPO/NAME keeps its old model, a folder this call created is removed).
     """
-    from .export import export_onnx, validate_onnx
+    from .files import output_folder
 
     if not name or not all(c.isalnum() or c in "_-" for c in name):
         raise OutputError(f"model name {name!r}: use letters, digits, '_' and '-'")
-    repo = Path(repo)
-    repo.mkdir(parents=True, exist_ok=True)
+    if max_batch_size < 1:  # before minutes of exporting
+        raise ExportError(f"--max-batch-size {max_batch_size}: must be at least 1 (the largest batch Triton forms)")
+    if kind not in ("cpu", "gpu"):
+        raise ExportError(f"instance kind {kind!r}: choose cpu or gpu")
+    with output_folder(repo) as repo:  # a failed run leaves no folder it created
+        return _write_repo(model, repo, name, kind, max_batch_size, opset, validate)
+
+
+def _write_repo(model, repo: Path, name: str, kind: str, max_batch_size: int, opset: int, validate: bool) -> Path:
+    from .export import export_onnx, validate_onnx
+
     final = repo / name
     staging = repo / f".{name}.staging"
     shutil.rmtree(staging, ignore_errors=True)

@@ -143,12 +143,14 @@ def train(
     if resume is not None and resume.exists():
         start, history = _load_resume(resume, model, opt, fingerprint)
         print(f"resuming {out} after epoch {start}", file=sys.stderr)
+    # Two bars on a terminal: the epochs (with the time left for the whole run) and the batches of this one.
+    epochs = progress_bar(enabled=progress, total=config.epochs, initial=start, desc="epochs", unit="epoch", position=0)
     for epoch in range(start, config.epochs):
         model.train()
         t0, total, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
         batches = iterate_batches(*train_set, config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch)
         steps = -(-len(train_set[0]) // config.batch_size)
-        bar = progress_bar(batches, enabled=progress, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}")
+        bar = progress_bar(batches, enabled=progress, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", position=1)
         for x, y in bar:
             logits = model(x)
             loss = F.cross_entropy(logits, y)
@@ -164,12 +166,15 @@ def train(
             "epoch": epoch + 1, "loss": loss_sum / total, "train_accuracy": correct / total,
             "test_accuracy": test_acc, "seconds": time.perf_counter() - t0,
         })
+        bar.close()
+        epochs.update()
         if progress:
             h = history[-1]
-            print(f"epoch {epoch + 1}/{config.epochs}: loss {h['loss']:.4f}, train acc {h['train_accuracy']:.4f}, "
-                  f"test acc {test_acc:.4f} ({h['seconds']:.0f} s)", file=sys.stderr)
+            epochs.write(f"epoch {epoch + 1}/{config.epochs}: loss {h['loss']:.4f}, train acc {h['train_accuracy']:.4f}, "
+                         f"test acc {test_acc:.4f} ({h['seconds']:.0f} s)", file=sys.stderr)
         if resume is not None and epoch + 1 < config.epochs:
             _save_resume(resume, model, opt, epoch + 1, history, fingerprint)
+    epochs.close()
     model.eval()
     result = {"test_accuracy": history[-1]["test_accuracy"], "history": history}
     if out is not None:

@@ -159,3 +159,142 @@ def test_looped_baseline_computes_the_same_model():
             torch.testing.assert_close(looped(layer)(x), layer(x))
             kept = torch.tensor([1, 4])
             torch.testing.assert_close(looped(layer)(x, experts=kept), layer(x, experts=kept))
+
+
+# -- issue 13: the small things ------------------------------------------------------------------------------------
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"moe-prune {moe_prune.__version__}"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_traceback_before_or_after_the_command(tmp_path, where):
+    argv = ["info", str(tmp_path / "absent.safetensors")]
+    argv = ["--traceback", *argv] if where == "before" else [*argv, "--traceback"]
+    with pytest.raises(moe_prune.CheckpointError, match="no such file"):
+        main(argv)
+    assert main(argv[1:] if where == "before" else argv[:-1]) == 2  # without it: the one line
+
+
+def test_help_shows_every_default():
+    from moe_prune.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction)).choices
+    checked = 0
+    for name, sub in commands.items():
+        text = " ".join(sub.format_help().split())  # unwrapped
+        for action in sub._actions:
+            if not action.option_strings or action.default in (None, False, "==SUPPRESS=="):
+                continue
+            d = action.default
+            shown = ",".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
+            assert f"(default: {shown})" in text, (name, action.dest)
+            checked += 1
+    assert checked >= 25
+
+
+def test_recorded_command_is_the_argv_given_quoted(tmp_path, ckpt, calib):
+    import shlex
+
+    out = tmp_path / "with space" / "o.safetensors"
+    out.parent.mkdir()
+    argv = ["compress", str(ckpt), "--keep", "2", "--calib", str(calib), "--out", str(out)]
+    assert main(argv) == 0
+    command = moe_prune.load(out).checkpoint_meta["command"]
+    assert command == shlex.join(["moe-prune", *argv]) and shlex.split(command)[1:] == argv
+
+
+def test_out_folder_form_is_the_same_rule_for_compress_convert_export(tmp_path, ckpt, calib):
+    assert main(["compress", str(ckpt), "--keep", "2", "--calib", str(calib), "--out", str(tmp_path / "c") + "/"]) == 0
+    assert (tmp_path / "c" / "tiny.keep2.drop.safetensors").is_file()
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "c"), "--no-validate"]) == 0  # an existing folder
+    assert (tmp_path / "c" / "tiny.onnx").is_file()
+
+
+def test_eval_and_bench_say_when_matplotlib_is_missing(tmp_path, ckpt, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    out = tmp_path / "ev"
+    assert main(["eval", str(ckpt), "--data", "sample", "--calib", "sample", "--calib-limit", "50", "--keep", "1/4",
+                 "--batch-sizes", "32", "--random-seeds", "1", "--modes", "drop", "--out-dir", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"{out / 'eval.png'} not written: matplotlib is not installed" in err and not (out / "eval.png").exists()
+
+
+def test_checklist_marks_rule_and_verdict_agree(tmp_path):
+    """An element near 0 with a relative error above rtol passes allclose: its mark says why (the worst
+    element's share of its tolerance), and a failing one is unmarked, so the verdict follows the marks."""
+    import numpy as np
+
+    from moe_prune.export import BatchCheck, ValidationReport, _compare
+
+    ok, bad = BatchCheck(1, 1, 0.0, 0.0, True), BatchCheck(4, 1, 0.0, 0.0, True)
+    ref = np.array([1e-3, 1.0])
+    _compare(ok, ref + np.array([5e-5, 0.0]), ref, atol=1e-4, rtol=1e-3)  # rel 5%, yet within atol + rtol|ref|
+    _compare(bad, ref + np.array([2e-4, 0.0]), ref, atol=1e-4, rtol=1e-3)
+    assert ok.passed and ok.max_rel > 1e-3 and 0.4 < ok.worst < 0.6
+    assert not bad.passed and 1.9 < bad.worst < 2.1
+    report = ValidationReport(tmp_path / "m.onnx", 1e-4, 1e-3, [], {"MatMul": 1}, checks=[ok])
+    lines = report.format().splitlines()
+    assert any(line.strip().startswith("[x] batch size 1: worst element at 0.50 of its tolerance") for line in lines)
+    assert lines[-1].strip() == "PASSED"
+    report.checks.append(bad)
+    lines = report.format().splitlines()
+    assert any(line.strip().startswith("[ ] batch size 4: worst element at 1.98") for line in lines)
+    assert lines[-1].strip() == "FAILED"
+
+
+def test_speedup_far_above_its_bound_is_flagged():
+    from moe_prune.reports import ABOVE_BOUND_NOTE, demo_speed, of_bound
+
+    assert of_bound(2.0, 2.0) == ("100%", False) and of_bound(2.4, 2.0) == ("120%", False)
+    assert of_bound(6.66, 2.0) == ("333% !", True) and of_bound(1.0, None) == ("", False)
+    stats = lambda ms: {"p50_ms": ms}  # noqa: E731
+    r = {"env": {"onnxruntime": "1", "provider": "cpu", "cpu": "x", "torch_threads": 1},
+         "bounds": {n: {"flop_ratio": 2.0, "bytes_ratio": 2.0, "by_batch": {"1": {"bytes_ratio": 2.0, "roofline": 2.0}}}
+                    for n in ("compressed", "alg2")},
+         "latency": {"onnxruntime": {"1": {"full": stats(1.0), "compressed": stats(0.15), "alg2": stats(0.6)}},
+                     "speedup": {"onnxruntime": {"1": {"compressed": 6.66, "alg2": 1.66}}}}}
+    text = demo_speed(r)
+    assert "333% !" in text and "83%" in text and ABOVE_BOUND_NOTE in text
+    r["latency"]["speedup"]["onnxruntime"]["1"]["compressed"] = 1.9
+    assert ABOVE_BOUND_NOTE not in demo_speed(r)
+
+
+def test_random_subsets_of_a_compressed_model_are_router_ids(tmp_path, ckpt):
+    from moe_prune.compress import compress_file
+    from moe_prune.pipeline import random_subsets, reduced_model
+    from moe_prune.selection import with_experts
+
+    small = moe_prune.load(compress_file(ckpt, {"moe": [3, 7, 9, 12, 15]}, tmp_path / "s.safetensors"))
+    for seed in range(5):
+        subset = random_subsets(small, 2, torch.Generator().manual_seed(seed))["moe"]
+        assert set(subset.tolist()) <= {3, 7, 9, 12, 15} and len(subset) == 2
+        with_experts(small, {"moe": subset})(torch.rand(2, 1, 28, 28))  # a stack position would be refused
+    reduced, _ = reduced_model(small, "2")
+    assert set(reduced.moe.config.origin) <= {3, 7, 9, 12, 15}
+
+
+def test_demo_on_a_compressed_checkpoint(tmp_path, ckpt, calib):
+    small = tmp_path / "small.safetensors"
+    assert main(["compress", str(ckpt), "--keep", "8", "--calib", str(calib), "--out", str(small)]) == 0
+    out = tmp_path / "demo"
+    assert main(["demo", "--checkpoint", str(small), "--keep", "2", "--out-dir", str(out), "--no-export"]) == 0
+    assert json.loads((out / "summary.json").read_text())["k"] == 2
+
+
+def test_bench_on_a_bare_layer_times_tokens(tmp_path, capsys):
+    from moe_prune.layers import SoftMoE, SoftMoEConfig
+
+    layer = moe_prune.save(SoftMoE(SoftMoEConfig(dim=16, num_experts=8, slots_per_expert=1, hidden=8)),
+                           tmp_path / "layer.safetensors")
+    out = tmp_path / "b"
+    assert main(["bench", str(layer), "--keep", "2", "--batch-sizes", "1", "--min-seconds", "0", "--out-dir", str(out)]) == 0
+    r = json.loads((out / "bench.json").read_text())
+    assert r["tokens"] == 16 and set(r["latency"]["onnxruntime"]["1"]) == {"full", "compressed", "alg2", "alg1"}
+    assert r["bounds"]["compressed"]["by_kind"]["experts"]["flops"][0] == 4 * r["bounds"]["compressed"]["by_kind"]["experts"]["flops"][1]

@@ -488,3 +488,24 @@ def test_load_inputs_missing_or_garbage(tmp_path):
     (tmp_path / "junk.npz").write_bytes(os.urandom(64))
     with pytest.raises(DataError, match="junk.npz"):
         load_inputs(tmp_path / "junk.npz")
+
+
+# check_inputs: the model's input range decides between refusing and warning
+
+
+def test_float_pixels_in_0_255_refused_for_a_model_trained_on_0_1_warned_for_a_converted_one(capsys):
+    from moe_prune.data import check_inputs
+    from moe_prune.errors import DataError
+    from moe_prune.models import MnistConfig, MnistSoftMoE
+
+    x = np.random.default_rng(0).random((4, 1, 28, 28)).astype(np.float32)
+    model = MnistSoftMoE(MnistConfig(num_experts=4))
+    check_inputs(model, x, "ok.npy")  # [0, 1]: taken
+    with pytest.raises(DataError, match=r"pixels\.npy: float pixels span .*the model takes \[0, 1\]"):
+        check_inputs(model, x * 255, "pixels.npy")
+    assert capsys.readouterr().err == ""
+    model.checkpoint_meta = {"converted_from": "soft-moe (bwconrad) SoftMoEVisionTransformer"}  # its own normalization
+    check_inputs(model, x * 2 - 1, "normalized.npy")  # negative values are that model's business: no word
+    assert capsys.readouterr().err == ""
+    check_inputs(model, x * 255, "pixels.npy")
+    assert "warning: pixels.npy: float pixels go up to" in capsys.readouterr().err

@@ -3,6 +3,15 @@
 Every launch writes into outputs poisoned with NaN, so an element the kernel skips fails the test. Shapes are not
 multiples of the tiles (M in 1, 33, 197; D = 40, 196; N = 7*3, 16*1, 130*1), and the two-pass paths are reached
 both with the shipped tiles (N=130 > 128 slots, M=300 > 256 tokens) and with 16x16 tiles on small shapes.
+
+Every input of the reference cases has real tokens (a random mask pads about 30% of them, never all); an input
+whose every token is padded is its own case (`test_fully_padded_input`), beside a real one in the same batch.
+The invariants (each slot's dispatch weights sum to 1 over tokens, each real token's combine weights to 1 over
+slots, an input's scores to its real-token count) use tolerances derived from the dtype's rounding, which a
+softmax over the wrong axis exceeds by orders of magnitude.
+
+On a machine with a GPU the tensors are on CUDA and the kernel is compiled for it (conftest.py sets
+TRITON_INTERPRET=1 only without a GPU); tests marked `gpu` run only there.
 """
 
 import dataclasses
@@ -26,6 +35,8 @@ from moe_prune.kernels.routing import (  # noqa: E402
 from moe_prune.layers import SoftMoE, SoftMoEConfig, routing_ref  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The interpreter runs the kernel on CPU tensors; a compiled kernel needs CUDA tensors.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # The kernel is compared with the reference in fp32 on the same (rounded) inputs: it accumulates in fp32, so what
 # is left is the rounding of its 16-bit outputs and of the 16-bit tl.dot operands (tokens times gain).
@@ -41,27 +52,34 @@ SCORE_TOL = {
 }
 
 
-
 def weights(layer, x, mask=None):
     """The full dispatch and combine weights [B, M, E*S] of one routed call."""
     r = layer.route(x, mask)
     return r.dispatch_weights, r.combine_weights
 
-def make_inputs(B, M, D, E, S, dtype, *, scale=True, gain=False, mask=False, token_norm="l2"):
+
+def make_inputs(B, M, D, E, S, dtype, *, scale=True, gain=False, mask=False, token_norm="l2", pad_first=False):
+    """Random inputs on DEVICE. mask: about 30% of the tokens padded, every input keeping real ones;
+    pad_first: input 0 has every token padded (uniform dispatch, zero combine, zero scores)."""
     x = torch.randn(B, M, D).to(dtype)  # [B, M, D]
     phi = (torch.randn(D, E, S) / D**0.5).to(dtype)  # [D, E, S]
+    keep = None
+    if mask:
+        keep = torch.rand(B, M) > 0.3  # [B, M]
+        keep[:, torch.randint(M, (1,))] = True  # every input keeps a real token
+        if pad_first:
+            keep[0, :] = False
     kw = dict(
         scale=(torch.tensor([3.0]) if scale else None),
         gain=(torch.rand(D) + 0.5 if gain else None),
-        mask=(torch.rand(B, M) > 0.3 if mask else None),
+        mask=keep,
         token_norm=token_norm,
     )
     for key in ("scale", "gain"):
         if kw[key] is not None:
             kw[key] = kw[key].to(dtype)
-    if mask and M > 1:
-        kw["mask"][0, :] = False  # input 0: every token padded (uniform dispatch, zero combine, zero scores)
-    return x, phi, kw
+    kw = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    return x.to(DEVICE), phi.to(DEVICE), kw
 
 
 def run_kernel(x, phi, kw, config=None, slots_per_expert=1):
@@ -69,8 +87,9 @@ def run_kernel(x, phi, kw, config=None, slots_per_expert=1):
     B, M, _ = x.shape
     N = phi[0].numel()
     S = phi.shape[2] if phi.dim() == 3 else slots_per_expert
-    out = (torch.full((B, M, N), float("nan"), dtype=x.dtype), torch.full((B, M, N), float("nan"), dtype=x.dtype),
-           torch.full((B, N // S), float("nan")))
+    out = (torch.full((B, M, N), float("nan"), dtype=x.dtype, device=x.device),
+           torch.full((B, M, N), float("nan"), dtype=x.dtype, device=x.device),
+           torch.full((B, N // S), float("nan"), device=x.device))
     dispatch, combine, scores = soft_moe_routing(x, phi, kw["scale"], kw["gain"], token_norm=kw["token_norm"],
                                                  mask=kw["mask"], slots_per_expert=slots_per_expert, out=out,
                                                  config=config)
@@ -93,14 +112,32 @@ def check_against_reference(x, phi, kw, config=None, slots_per_expert=1):
     torch.testing.assert_close(dispatch.float(), ref_d, **tol)
     torch.testing.assert_close(combine.float(), ref_c, **tol)
     torch.testing.assert_close(scores, ref_s, **score_tol)
-    # Invariants, from the kernel's outputs alone.
-    B, M, N = combine.shape
-    keep = kw["mask"] if kw["mask"] is not None else torch.ones(B, M, dtype=torch.bool)
-    sum_tol = dict(atol=M * tol["atol"] + 2 * tol["rtol"], rtol=0)
-    torch.testing.assert_close(dispatch.float().sum(1), torch.ones(B, N), **sum_tol)  # each slot over tokens
-    torch.testing.assert_close(combine.float().sum(2), keep.float(), **sum_tol)  # each real token over slots
-    torch.testing.assert_close(scores.sum(1), keep.float().sum(1), atol=M * score_tol["atol"], rtol=1e-5)
+    check_invariants(dispatch, combine, scores, kw["mask"])
     return dispatch, combine, scores
+
+
+def sum_tolerances(dtype, M, N) -> tuple[float, float]:
+    """(atol of a softmax's sum to 1, atol of an input's scores summed over experts), from rounding alone.
+
+    A weight is written in `dtype`: each element rounded by at most eps/2 of itself, so a column or row of
+    positive weights that sums to 1 in fp32 sums to 1 within eps/2 once rounded (2 eps: margin). The fp32
+    softmax itself and the fp32 sums here add at most a few fp32 eps per term (2 * (M + N) * eps32). Scores are
+    summed in fp32 from the unrounded combine weights: M rows of N terms, each row 1 within N * eps32.
+    A softmax over the wrong axis gives sums of M / N or N / M (or 1 / N at M = 1): far outside both.
+    """
+    eps, eps32 = torch.finfo(dtype).eps, torch.finfo(torch.float32).eps
+    return 2 * eps + 2 * (M + N) * eps32, 2 * M * N * eps32 + 1e-6
+
+
+def check_invariants(dispatch, combine, scores, mask):
+    """Each slot's dispatch weights sum to 1 over tokens, each real token's combine weights to 1 over slots (a
+    padded token's to 0), an input's scores to its real-token count."""
+    B, M, N = combine.shape
+    keep = mask if mask is not None else torch.ones(B, M, dtype=torch.bool, device=combine.device)
+    sum_atol, score_atol = sum_tolerances(dispatch.dtype, M, N)
+    torch.testing.assert_close(dispatch.float().sum(1), torch.ones(B, N, device=dispatch.device), atol=sum_atol, rtol=0)
+    torch.testing.assert_close(combine.float().sum(2), keep.float(), atol=sum_atol, rtol=0)
+    torch.testing.assert_close(scores.sum(1), keep.float().sum(1), atol=score_atol, rtol=0)
 
 
 # -- the kernel against the reference ----------------------------------------------------------------------------
@@ -108,7 +145,7 @@ def check_against_reference(x, phi, kw, config=None, slots_per_expert=1):
 SHAPES = [  # (B, M, D, E, S)
     (2, 1, 40, 7, 3),
     (2, 33, 40, 7, 3),
-    (1, 197, 196, 16, 1),  # ViT token count; D not a multiple of BLOCK_D
+    (2, 197, 196, 16, 1),  # ViT token count; D not a multiple of BLOCK_D
     (2, 33, 40, 130, 1),  # N=130 > 128: combine in two passes with the shipped tiles
 ]
 
@@ -137,8 +174,9 @@ def test_kernel_features(features, dtype):
 
 
 def test_two_pass_dispatch_with_shipped_tiles():
-    """M=300 > 256 tokens: dispatch in two passes (online column statistics, then recompute)."""
-    x, phi, kw = make_inputs(1, 300, 40, 16, 2, torch.float32, gain=True, mask=True)
+    """M=300 > 256 tokens: dispatch in two passes (online column statistics, then recompute); real tokens."""
+    x, phi, kw = make_inputs(2, 300, 40, 16, 2, torch.float32, gain=True, mask=True)
+    assert kw["mask"].sum(1).min() > 0
     check_against_reference(x, phi, kw)
 
 
@@ -162,20 +200,24 @@ def test_sm75_fma_config_for_fp16():
 
 def test_strided_inputs_and_flat_phi():
     """x not contiguous (a [M, B, D] buffer seen as [B, M, D]), phi given as [D, N] with slots_per_expert."""
-    x_mbd = torch.randn(33, 2, 40)
+    x_mbd = torch.randn(33, 2, 40, device=DEVICE)
     x = x_mbd.transpose(0, 1)  # [B, M, D], strides (40, 80, 1)
-    phi = torch.randn(40, 21)  # [D, E*S]
-    kw = dict(scale=torch.tensor([2.0]), gain=None, mask=None, token_norm="l2")
+    phi = torch.randn(40, 21, device=DEVICE)  # [D, E*S]
+    kw = dict(scale=torch.tensor([2.0], device=DEVICE), gain=None, mask=None, token_norm="l2")
     assert not x.is_contiguous()
     check_against_reference(x, phi, kw, slots_per_expert=3)
 
 
-def test_fully_padded_input():
-    """An input whose every token is padded: uniform dispatch (the finfo.min floor), zero combine and scores."""
-    x, phi, kw = make_inputs(2, 33, 40, 7, 3, torch.float32, mask=True)
+@pytest.mark.parametrize("M", [33, 197, 300])  # one tile; the ViT count; two dispatch passes with the shipped tiles
+def test_fully_padded_input(M):
+    """Input 0 has every token padded: uniform dispatch (the finfo.min floor), zero combine and scores; input 1
+    beside it has real tokens and must not be affected."""
+    x, phi, kw = make_inputs(2, M, 40, 7, 3, torch.float32, gain=True, mask=True, pad_first=True)
+    assert kw["mask"][0].sum() == 0 and kw["mask"][1].sum() > 0
     dispatch, combine, scores = check_against_reference(x, phi, kw)
-    assert torch.allclose(dispatch[0], torch.full_like(dispatch[0], 1 / 33))
+    torch.testing.assert_close(dispatch[0], torch.full_like(dispatch[0], 1 / M))
     assert combine[0].abs().sum() == 0 and scores[0].abs().sum() == 0
+    assert scores[1].sum() > 0 and not torch.allclose(dispatch[1], torch.full_like(dispatch[1], 1 / M))
 
 
 def test_top_experts_follow_from_scores():
@@ -189,9 +231,9 @@ def test_top_experts_follow_from_scores():
 
 def test_layer_triton_path_matches_torch_path():
     """SoftMoE.routing through the kernel (use_triton=True) equals its torch path."""
-    layer = SoftMoE(SoftMoEConfig(dim=40, num_experts=7, slots_per_expert=3, hidden=16, token_gain=True))
-    x = torch.randn(2, 33, 40)
-    mask = torch.rand(2, 33) > 0.2
+    layer = SoftMoE(SoftMoEConfig(dim=40, num_experts=7, slots_per_expert=3, hidden=16, token_gain=True)).to(DEVICE)
+    x = torch.randn(2, 33, 40, device=DEVICE)
+    mask = torch.rand(2, 33, device=DEVICE) > 0.2
     with torch.no_grad():
         layer.use_triton = False
         ref = weights(layer, x, mask)
@@ -205,8 +247,8 @@ def test_model_forward_and_selection_through_the_kernel():
     """The whole layer, its scores and Algorithm 1/2 selection: the kernel path gives the torch path's results."""
     from moe_prune.selection import expert_scores, select_experts, with_selection
 
-    layer = SoftMoE(SoftMoEConfig(dim=24, num_experts=8, slots_per_expert=1, hidden=16)).eval()
-    x = torch.randn(3, 17, 24)
+    layer = SoftMoE(SoftMoEConfig(dim=24, num_experts=8, slots_per_expert=1, hidden=16)).eval().to(DEVICE)
+    x = torch.randn(3, 17, 24, device=DEVICE)
     results = {}
     with torch.no_grad():
         for flag in (False, True):
@@ -219,6 +261,68 @@ def test_model_forward_and_selection_through_the_kernel():
             assert torch.equal(a, b)
         else:
             torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def _counting_kernel(monkeypatch):
+    """Replace the kernel `SoftMoE.route` launches by its torch reference, counting the calls (a real launch at
+    B = 65536 would take hours in the interpreter)."""
+    from moe_prune.kernels import routing
+
+    calls = []
+
+    def fake(x, phi, scale=None, gain=None, **kw):
+        calls.append(x.shape)
+        return soft_moe_routing_ref(x.float(), phi.float(), scale, gain, token_norm=kw["token_norm"],
+                                    mask=kw["mask"], slots_per_expert=kw["slots_per_expert"])
+
+    monkeypatch.setattr(routing, "soft_moe_routing", fake)
+    return calls
+
+
+def test_float64_routes_through_torch_even_when_forced():
+    """The kernel takes fp32/fp16/bf16: a float64 layer falls back to torch (use_triton=True included)."""
+    layer = SoftMoE(SoftMoEConfig(dim=24, num_experts=4, slots_per_expert=2, hidden=8)).eval().double().to(DEVICE)
+    x = torch.randn(2, 9, 24, dtype=torch.float64, device=DEVICE)
+    with torch.no_grad():
+        layer.use_triton = False
+        ref = layer(x)
+        layer.use_triton = True
+        assert not layer.triton_for(x)
+        out = layer(x)  # the launcher would raise ValueError (float64) if it were called
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    assert layer.triton_for(x.float())  # fp32 of the same shape does go to the kernel
+
+
+def test_batch_beyond_the_grid_routes_through_torch(monkeypatch):
+    """The batch is the kernel's grid axis 1 (at most 65535 on CUDA): a larger batch falls back to torch."""
+    layer = SoftMoE(SoftMoEConfig(dim=4, num_experts=2, slots_per_expert=1, hidden=4)).eval().to(DEVICE)
+    layer.use_triton = True
+    calls = _counting_kernel(monkeypatch)
+    with torch.no_grad():
+        weights(layer, torch.randn(65535, 1, 4, device=DEVICE))
+        assert len(calls) == 1  # the largest batch the grid takes still uses the kernel
+        x = torch.randn(65536, 1, 4, device=DEVICE)
+        dispatch, combine = weights(layer, x)
+        assert len(calls) == 1  # one more input: torch
+        layer.use_triton = False
+        ref = weights(layer, x)
+    torch.testing.assert_close(dispatch, ref[0], atol=0, rtol=0)
+    torch.testing.assert_close(combine, ref[1], atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+def test_layer_on_cuda_uses_the_kernel_by_default(monkeypatch):
+    """On a GPU, a CUDA layer in eval routes through the compiled kernel (use_triton unset) at the ViT shape, and
+    gives the torch path's outputs."""
+    layer = SoftMoE(SoftMoEConfig(dim=64, num_experts=32, slots_per_expert=4, hidden=32)).eval().cuda()
+    x = torch.randn(4, 197, 64, device="cuda")
+    with torch.no_grad():
+        assert layer.use_triton is None and layer.triton_for(x)
+        out = layer(x)
+        layer.use_triton = False
+        ref = layer(x)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
 
 
 # -- the references ----------------------------------------------------------------------------------------------

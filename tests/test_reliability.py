@@ -540,3 +540,187 @@ def test_export_of_a_compressed_checkpoint_twice_runs_identically(tmp_path):
         outputs.append(session.run(None, {"input": x})[0])
     assert files[0] == files[1]
     assert np.array_equal(outputs[0], outputs[1])
+
+
+# -- 5. user mistakes: one line, exit status 2, no traceback, nothing left behind, inputs unchanged ---------------
+#
+# Each row is a command a user can get wrong. The oracle is the same for all of them: exactly one line on stderr,
+# "moe-prune: error: ..." with the words the row expects, exit status 2, no traceback, and the workspace byte
+# for byte as it was (every input unchanged, no output file or folder, no temporary file). Rows marked "late"
+# fail after outputs were written (a patched step raises), so they check that a run takes back what it made.
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Inputs for the table: checkpoints (a model, a bare layer, a compressed one of another model, damaged
+    headers) and calibration arrays of every wrong kind."""
+    from moe_prune.compress import compress_model
+
+    ws = tmp_path_factory.mktemp("mistakes")
+    torch.manual_seed(0)
+    moe_prune.save(MnistSoftMoE(MnistConfig(num_experts=8)), ws / "m.safetensors")
+    moe_prune.save(SoftMoE(SoftMoEConfig(dim=16, num_experts=4, slots_per_expert=1, hidden=8)), ws / "layer.safetensors")
+    other = MnistSoftMoE(MnistConfig(num_experts=8))  # same architecture, other weights
+    moe_prune.save(compress_model(other, {"moe": torch.tensor([0, 3])}), ws / "other_small.safetensors")
+    moe_prune.save(MnistSoftMoE(MnistConfig(num_experts=4)), ws / "m4.safetensors")
+    rng = np.random.default_rng(0)
+    arrays = {
+        "c32.npy": (rng.random((12, 32, 32)) * 255).astype(np.uint8),  # [N, 32, 32]
+        "c3.npy": rng.random((12, 3, 28, 28)).astype(np.float32),  # [N, 3, 28, 28]
+        "c784.npy": rng.random((12, 784)).astype(np.float32),  # [N, 784]
+        "cfloat.npy": rng.random((12, 28, 28)).astype(np.float32),  # float [N, 28, 28]: no channel axis
+        "c1d.npy": rng.random(12).astype(np.float32),  # 1-D
+        "c255.npy": (rng.random((12, 1, 28, 28)) * 255).astype(np.float32),  # float pixels in 0-255
+        "tokens.npy": rng.standard_normal((12, 5, 16)).astype(np.float32),  # right for the layer
+    }
+    for name, a in arrays.items():
+        np.save(ws / name, a)
+    metadata, head, _ = decode((ws / "m.safetensors").read_bytes())
+    data = (ws / "m.safetensors").read_bytes()
+    body = data[8 + struct.unpack("<Q", data[:8])[0]:]
+    from safetensors.torch import save_file
+
+    state = moe_prune.load(ws / "m.safetensors").state_dict()
+    del state["head.weight"]  # a tensor the spec needs is not there; the file is otherwise well formed
+    save_file(state, str(ws / "missing_tensor.safetensors"), metadata=metadata)
+    rec = json.loads(metadata["moe_prune"])
+    rec["spec"]["moe"]["moe"].update(present=[0, 1, 2])  # 3 held experts, the stacks hold 8
+    (ws / "present_lies.safetensors").write_bytes(_file({**head, "__metadata__": {**metadata, "moe_prune": json.dumps(rec)}}, body))
+    return ws
+
+
+def _fail_late(where: str, error):
+    """A patch: `where` (module.attr) raises `error` when called, after the run has written outputs."""
+    def patch(monkeypatch):
+        def boom(*args, **kwargs):
+            raise error
+        monkeypatch.setattr(where, boom)
+    return patch
+
+
+def _fail_validation(monkeypatch):
+    from moe_prune import export
+
+    real = export._compare
+
+    def compare(check, *args):
+        real(check, *args)
+        check.passed = False  # as if ONNX Runtime had differed from PyTorch
+    monkeypatch.setattr(export, "_compare", compare)
+
+
+_C = ["compress", "m.safetensors", "--calib-limit", "12", "--out", "OUT/"]
+_E = ["eval", "m.safetensors", "--data", "sample", "--keep", "1/2", "--modes", "drop", "--batch-sizes", "32",
+      "--random-seeds", "1", "--calib-limit", "12", "--out-dir", "OUT"]
+_T = ["export", "m.safetensors", "--format", "triton-repo", "--out", "OUT"]
+_B = ["bench", "m.safetensors", "--batch-sizes", "1", "--min-seconds", "0", "--no-layer", "--out-dir", "OUT"]
+SHAPE = "takes images [N, 1, 28, 28]"
+MISTAKES = {  # name: (argv, words the one line must hold, patch or None)
+    **{f"compress_calib_{c}": ([*_C, "--calib", f"{c}.npy"], [f"{c}.npy", found, SHAPE], None)
+       for c, found in (("c32", "[12, 32, 32]"), ("c3", "[12, 3, 28, 28]"), ("c784", "[12, 784]"),
+                        ("cfloat", "float32 [12, 28, 28]"), ("c1d", "[12]"))},
+    **{f"eval_calib_{c}": ([*_E, "--calib", f"{c}.npy"], [f"{c}.npy", found, SHAPE], None)
+       for c, found in (("c32", "[12, 32, 32]"), ("c3", "[12, 3, 28, 28]"), ("c784", "[12, 784]"),
+                        ("cfloat", "float32 [12, 28, 28]"), ("c1d", "[12]"))},
+    "compress_calib_0_255_floats": ([*_C, "--calib", "c255.npy"], ["c255.npy", "[0, 1]", "255"], None),
+    "eval_calib_0_255_floats": ([*_E, "--calib", "c255.npy"], ["c255.npy", "[0, 1]"], None),
+    "compress_layer_on_images": (["compress", "layer.safetensors", "--calib", "sample", "--out", "OUT/"],
+                                 ["sample", "tokens [N, M, 16]"], None),
+    "eval_layer_on_images": (["eval", "layer.safetensors", "--data", "sample", "--out-dir", "OUT"],
+                             ["sample", "tokens [N, M, 16]"], None),
+    "demo_layer": (["demo", "--checkpoint", "layer.safetensors", "--out-dir", "OUT"], ["tokens [N, M, 16]", "bench"], None),
+    "triton_repo_onto_a_file": (["export", "m.safetensors", "--format", "triton-repo", "--out", "c1d.npy"],
+                                ["c1d.npy", "not a folder"], None),
+    "eval_random_seeds_0": ([*_E[:-6], "--random-seeds", "0", "--out-dir", "OUT"], ["--random-seeds 0", "at least 1"], None),
+    "eval_random_seeds_negative": ([*_E[:-6], "--random-seeds", "-1", "--out-dir", "OUT"], ["--random-seeds -1"], None),
+    "triton_max_batch_0": ([*_T, "--max-batch-size", "0"], ["--max-batch-size 0"], None),
+    "triton_max_batch_negative": ([*_T, "--max-batch-size", "-4"], ["--max-batch-size -4"], None),
+    "bench_min_seconds_negative": (["bench", "m.safetensors", "--min-seconds", "-1", "--out-dir", "OUT"],
+                                   ["--min-seconds -1"], None),
+    "export_atol_negative": (["export", "m.safetensors", "--out", "OUT.onnx", "--atol", "-1"], ["--atol -1"], None),
+    "bench_compressed_from_another_model": ([*_B, "--compressed", "other_small.safetensors"],
+                                            ["other_small.safetensors", "not compressed from m.safetensors", "weights"], None),
+    "bench_compressed_of_another_size": ([*_B, "--compressed", "m4.safetensors"], ["m4.safetensors", "num_experts"], None),
+    "bench_compressed_not_compressed": ([*_B, "--compressed", "m.safetensors"], ["no kept experts"], None),
+    "info_missing_tensor": (["info", "missing_tensor.safetensors"], ["missing_tensor.safetensors", "head.weight"], None),
+    "info_present_contradicts_shapes": (["info", "present_lies.safetensors"], ["present_lies.safetensors", "shape"], None),
+    "compress_out_without_suffix": ([*_C[:-1], "OUT", "--calib", "sample"], ["OUT", ".safetensors file or a folder"], None),
+    "export_out_without_suffix": (["export", "m.safetensors", "--out", "OUT"], ["OUT", ".onnx file or a folder"], None),
+    "usage_error_is_one_line": (["compress", "m.safetensors", "--out", "OUT/"], ["--calib", "--help"], None),
+    # late: outputs were written when the run failed
+    "late_export_validation_fails": (["export", "m.safetensors", "--out", "OUT/"], ["not written", "--keep-invalid"],
+                                     _fail_validation),
+    "late_triton_repo_validation_fails": (_T, ["OUT", "differs"], _fail_validation),
+    "late_compress_fails_writing": ([*_C, "--calib", "sample"], ["disk full"],
+                                    _fail_late("moe_prune.checkpoint._sort_metadata", moe_prune.errors.OutputError("disk full"))),
+    "late_demo_fails_in_export": (["demo", "--checkpoint", "m.safetensors", "--keep", "2", "--out-dir", "OUT/deeper"],
+                                  ["exporter broke"],
+                                  _fail_late("moe_prune.pipeline.benchmark", moe_prune.errors.ExportError("exporter broke"))),
+    "late_eval_fails_writing": ([*_E, "--calib", "sample"], ["disk full"],
+                                _fail_late("moe_prune.reports.study_markdown", moe_prune.errors.OutputError("disk full"))),
+    "late_bench_fails_timing": (_B, ["timer broke"],
+                                _fail_late("moe_prune.bench.bench_models", moe_prune.errors.ConfigError("timer broke"))),
+}
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (_sha(p) if p.is_file() else "dir") for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", sorted(MISTAKES))
+def test_user_mistake_is_one_line_and_leaves_nothing(workspace, case, tmp_path, monkeypatch, capfd):
+    from moe_prune.cli import main
+
+    argv, words, patch = MISTAKES[case]
+    workspace = Path(shutil.copytree(workspace, tmp_path / "ws"))  # each row on its own copy: rows cannot mask each other
+    monkeypatch.chdir(workspace)
+    if patch is not None:
+        patch(monkeypatch)
+    before = _tree(workspace)
+    capfd.readouterr()
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2, (code, err)
+    if case.startswith("late_"):  # the run's progress lines came first; the error is the last line, alone
+        assert sum(line.startswith("moe-prune: error: ") for line in err) == 1, err
+    else:  # refused before any work: the error is all there is
+        assert len(err) == 1, err
+    assert err[-1].startswith("moe-prune: error: "), err
+    assert not any("Traceback" in line for line in err), err
+    for word in words:
+        assert word in err[-1], (word, err[-1])
+    assert _tree(workspace) == before  # inputs byte-identical; no output, folder or temporary left
+
+
+def test_export_keep_invalid_keeps_the_failed_model_and_says_where(workspace, tmp_path, monkeypatch, capfd):
+    from moe_prune.cli import main
+
+    _fail_validation(monkeypatch)
+    out = tmp_path / "new" / "bad.onnx"
+    out.parent.mkdir()
+    assert main(["export", str(workspace / "m.safetensors"), "--out", str(out), "--keep-invalid"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"kept at {out}" in err[0], err
+    assert out.is_file() and sorted(p.name for p in out.parent.iterdir()) == ["bad.onnx"]
+
+
+def test_export_that_fails_validation_keeps_the_old_file(workspace, tmp_path, monkeypatch):
+    from moe_prune.cli import main
+
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"the previous model")
+    _fail_validation(monkeypatch)
+    assert main(["export", str(workspace / "m.safetensors"), "--out", str(out)]) == 2
+    assert out.read_bytes() == b"the previous model" and sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def test_the_console_script_prints_one_line(workspace):
+    """The real process (not main() in this one): stderr holds the one line and nothing else."""
+    if not MOE_PRUNE.is_file():
+        pytest.skip(f"the moe-prune console script is not at {MOE_PRUNE}")
+    proc = subprocess.run([str(MOE_PRUNE), "eval", "m.safetensors", "--random-seeds", "0"], cwd=workspace,
+                          capture_output=True, text=True, env=ONE_THREAD)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--random-seeds 0" in proc.stderr, proc.stderr

@@ -27,7 +27,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-import moe_prune.layers as layers
+import moe_prune.experts as experts_mod
 from moe_prune.bench import BenchConfig, alternate, ort_session
 from moe_prune.bench import environment as bench_environment
 from moe_prune.export import export_onnx
@@ -58,13 +58,13 @@ class Rows(torch.nn.Module):
 @contextlib.contextmanager
 def graph_regime(gather: bool | None):
     """The graph's row-count limit for gathering weights per row: forced on, off, or the shipped one (None)."""
-    saved = layers._GATHER_LIMIT, layers._GRAPH_FEW_ROWS
+    saved = experts_mod._GATHER_LIMIT, experts_mod._GRAPH_FEW_ROWS
     if gather is not None:
-        layers._GATHER_LIMIT, layers._GRAPH_FEW_ROWS = (1 << 40 if gather else 0), 0.0
+        experts_mod._GATHER_LIMIT, experts_mod._GRAPH_FEW_ROWS = (1 << 40 if gather else 0), 0.0
     try:
         yield
     finally:
-        layers._GATHER_LIMIT, layers._GRAPH_FEW_ROWS = saved
+        experts_mod._GATHER_LIMIT, experts_mod._GRAPH_FEW_ROWS = saved
 
 
 def export_rows(experts: StackedExperts, path: pathlib.Path, gather: bool | None, D: int) -> str:

@@ -26,11 +26,11 @@ import sys
 
 import torch
 
-import moe_prune.layers as layers
+import moe_prune.experts as experts_mod
 from moe_prune.bench import BenchConfig, alternate, machine_roofline
 from moe_prune.bench import environment as bench_environment
 from moe_prune.flops import model_cost, roofline_ratio
-from moe_prune.layers import SoftMoE, SoftMoEConfig
+from moe_prune.layers import Routing, SoftMoE, SoftMoEConfig
 from moe_prune.reports import table, write_json, write_text
 from moe_prune.selection import select_experts
 
@@ -49,13 +49,13 @@ REGIMES = {"gather": (1 << 40, 0), "padded": (0, 1 << 40), "loop": (0, 0)}  # (_
 @contextlib.contextmanager
 def forced(regime: str | None):
     """Force one regime of StackedExperts.grouped (None: the shipped thresholds)."""
-    saved = layers._GATHER_LIMIT, layers._LOOP_OVERHEAD
+    saved = experts_mod._GATHER_LIMIT, experts_mod._LOOP_OVERHEAD
     if regime is not None:
-        layers._GATHER_LIMIT, layers._LOOP_OVERHEAD = REGIMES[regime]
+        experts_mod._GATHER_LIMIT, experts_mod._LOOP_OVERHEAD = REGIMES[regime]
     try:
         yield
     finally:
-        layers._GATHER_LIMIT, layers._LOOP_OVERHEAD = saved
+        experts_mod._GATHER_LIMIT, experts_mod._LOOP_OVERHEAD = saved
 
 
 def dense_per_input(layer: SoftMoE, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ def dense_per_input(layer: SoftMoE, x: torch.Tensor, experts: torch.Tensor) -> t
     kept = torch.zeros(x.shape[0], layer.config.num_experts, dtype=torch.bool)
     kept.scatter_(1, experts, True)
     combine = r.combine_weights * kept.repeat_interleave(layer.config.slots_per_expert, 1).unsqueeze(1)
-    return layer._mix(r, r.dispatch_weights, combine, None)
+    return layer.mix(Routing(layer, x, None, r.tokens, dispatch=r.dispatch_weights, combine=combine))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,22 +17,22 @@ Axes: B batch, M tokens, D model dim, E experts, S slots per expert, H expert hi
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
 from dataclasses import dataclass, field, fields
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .experts import EXPERT_KINDS, ExpertKind, StackedExperts, expert_activation, in_graph, triton_available
 
-ExpertKind = Literal["gelu_mlp", "relu_mlp", "geglu"]
+__all__ = ["SoftMoEConfig", "SoftMoE", "Routing", "StackedExperts", "expert_activation", "in_graph", "routing_ref",
+           "normalize_tokens", "router_weight", "EXPERT_KINDS", "MODES"]
+
 TokenNorm = Literal["l2", "layer", "none"]
 Mode = Literal["drop", "renorm"]
-EXPERT_KINDS = ("gelu_mlp", "relu_mlp", "geglu")
 MODES = ("drop", "renorm")
 
 
@@ -138,226 +138,6 @@ class SoftMoEConfig:
             raise ConfigError(f"Soft MoE config: {e}") from None
 
 
-def expert_activation(kind: ExpertKind, h: torch.Tensor) -> torch.Tensor:
-    """The nonlinearity between an expert's two matmuls: GELU, ReLU, or GEGLU (value * gelu(gate), halving H)."""
-    if kind == "gelu_mlp":
-        return F.gelu(h)
-    if kind == "relu_mlp":
-        return F.relu(h)
-    value, gate = h.chunk(2, dim=-1)
-    return value * F.gelu(gate)
-
-
-def in_graph() -> bool:
-    """True while torch traces or exports the model: the graph must be plain ONNX operators, shapes dynamic."""
-    return torch.jit.is_tracing() or torch.compiler.is_exporting()
-
-
-# Below this many weights (1M floats, 4 MB) gathering experts' weights (one copy per kept expert, or per kept
-# row) is cheaper than one Python-level matmul pair per expert: measured on a CPU, gathering 16 of Chung et al.'s
-# MNIST experts (150 KB) beat the loop 2x, and the loop beat gathering 16 ViT-S experts (75 MB) 7x.
-_GATHER_LIMIT = 1 << 20
-# Grouped rows of large experts: a Python loop over the used experts (weights as views, no copy) costs about
-# this much per expert beyond its matmuls, measured on a CPU as the time to read this many weights; the padded
-# batched matmul over the whole stack reads every expert and computes padding rows instead. The loop is chosen
-# while used * (expert weights + _LOOP_OVERHEAD) < all experts' weights (benchmarks/sparse_per_input.py).
-_LOOP_OVERHEAD = 1 << 17
-# A graph also gathers per row when its rows number at most this fraction of the experts: copying R experts'
-# weights then costs less than reading all E (ONNX Runtime, ViT-S/16 experts, 16 rows of 128 experts: gathered
-# 26.5 ms, padded over the stack 77 ms; benchmarks/ort_grouped_experts.py).
-_GRAPH_FEW_ROWS = 0.5
-# Many rows per expert (the full layer, eager): one fused addmm pair per expert beats the batched matmul over the
-# stack from about this many rows (16 experts x 256 rows, D=512, H=2048: 1.16x on a CPU; at 16-32 rows the
-# batched matmul is as fast or faster). benchmarks/vs_libraries.py measures the regimes.
-_LOOP_ROWS = 128
-
-
-@functools.cache
-def _grouped_graph():
-    """StackedExperts.grouped as TorchScript, for ONNX graphs: both execution choices in the graph (an ONNX If on
-    the batch's row count), since a graph's batch is only known when it runs. Scripted on first use."""
-
-    @torch.jit.script
-    def mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-            b2: Optional[torch.Tensor], kind: int) -> torch.Tensor:
-        # x [..., N, D] -> [..., N, D_out]; kind indexes EXPERT_KINDS (gelu_mlp, relu_mlp, geglu).
-        h = torch.matmul(x, w1)
-        if b1 is not None:
-            h = h + b1.unsqueeze(-2)
-        if kind == 0:
-            h = F.gelu(h)
-        elif kind == 1:
-            h = F.relu(h)
-        else:
-            value, gate = h.chunk(2, dim=-1)
-            h = value * F.gelu(gate)
-        y = torch.matmul(h, w2)
-        if b2 is not None:
-            y = y + b2.unsqueeze(-2)
-        return y
-
-    @torch.jit.script
-    def grouped(rows: torch.Tensor, idx: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
-                w2: torch.Tensor, b2: Optional[torch.Tensor], kind: int, gather_limit: int, few_rows: int) -> torch.Tensor:
-        # rows [R, N, D], idx [R] -> [R, N, D_out]
-        R, N, D = rows.shape[0], rows.shape[1], rows.shape[2]
-        if R * (w1.shape[1] * w1.shape[2] + w2.shape[1] * w2.shape[2]) < gather_limit or R <= few_rows:
-            # each row with its expert's weights gathered: small experts, or so few rows that copying their
-            # experts costs less than reading the whole stack (ONNX Runtime has no matmul on a subset in place)
-            return mlp(rows, w1.index_select(0, idx), None if b1 is None else b1.index_select(0, idx),
-                       w2.index_select(0, idx), None if b2 is None else b2.index_select(0, idx), kind)
-        # rows grouped into a [E, C*N, D] batch padded to the busiest expert, the stack's weights used in place
-        E = w1.shape[0]
-        onehot = (idx.unsqueeze(1) == torch.arange(E, device=idx.device)).long()  # [R, E]
-        rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # [R]: the row's place among its expert's rows
-        C = int(onehot.sum(0).max())
-        place = idx * C + rank  # [R]
-        x = torch.zeros(E * C, N * D, dtype=rows.dtype, device=rows.device).index_copy(0, place, rows.reshape(R, N * D))
-        y = mlp(x.reshape(E, C * N, D), w1, b1, w2, b2, kind)  # [E, C*N, D_out]
-        return y.reshape(E * C, N, y.shape[-1]).index_select(0, place)
-
-    return grouped
-
-
-class StackedExperts(nn.Module):
-    """E experts of one kind with their weights stacked, computed with batched matmuls (no loop over experts).
-
-    Weights: w1 [E, D, H] (GEGLU: [E, D, 2H], value half first, then gate), w2 [E, H, D_out]; biases b1, b2
-    unless the kind is "relu_mlp".
-    """
-
-    def __init__(self, kind: ExpertKind, num: int, dim: int, hidden: int, out_dim: int):
-        super().__init__()
-        self.kind = kind
-        h1 = 2 * hidden if kind == "geglu" else hidden
-        self.w1 = nn.Parameter(torch.empty(num, dim, h1))
-        self.w2 = nn.Parameter(torch.empty(num, hidden, out_dim))
-        if kind != "relu_mlp":
-            self.b1 = nn.Parameter(torch.zeros(num, h1))
-            self.b2 = nn.Parameter(torch.zeros(num, out_dim))
-        else:
-            self.b1 = self.b2 = None
-        # Kaiming-uniform like nn.Linear, per expert.
-        nn.init.uniform_(self.w1, -1 / math.sqrt(dim), 1 / math.sqrt(dim))
-        nn.init.uniform_(self.w2, -1 / math.sqrt(hidden), 1 / math.sqrt(hidden))
-        # None: the Triton grouped-expert kernel for CUDA inference when triton is installed. True/False forces.
-        self.use_triton: bool | None = None
-
-    @property
-    def weights_per_expert(self) -> int:
-        return self.w1[0].numel() + self.w2[0].numel()
-
-    def forward(self, slots: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """slots [K, N, D] -> [K, N, D_out]; expert k of the stack is idx[k] (all experts in order if None)."""
-        if idx is None:
-            if in_graph() or slots.shape[1] < _LOOP_ROWS:
-                return self._mlp(slots, self.w1, self.b1, self.w2, self.b2)
-            out = slots.new_empty(*slots.shape[:-1], self.w2.shape[-1])  # [E, N, D_out], written expert by expert
-            for e in range(slots.shape[0]):
-                self._expert(slots[e], e, out=out[e])
-            return out
-        if in_graph() or len(idx) * self.weights_per_expert < _GATHER_LIMIT:
-            # Gather the kept experts' weights (an ONNX Gather in a graph), then the same batched matmuls.
-            pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
-            return self._mlp(slots, pick(self.w1), pick(self.b1), pick(self.w2), pick(self.b2))
-        # Large experts, eager: use each kept expert's weights in place (views), one matmul pair per expert;
-        # copying them first measured several times slower on a CPU for ViT-sized experts.
-        if len(idx) == 0:
-            return slots.new_zeros(*slots.shape[:-1], self.w2.shape[-1])
-        return torch.stack([self._expert(slots[k], i) for k, i in enumerate(idx.tolist())])
-
-    def grouped(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Rows that each belong to one expert: rows [R, N, D] -> [R, N, D_out], row r through expert idx[r].
-
-        The per-input path: R = B*K (input, kept expert) pairs, N = S slots each. Each used expert's weights are
-        read once (or, for small experts, gathered per row), so the cost is R expert evaluations, not E*B.
-        """
-        R, N, D = rows.shape
-        if R == 0:
-            return rows.new_zeros(0, N, self.w2.shape[-1])
-        if torch.jit.is_tracing():
-            # The graph chooses at run time, by its batch's row count, with the rule below (an ONNX If).
-            return _grouped_graph()(rows, idx, self.w1, self.b1, self.w2, self.b2, EXPERT_KINDS.index(self.kind),
-                                    _GATHER_LIMIT, int(_GRAPH_FEW_ROWS * self.w1.shape[0]))
-        if not in_graph() and self._triton_for(rows):
-            from .kernels.grouped_experts import grouped_experts
-
-            y = grouped_experts(rows.reshape(R * N, D), idx.repeat_interleave(N), self.w1, self.b1, self.w2,
-                                self.b2, self.kind)  # [R*N, D_out]
-            return y.reshape(R, N, -1)
-        if R * self.weights_per_expert < _GATHER_LIMIT:
-            # Small experts: one batched matmul over the rows, each with its expert's weights gathered.
-            pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
-            return self._mlp(rows, pick(self.w1), pick(self.b1), pick(self.w2), pick(self.b2))
-        if in_graph():
-            return self._padded(rows, idx)
-        used, counts = torch.unique(idx, return_counts=True)  # [U], ascending
-        E = self.w1.shape[0]
-        if len(used) * (self.weights_per_expert + _LOOP_OVERHEAD) >= E * self.weights_per_expert:
-            return self._padded(rows, idx)
-        # Few used experts: one matmul pair per used expert on its rows, weights as views.
-        order = torch.argsort(idx, stable=True)  # rows grouped by expert
-        groups = rows.index_select(0, order).split(counts.tolist())
-        y = torch.cat([self._expert(g.reshape(-1, D), e).reshape(len(g), N, -1)
-                       for g, e in zip(groups, used.tolist())])  # [R, N, D_out], grouped order
-        return torch.empty_like(y).index_copy_(0, order, y)
-
-    def _padded(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Rows grouped by expert into a zero-padded [E, C*N, D] batch (C = the most rows any expert has), one
-        batched matmul pair over the whole stack (no weight copy), then each row read back from its place."""
-        R, N, D = rows.shape
-        E = self.w1.shape[0]
-        onehot = (idx.unsqueeze(1) == torch.arange(E, device=idx.device)).long()  # [R, E]
-        rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # [R]: the row's place among its expert's rows
-        width = torch.arange(onehot.sum(0).max(), device=idx.device)  # [C]; its length stays dynamic in a graph
-        place = idx * width.shape[0] + rank  # [R]
-        buf = rows.new_zeros(E * width.shape[0], N * D).index_copy(0, place, rows.reshape(R, N * D))  # [E*C, N*D]
-        y = self._mlp(buf.reshape(E, -1, D), self.w1, self.b1, self.w2, self.b2)  # [E, C*N, D_out]
-        return y.reshape(E * width.shape[0], N, -1).index_select(0, place)  # [R, N, D_out]
-
-    def _triton_for(self, rows: torch.Tensor) -> bool:
-        if self.use_triton is not None:
-            return self.use_triton
-        if torch.is_grad_enabled() and (rows.requires_grad or self.w1.requires_grad):
-            return False  # the kernel has no backward: training runs through torch
-        if not (rows.is_cuda and _triton_available()):
-            return False
-        from .kernels.grouped_experts import grouped_experts_supported
-
-        return grouped_experts_supported(rows, self.w1, self.kind)
-
-    def _expert(self, x: torch.Tensor, i: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x [N, D] through expert i of the stack, its weights used in place (the result into `out` if given)."""
-        at = lambda t: None if t is None else t[i]  # noqa: E731
-        if out is None:
-            return self._mlp(x, self.w1[i], at(self.b1), self.w2[i], at(self.b2))
-        h = expert_activation(self.kind, _linear(x, self.w1[i], at(self.b1)))  # [N, H]
-        if self.b2 is None:
-            return torch.mm(h, self.w2[i], out=out)
-        return torch.addmm(self.b2[i], h, self.w2[i], out=out)
-
-    def _mlp(self, x, w1, b1, w2, b2):
-        """x [..., N, D] through experts with weights w1 [..., D, H1], b1 [..., H1], w2 [..., H, D_out]."""
-        h = _linear(x, w1, b1)  # [..., N, H or 2H]
-        h = expert_activation(self.kind, h)
-        return _linear(h, w2, b2)  # [..., N, D_out]
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x [..., N, I] @ w [..., I, O] + b [..., O], the bias added inside the matmul where torch can (one pass
-    over the output instead of two: the separate add was 16% of a many-rows expert layer's time on a CPU)."""
-    if b is None:
-        return torch.matmul(x, w)
-    if in_graph():
-        return torch.matmul(x, w) + b.unsqueeze(-2)  # MatMul + Add: ONNX Runtime fuses them
-    if x.dim() == 2 and w.dim() == 2:
-        return torch.addmm(b, x, w)
-    if x.dim() == 3 and w.dim() == 3:
-        return torch.baddbmm(b.unsqueeze(1), x, w)
-    return torch.matmul(x, w) + b.unsqueeze(-2)
-
-
-
 def normalize_tokens(x: torch.Tensor, token_norm: str, gain: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Route-side token normalization: x [B, M, D] -> [B, M, D]."""
     if token_norm == "l2":
@@ -430,11 +210,6 @@ def _combine(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax over all slots (padded tokens' rows are 0)."""
     combine = logits.softmax(dim=-1)
     return combine if mask is None else combine * mask.unsqueeze(-1)
-
-
-@functools.cache
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 # The routing kernel's dtypes, and the most programs its grid's second axis (one per input) may have on CUDA.
@@ -582,7 +357,7 @@ class SoftMoE(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or self.phi.requires_grad):
             return False  # the kernel has no backward: training routes through torch
         return (x.is_cuda and self.config.token_norm != "layer" and x.dtype in _KERNEL_DTYPES
-                and x.shape[0] <= _MAX_GRID_Y and _triton_available())
+                and x.shape[0] <= _MAX_GRID_Y and triton_available())
 
     # -- forward -------------------------------------------------------------------------------------------
     def forward(

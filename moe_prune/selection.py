@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .errors import SelectionError
-from .layers import MODES, SoftMoE, in_graph
+from .experts import in_graph
+from .layers import MODES, SoftMoE
 from .models import moe_layers
 
 Per = Literal["input", "batch"]

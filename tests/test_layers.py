@@ -202,7 +202,7 @@ def test_expert_subset_eager_views_equal_the_gathered_graph_path(kind, monkeypat
     layer = make(expert=kind)
     slots = torch.randn(3, 5, 12)
     idx = torch.tensor([4, 0, 2])
-    monkeypatch.setattr("moe_prune.layers._GATHER_LIMIT", 0)  # the tiny test experts would be gathered
+    monkeypatch.setattr("moe_prune.experts._GATHER_LIMIT", 0)  # the tiny test experts would be gathered
     with torch.no_grad():
         eager = layer.experts(slots, idx)
         monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
@@ -217,9 +217,9 @@ def test_full_layer_expert_loop_equals_batched_matmul(kind, monkeypatch):
     layer = make(expert=kind)
     x = torch.randn(3, 7, 12)
     with torch.no_grad():
-        monkeypatch.setattr("moe_prune.layers._LOOP_ROWS", 1 << 30)
+        monkeypatch.setattr("moe_prune.experts._LOOP_ROWS", 1 << 30)
         batched = layer(x)
-        monkeypatch.setattr("moe_prune.layers._LOOP_ROWS", 1)
+        monkeypatch.setattr("moe_prune.experts._LOOP_ROWS", 1)
         looped = layer(x)
     torch.testing.assert_close(looped, batched, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(looped, loop_reference(layer, x), atol=1e-5, rtol=1e-4)

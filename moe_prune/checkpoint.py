@@ -182,7 +182,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.M
     except ConfigError as e:
         raise CheckpointError(f"{path}: its architecture config is invalid: {e}") from None
     _check_layout(model, header, path)
-    _assign(model, load_tensors(path), path, device)
+    assign_weights(model, load_tensors(path), path, device)
     model.checkpoint_meta = meta
     return model.eval()
 
@@ -204,7 +204,12 @@ def _check_layout(model: nn.Module, header: dict[str, tuple[str, list[int]]], wh
         raise CheckpointError(f"{where}: the tensors do not match the architecture config: {' | '.join(problems)}")
 
 
-def _assign(model: nn.Module, state: dict[str, torch.Tensor], where, device) -> None:
+def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], where, device) -> None:
+    """Put checked tensors into `model` (every name, strictly), as float32 on `device`.
+
+    Raises:
+        CheckpointError: non-float weights or NaN/Inf values, naming `where` (the file or the model).
+    """
     expected = model.state_dict()
     for name, t in state.items():
         if name in expected and expected[name].is_floating_point() and not t.is_floating_point():
@@ -346,7 +351,7 @@ def from_bwconrad(path_or_state_dict, **kwargs) -> SoftMoEViT:
             raise CheckpointError(f"{where}: the experts of {prefix} have different {key} shapes {sorted(shapes)}")
         native[f"{prefix}.{key}"] = torch.stack([per_expert[e] for e in range(len(per_expert))])
     _check_layout(model, {k: ("", list(v.shape)) for k, v in native.items()}, where)
-    _assign(model, native, where, "cpu")
+    assign_weights(model, native, where, "cpu")
     model.checkpoint_meta = {"converted_from": "soft-moe (bwconrad) SoftMoEVisionTransformer", "source_kwargs": kwargs}
     return model.eval()
 
@@ -430,7 +435,7 @@ def from_lucidrains(path_or_state_dict, **kwargs) -> SoftMoE:
     with torch.device("meta"):
         layer = SoftMoE(config)
     _check_layout(layer, {k: ("", list(v.shape)) for k, v in native.items()}, where)
-    _assign(layer, native, where, "cpu")
+    assign_weights(layer, native, where, "cpu")
     layer.checkpoint_meta = {"converted_from": "soft-moe-pytorch (lucidrains) SoftMoE", "source_kwargs": kwargs}
     return layer.eval()
 

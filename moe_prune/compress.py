@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .checkpoint import _assign, load, native_info, save
+from .checkpoint import assign_weights, load, native_info, save
 from .errors import CheckpointError, SelectionError
 from .layers import MODES, SoftMoEConfig
 from .models import build, model_spec, moe_layers
@@ -32,7 +32,7 @@ def _plan(cfg: SoftMoEConfig, kept, mode: str, name: str) -> tuple[SoftMoEConfig
     if mode not in MODES:
         raise SelectionError(f"mode={mode!r}: choose 'drop' or 'renorm'")
     kept = sorted(int(e) for e in torch.as_tensor(kept).flatten().tolist())
-    held = list(cfg.present) if cfg.present is not None else list(range(cfg.num_experts))
+    held = list(cfg.held)
     if not kept or len(set(kept)) != len(kept) or not set(kept) <= set(held):
         raise SelectionError(f"layer {name!r}: the subset {kept} must be distinct experts among those it holds ({len(held)})")
     rows = [held.index(e) for e in kept]
@@ -101,7 +101,7 @@ def compress_model(model: nn.Module, subsets: dict, mode: str = "drop") -> nn.Mo
         new[key] = _reduce(name, key, get, plans[name]).clone()
     with torch.device("meta"):
         out = build(_new_spec(model_spec(model), plans))
-    _assign(out, new, "compressed model", next(model.parameters()).device)
+    assign_weights(out, new, "compressed model", next(model.parameters()).device)
     out.checkpoint_meta = dict(getattr(model, "checkpoint_meta", {}))
     return out.eval()
 
@@ -161,7 +161,7 @@ def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike,
         raise
     except Exception as e:
         raise CheckpointError(f"{src}: could not read tensors ({e}); is the file truncated or corrupted?") from None
-    _assign(target, state, src, "cpu")
+    assign_weights(target, state, src, "cpu")
     record = {**(meta or {}), "source_meta": src_meta, "mode": mode,
               "kept_experts": {name or "(layer)": list(p[0].origin) for name, p in plans.items()}}
     return save(target, out, meta=record, inputs=(src,))
@@ -191,12 +191,8 @@ def static_subsets(model: nn.Module, batches, keep, progress: bool = False) -> t
     sums = calibrate(model, batches, progress=progress)
     subsets = {}
     for name, layer in moe_layers(model).items():
-        present = layer.config.present
-        if present is None:
-            subsets[name] = select_experts(sums[name], keep, per="batch")
-        else:
-            idx = select_experts(sums[name][list(present)], keep, per="batch")
-            subsets[name] = torch.tensor(present)[idx]
+        held = layer.held_experts()  # a compressed layer chooses among the experts it holds
+        subsets[name] = held[select_experts(sums[name][held], keep, per="batch")]
     return subsets, sums
 
 

@@ -146,7 +146,7 @@ def study(model: nn.Module, test_set: tuple, calib_sums: dict, config: StudyConf
         rand = []
         for seed in range(config.random_seeds):
             g = torch.Generator().manual_seed(seed)
-            subset = {name: _held(layer)[torch.randperm(layer.config.num_held, generator=g)[:k]].sort().values
+            subset = {name: layer.held_experts()[torch.randperm(layer.config.num_held, generator=g)[:k]].sort().values
                       for name, layer in layers.items()}
             rand.append(measured(acc(with_experts(model, subset, mode=mode))))
         mean = sum(rand) / len(rand)
@@ -156,11 +156,6 @@ def study(model: nn.Module, test_set: tuple, calib_sums: dict, config: StudyConf
     return report
 
 
-def _held(layer) -> torch.Tensor:
-    p = layer.config.present
-    return torch.tensor(p) if p is not None else torch.arange(layer.config.num_experts)
-
-
 def _static(layer, sums, k, select_experts):
-    held = _held(layer)
+    held = layer.held_experts()
     return held[select_experts(sums[held], k, per="batch")]

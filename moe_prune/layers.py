@@ -111,6 +111,11 @@ class SoftMoEConfig:
                 )
 
     @property
+    def held(self) -> tuple[int, ...]:
+        """The router ids of the experts whose weights the layer holds, in stack order: `present`, or all E."""
+        return self.present if self.present is not None else tuple(range(self.num_experts))
+
+    @property
     def num_held(self) -> int:
         """How many experts' weights the layer holds (K for a compressed drop-mode layer, else E)."""
         return self.num_experts if self.present is None else len(self.present)
@@ -313,6 +318,10 @@ class SoftMoE(nn.Module):
     def num_experts(self) -> int:
         return self.config.num_experts
 
+    def held_experts(self, device=None) -> torch.Tensor:
+        """The router ids [E_held] of the experts this layer holds (config.held) as an int64 tensor."""
+        return torch.tensor(self.config.held, dtype=torch.long, device=device)
+
     # -- routing -------------------------------------------------------------------------------------------
     def route_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, M, D] -> normalized tokens [B, M, D]."""
@@ -398,7 +407,7 @@ class SoftMoE(nn.Module):
         if experts is None and present is None:
             return self._mix(routing, routing.dispatch_weights, routing.combine_weights, None)
         if experts is None:  # a compressed drop-mode layer: its held experts are the subset, its stack in order
-            held = torch.tensor(present, device=routing.x.device)
+            held = self.held_experts(routing.x.device)
             return self._mix(routing, *routing.kept_weights(self._columns(held), "drop"), None)
         if experts.dim() == 2 and not in_graph():
             if experts.shape[0] == 1:  # one input: its subset is a shared one, the cheapest path

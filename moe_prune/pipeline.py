@@ -75,11 +75,6 @@ def _check_demo_model(ckpt: Path) -> None:
                         "INPUTS.npy` and `moe-prune bench`") from None
 
 
-def _held(layer) -> torch.Tensor:
-    """The router ids of the experts a layer holds (all of them, or a compressed layer's `present`)."""
-    p = layer.config.present
-    return torch.tensor(p) if p is not None else torch.arange(layer.config.num_experts)
-
 
 def random_subsets(model, k_of, generator: torch.Generator) -> dict:
     """A random subset of each layer's held experts, as router ids (what with_experts and compress take).
@@ -92,7 +87,7 @@ def random_subsets(model, k_of, generator: torch.Generator) -> dict:
     out = {}
     for name, layer in moe_layers(model).items():
         k = k_of[name] if isinstance(k_of, dict) else k_of
-        out[name] = _held(layer)[torch.randperm(layer.config.num_held, generator=generator)[:k]].sort().values
+        out[name] = layer.held_experts()[torch.randperm(layer.config.num_held, generator=generator)[:k]].sort().values
     return out
 
 

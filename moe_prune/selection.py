@@ -164,9 +164,8 @@ class PrunedSoftMoE(nn.Module):
             return layer.mix(routing, self.choice(self.experts), self.mode)
         # Algorithm 1 or 2 on this call's input, scored from the routing the layer then mixes with.
         scores = routing.scores  # [B, E]
-        present = layer.config.present
-        if present is not None:  # a compressed layer can only choose among the experts it holds
-            held = torch.tensor(present, device=x.device)
+        if layer.config.present is not None:  # a compressed layer can only choose among the experts it holds
+            held = layer.held_experts(x.device)
             experts = held[select_experts(scores.index_select(1, held), self.k, self.per)]
         else:
             experts = select_experts(scores, self.k, self.per)
@@ -176,7 +175,7 @@ class PrunedSoftMoE(nn.Module):
 def _check_ids(experts: torch.Tensor, layer: SoftMoE) -> None:
     if experts.dim() not in (1, 2):
         raise SelectionError(f"experts must be [K] or [B, K], got shape {list(experts.shape)}")
-    held = set(layer.config.present) if layer.config.present is not None else set(range(layer.config.num_experts))
+    held = set(layer.config.held)
     bad = sorted(set(experts.flatten().tolist()) - held)
     if bad:
         raise SelectionError(f"expert ids {bad[:8]} are not experts of this layer (it has {sorted(held)[:4]}...)")

@@ -49,13 +49,13 @@ REGIMES = {"gather": (1 << 40, 0), "padded": (0, 1 << 40), "loop": (0, 0)}  # (_
 @contextlib.contextmanager
 def forced(regime: str | None):
     """Force one regime of StackedExperts.grouped (None: the shipped thresholds)."""
-    saved = experts_mod._GATHER_LIMIT, experts_mod._LOOP_OVERHEAD
+    saved = experts_mod._ROW_GATHER_LIMIT, experts_mod._LOOP_OVERHEAD
     if regime is not None:
-        experts_mod._GATHER_LIMIT, experts_mod._LOOP_OVERHEAD = REGIMES[regime]
+        experts_mod._ROW_GATHER_LIMIT, experts_mod._LOOP_OVERHEAD = REGIMES[regime]
     try:
         yield
     finally:
-        experts_mod._GATHER_LIMIT, experts_mod._LOOP_OVERHEAD = saved
+        experts_mod._ROW_GATHER_LIMIT, experts_mod._LOOP_OVERHEAD = saved
 
 
 def dense_per_input(layer: SoftMoE, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -65,6 +65,34 @@ def dense_per_input(layer: SoftMoE, x: torch.Tensor, experts: torch.Tensor) -> t
     kept.scatter_(1, experts, True)
     combine = r.combine_weights * kept.repeat_interleave(layer.config.slots_per_expert, 1).unsqueeze(1)
     return layer.mix(Routing(layer, x, None, r.tokens, dispatch=r.dispatch_weights, combine=combine))
+
+
+def skinny_matmul_bandwidth(threads: int) -> dict:
+    """The profile behind a missed roofline: GB/s at which torch's batched matmul reads a stack of ViT-S/16
+    expert weights (112 x [384, 1536], 264 MB) when each expert has 1, 4 or 16 rows, the rows per expert of
+    Algorithm 1 at batch 32 (about 4), against a streaming read of as many bytes."""
+    torch.set_num_threads(threads)
+    w = torch.randn(112, 384, 1536)  # [E, D, H], the checkpoint's layout
+    out = {}
+    for rows in (1, 4, 16):
+        x = torch.randn(112, rows, 384)
+        out[f"bmm, {rows} rows per expert"] = w.numel() * 4 / _median_seconds(lambda: torch.bmm(x, w)) / 1e9
+    x = torch.randn(112, 4, 384)
+    out["loop of mm, 4 rows per expert"] = w.numel() * 4 / _median_seconds(lambda: [x[e] @ w[e] for e in range(112)]) / 1e9
+    out["streaming read (sum)"] = w.numel() * 4 / _median_seconds(lambda: w.sum()) / 1e9
+    return out
+
+
+def _median_seconds(fn, reps: int = 7) -> float:
+    import time
+
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[reps // 2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(dict(shape=name, **s, batch=batch, keep=args.keep, union=union, timing=timing,
                                  speedup={k: base / t["p50_ms"] for k, t in timing.items()},
                                  roofline={"shared": bound(shared_cost), "per-input": bound(alg1_cost)}))
+    with torch.inference_mode():
+        profile = skinny_matmul_bandwidth(args.threads)
     load_after = os.getloadavg()
     names = list(rows[0]["timing"])
     head = ["shape", "B", "union"] + [f"{n} ms" for n in names] + ["per-input / shared", "per-input of roofline",
@@ -133,12 +163,14 @@ def main(argv: list[str] | None = None) -> int:
             f"bandwidth {machine['bytes_per_s'] / 1e9:.1f} GB/s; load average {load_before[0]:.2f} before, "
             f"{load_after[0]:.2f} after, on {os.cpu_count()} cores")
     text = table(body, head)
+    profile_text = "weight-read bandwidth by access pattern (GB/s): " + ", ".join(f"{k} {v:.1f}" for k, v in profile.items())
     print(text)
     print(note)
-    write_json(args.out, dict(env, command=command, machine=machine, load_average_1min=dict(before=load_before[0], after=load_after[0]),
+    print(profile_text)
+    write_json(args.out, dict(env, command=command, machine=machine, bandwidth_profile_gb_s=profile, load_average_1min=dict(before=load_before[0], after=load_after[0]),
                               results=rows))
     write_text(args.out.with_suffix(".md"), f"# Per-input subsets in torch eager\n\nCommand: `{command}`\n\n{note}\n\n"
-               + table(body, head, markdown=True) + "\n")
+               + table(body, head, markdown=True) + f"\n\n{profile_text}\n")
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 

@@ -49,6 +49,11 @@ def in_graph() -> bool:
 # row) is cheaper than one Python-level matmul pair per expert: measured on a CPU, gathering 16 of Chung et al.'s
 # MNIST experts (150 KB) beat the loop 2x, and the loop beat gathering 16 ViT-S experts (75 MB) 7x.
 _GATHER_LIMIT = 1 << 20
+# Grouped rows (per-input subsets) gather their experts' weights per row below this many weights (4M floats,
+# 16 MB): the default MNIST layer at batch 32 (512 rows of 2352 weights) took 0.90 ms gathered against 1.54 ms
+# padded over the stack in torch, and 0.57 against 1.43 ms in ONNX Runtime (benchmarks/per_input_cpu.py,
+# ort_grouped_experts.py).
+_ROW_GATHER_LIMIT = 1 << 22
 # Grouped rows of large experts: a Python loop over the used experts (weights as views, no copy) costs about
 # this much per expert beyond its matmuls, measured on a CPU as the time to read this many weights; the padded
 # batched matmul over the whole stack reads every expert and computes padding rows instead. The loop is chosen
@@ -170,14 +175,14 @@ class StackedExperts(nn.Module):
         if torch.jit.is_tracing():
             # The graph chooses at run time, by its batch's row count, with the rule below (an ONNX If).
             return _grouped_graph()(rows, idx, self.w1, self.b1, self.w2, self.b2, EXPERT_KINDS.index(self.kind),
-                                    _GATHER_LIMIT, int(_GRAPH_FEW_ROWS * self.w1.shape[0]))
+                                    _ROW_GATHER_LIMIT, int(_GRAPH_FEW_ROWS * self.w1.shape[0]))
         if not in_graph() and self._triton_for(rows):
             from .kernels.grouped_experts import grouped_experts
 
             y = grouped_experts(rows.reshape(R * N, D), idx.repeat_interleave(N), self.w1, self.b1, self.w2,
                                 self.b2, self.kind)  # [R*N, D_out]
             return y.reshape(R, N, -1)
-        if R * self.weights_per_expert < _GATHER_LIMIT:
+        if R * self.weights_per_expert < _ROW_GATHER_LIMIT:
             # Small experts: one batched matmul over the rows, each with its expert's weights gathered.
             pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
             return self._mlp(rows, pick(self.w1), pick(self.b1), pick(self.w2), pick(self.b2))

@@ -337,7 +337,7 @@ def test_fixed_batch_and_bad_options(tmp_path):
 def test_graph_algorithm1_equals_torch_choice_and_output(tmp_path, family, graph_path, monkeypatch):
     """Algorithm 1 in the graph: each input's own experts (a [B, k] choice output) and the output, both equal to
     PyTorch's at batch sizes other than the traced one; both graph formulations of the grouped experts."""
-    monkeypatch.setattr("moe_prune.experts._GATHER_LIMIT", 0 if graph_path == "padded over the stack" else 1 << 40)
+    monkeypatch.setattr("moe_prune.experts._ROW_GATHER_LIMIT", 0 if graph_path == "padded over the stack" else 1 << 40)
     monkeypatch.setattr("moe_prune.experts._GRAPH_FEW_ROWS", 0.0)
     model = with_selection(BUILD[family](), "1/4", per="input")
     path = export_onnx(model, tmp_path / "alg1.onnx", with_choice=True)

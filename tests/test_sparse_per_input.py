@@ -109,7 +109,7 @@ def rel_error(a, b):
 @pytest.mark.parametrize("mode", ["drop", "renorm"])
 def test_sparse_per_input_equals_dense_and_float64(regime, kind, mode, monkeypatch):
     gather, loop = REGIMES[regime]
-    monkeypatch.setattr("moe_prune.experts._GATHER_LIMIT", gather)
+    monkeypatch.setattr("moe_prune.experts._ROW_GATHER_LIMIT", gather)
     monkeypatch.setattr("moe_prune.experts._LOOP_OVERHEAD", loop)
     layer = make(expert=kind)
     B, M = 5, 11
@@ -135,7 +135,7 @@ def test_sparse_per_input_equals_dense_and_float64(regime, kind, mode, monkeypat
 def test_compressed_layer_per_input(regime, mode, monkeypatch):
     """A compressed drop-mode layer holds experts 1, 4, 5, 7 of 9: inputs choose among those, by router id."""
     gather, loop = REGIMES[regime]
-    monkeypatch.setattr("moe_prune.experts._GATHER_LIMIT", gather)
+    monkeypatch.setattr("moe_prune.experts._ROW_GATHER_LIMIT", gather)
     monkeypatch.setattr("moe_prune.experts._LOOP_OVERHEAD", loop)
     layer = make(present=(1, 4, 5, 7), dispatch_input="raw")
     x = torch.randn(4, 6, 12)
@@ -192,7 +192,7 @@ def test_all_rows_on_one_expert_and_unused_experts():
     experts = torch.full((6, 1), 4)
     for regime, (gather, loop) in REGIMES.items():
         with pytest.MonkeyPatch.context() as mp, torch.no_grad():
-            mp.setattr("moe_prune.experts._GATHER_LIMIT", gather)
+            mp.setattr("moe_prune.experts._ROW_GATHER_LIMIT", gather)
             mp.setattr("moe_prune.experts._LOOP_OVERHEAD", loop)
             out = layer(x, experts=experts)
             assert rel_error(out, layer(x, experts=torch.tensor([4]))) <= 1e-6, regime

@@ -58,13 +58,13 @@ class Rows(torch.nn.Module):
 @contextlib.contextmanager
 def graph_regime(gather: bool | None):
     """The graph's row-count limit for gathering weights per row: forced on, off, or the shipped one (None)."""
-    saved = experts_mod._GATHER_LIMIT, experts_mod._GRAPH_FEW_ROWS
+    saved = experts_mod._ROW_GATHER_LIMIT, experts_mod._GRAPH_FEW_ROWS
     if gather is not None:
-        experts_mod._GATHER_LIMIT, experts_mod._GRAPH_FEW_ROWS = (1 << 40 if gather else 0), 0.0
+        experts_mod._ROW_GATHER_LIMIT, experts_mod._GRAPH_FEW_ROWS = (1 << 40 if gather else 0), 0.0
     try:
         yield
     finally:
-        experts_mod._GATHER_LIMIT, experts_mod._GRAPH_FEW_ROWS = saved
+        experts_mod._ROW_GATHER_LIMIT, experts_mod._GRAPH_FEW_ROWS = saved
 
 
 def export_rows(experts: StackedExperts, path: pathlib.Path, gather: bool | None, D: int) -> str:

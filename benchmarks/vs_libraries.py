@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.testing.assert_close(ours(x), lib(x), atol=1e-4, rtol=1e-4)
                 libs["soft-moe"] = (lib, ours)
             if soft_moe_pytorch is not None:
-                kwargs = dict(dim=D, num_slots=E * S, num_experts=E)
+                kwargs = dict(dim=D, num_slots=S, num_experts=E)  # soft-moe-pytorch: num_slots per expert
                 lib = soft_moe_pytorch.SoftMoE(**kwargs).eval()
                 ours = from_lucidrains(lib.state_dict(), **kwargs)
                 torch.testing.assert_close(ours(x), lib(x), atol=1e-4, rtol=1e-4)

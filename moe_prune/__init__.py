@@ -1,28 +1,46 @@
 """moe-prune: run Soft Mixture-of-Experts models with 1/8 of their experts, export them to ONNX, measure.
 
-The public API, re-exported from the modules that implement it.
+The public API, re-exported from the modules that implement it. Names are imported on first use (PEP 562), so
+`import moe_prune` costs nothing and a serving environment without torch can import the package and its CLI.
 """
 
-from .checkpoint import from_bwconrad, from_lucidrains, load, save, summary
-from .errors import (
-    CheckpointError, ConfigError, DataError, ExportError, MoePruneError, OutputError, SelectionError,
-)
-from .compress import compress_file, compress_model, static_subsets
-from .export import export_onnx, validate_onnx
-from .layers import SoftMoE, SoftMoEConfig
-from .models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig, build, model_spec, moe_layers
-from .selection import (
-    PrunedSoftMoE, calibrate, expert_scores, parse_keep, select_experts, with_experts, with_selection,
-)
+from importlib import import_module
 
-from .serve import Predictor, write_triton_repo
+from .errors import (
+    CheckpointError, ConfigError, DataError, ExportError, MoePruneError, OutputError, SelectionError, ServeError,
+)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointError", "ConfigError", "DataError", "ExportError", "MnistConfig", "MnistSoftMoE", "MoePruneError",
-    "OutputError", "Predictor", "PrunedSoftMoE", "SelectionError", "SoftMoE", "SoftMoEConfig", "SoftMoEViT", "ViTConfig",
-    "build", "calibrate", "compress_file", "compress_model", "expert_scores", "export_onnx", "from_bwconrad", "from_lucidrains", "load", "model_spec", "moe_layers",
-    "parse_keep", "save", "select_experts", "static_subsets", "summary", "validate_onnx", "with_experts",
-    "with_selection", "write_triton_repo",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    **dict.fromkeys(["from_bwconrad", "from_lucidrains", "load", "save", "summary"], "checkpoint"),
+    **dict.fromkeys(["compress_file", "compress_model", "static_subsets"], "compress"),
+    **dict.fromkeys(["export_onnx", "validate_onnx"], "export"),
+    **dict.fromkeys(["SoftMoE", "SoftMoEConfig"], "layers"),
+    **dict.fromkeys(["MnistConfig", "MnistSoftMoE", "SoftMoEViT", "ViTConfig", "build", "model_spec", "moe_layers"],
+                    "models"),
+    **dict.fromkeys(["PrunedSoftMoE", "calibrate", "expert_scores", "parse_keep", "select_experts", "with_experts",
+                     "with_selection"], "selection"),
+    **dict.fromkeys(["Predictor", "write_triton_repo"], "serve"),
+    **dict.fromkeys(["ServeConfig", "serve_model"], "server"),
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moe_prune' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), "serve" if name == "serve_model" else name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = sorted([
+    "CheckpointError", "ConfigError", "DataError", "ExportError", "MoePruneError", "OutputError", "SelectionError",
+    "ServeError", *_EXPORTS,
+])

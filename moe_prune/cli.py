@@ -302,6 +302,19 @@ def cmd_export(args) -> None:
     print(f"exported {args.checkpoint} -> {path}")
 
 
+def cmd_serve(args) -> None:
+    import logging
+
+    from .server import ServeConfig, serve
+
+    # Logs go to stderr (PyTriton's and ours); stdout stays free for whoever wraps the server.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    serve(ServeConfig(model=args.model, name=args.name, host=args.host, http_port=args.http_port,
+                      grpc_port=args.grpc_port, metrics_port=args.metrics_port, max_batch_size=args.max_batch_size,
+                      queue_delay_us=args.queue_delay_us, threads=args.threads, provider=args.provider))
+
+
 # The Soft MoE ViT for 28x28 inputs: 49 patches + a class token, Soft MoE in the last 3 of 4 blocks.
 VIT_DEFAULTS = dict(
     img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,
@@ -338,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="moe-prune", formatter_class=_Help,
         description="Run Soft MoE models with a fraction of their experts (Chung et al., TMLR 2025): "
-        "inspect, convert, select, compress, export to ONNX, benchmark. Errors a user can cause print one line "
+        "inspect, convert, select, compress, export to ONNX, benchmark, serve. Errors a user can cause print one line "
         "and exit with status 2; outputs appear only when a run succeeds.",
     )
     p.add_argument("--version", action="version", version=f"moe-prune {__version__}")
@@ -504,6 +517,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--instance-kind", choices=["cpu", "gpu"], default="cpu", help="with triton-repo: KIND_CPU or KIND_GPU")
     s.add_argument("--max-batch-size", type=int, default=64, help="with triton-repo: the largest dynamic batch (at least 1)")
     s.set_defaults(func=cmd_export)
+
+    s = command("serve", help="serve an ONNX model on NVIDIA Triton Inference Server (PyTriton), HTTP and gRPC, no torch",
+                description="Start Triton Inference Server (the tritonserver binary that the nvidia-pytriton "
+                "package ships) with MODEL.onnx bound to it: ONNX Runtime runs in this process, Triton forms "
+                "dynamic batches from queued requests, and the model's input and output names, dtypes and "
+                "shapes come from the ONNX graph (GET /v2/models/NAME shows them). Needs neither torch nor "
+                "triton: pip install --no-deps moe-prune; pip install numpy onnxruntime nvidia-pytriton. "
+                "Requests of the wrong shape or dtype, or larger than --max-batch-size, get an error answer. "
+                "Logs go to stderr; SIGINT or SIGTERM stops the server cleanly. "
+                "Which model: dynamic batching puts a request in one ONNX Runtime call with others, so serve "
+                "the full, the compressed or the Algorithm 1 (per input: export --keep 1/8 --dynamic --per "
+                "input) model when answers must not depend on what a request is batched with; an Algorithm 2 "
+                "(per batch) model picks its experts for the whole server batch.")
+    s.add_argument("model", help="the .onnx file (from moe-prune export; its .onnx.data beside it, if any)")
+    s.add_argument("--name", help="the model's name on the server (default: the file name without .onnx)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 accepts other machines)")
+    s.add_argument("--http-port", type=int, default=8000, help="HTTP/REST (KServe v2) port")
+    s.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
+    s.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
+    s.add_argument("--max-batch-size", type=int, default=64, help="the largest dynamic batch, and request")
+    s.add_argument("--queue-delay-us", type=int, default=100,
+                   help="how long a request may wait for others to batch with, in microseconds")
+    s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ONNX Runtime's, one per core)")
+    s.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                   help="ONNX Runtime execution provider (cuda: onnxruntime-gpu instead of onnxruntime, NVIDIA GPU)")
+    s.add_argument("--verbose", action="store_true", help="debug logging")
+    s.set_defaults(func=cmd_serve)
     return p
 
 

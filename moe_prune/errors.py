@@ -31,3 +31,7 @@ class ExportError(MoePruneError):
 
 class OutputError(MoePruneError):
     """An output path cannot be written safely (it is the input, its folder is missing or read-only, ...)."""
+
+
+class ServeError(MoePruneError):
+    """A model cannot be served (not an ONNX model, no batch axis, ...) or the inference server did not start."""

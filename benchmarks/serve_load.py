@@ -240,7 +240,7 @@ def run_config(config: str, args, python: str) -> dict:
         for c in args.concurrency:
             cells = {m: [] for m in servers}
             for m, s in servers.items():  # warm-up, excluded: sessions, connections, the batcher
-                run_cell(s, inputs, max(2 * c, 4), c, args.cap_s)
+                run_cell(s, inputs, c + 2, c, args.cap_s)
             order = list(servers)
             for r in range(args.rounds):
                 share = requests // args.rounds + (1 if r < requests % args.rounds else 0)
@@ -297,7 +297,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=4, help="interleaving rounds per concurrency")
     p.add_argument("--cap-s", type=float, default=300.0, help="wall-clock cap per model and concurrency")
     p.add_argument("--keep", default="1/8")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per server (default: its own)")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per server (default 1: the client "
+                   "threads need the other core; with 2 threads a batch-1 call waits for a busy core to wake the second)")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--serve-python", default=os.environ.get("MOE_PRUNE_SERVE_PYTHON", str(ROOT / ".venv-serve/bin/python")))
     p.add_argument("--wait-load", type=float, default=None, help="first wait for the 1-minute load to fall below this")

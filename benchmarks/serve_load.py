@@ -13,7 +13,7 @@ or its wall-clock cap is hit. Latency is measured per request at the client (tri
 are excluded. Server, clients and this script share the machine's cores.
 
     python benchmarks/serve_load.py                          # default config, concurrency 1, 8, 32
-    python benchmarks/serve_load.py --configs default,vit-b16-chung,vit-s16 --wait-load 0.8
+    python benchmarks/serve_load.py --configs default,vit-b16-chung,vit-s16 --wait-load 0.8   # the committed run
 
 Results: benchmarks/results/serve_load.{json,md}, with the command, versions, git commit and load averages.
 """
@@ -225,6 +225,9 @@ def run_config(config: str, args, python: str) -> dict:
     work = Path(args.work_dir)
     paths, skipped = make_models(config, work, args.keep, validate=not args.no_validate)
     requests = args.requests if config == "default" else args.vit_requests
+    if requests // args.rounds < 2 * max(args.concurrency):  # else the highest concurrency is never reached
+        raise SystemExit(f"serve_load: {requests} requests in {args.rounds} rounds give fewer than 2 per client at "
+                         f"concurrency {max(args.concurrency)}; raise the requests or lower --rounds")
     c0 = paths["full"]
     shape = None
     import onnxruntime as ort
@@ -292,9 +295,9 @@ def main(argv=None) -> None:
     p.add_argument("--configs", default="default", help="comma-separated: default, vit-s16, vit-b16-chung")
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--requests", type=int, default=2000, help="requests per model and concurrency, default config")
-    p.add_argument("--vit-requests", type=int, default=64, help="requests per model and concurrency for the ViTs "
+    p.add_argument("--vit-requests", type=int, default=128, help="requests per model and concurrency for the ViTs "
                    "(a full ViT-S/16 answers about 5 images a second on 2 cores)")
-    p.add_argument("--rounds", type=int, default=4, help="interleaving rounds per concurrency")
+    p.add_argument("--rounds", type=int, default=2, help="interleaving rounds per concurrency")
     p.add_argument("--cap-s", type=float, default=300.0, help="wall-clock cap per model and concurrency")
     p.add_argument("--keep", default="1/8")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per server (default 1: the client "

@@ -150,3 +150,21 @@ def test_package_names_still_resolve():
     assert moe_prune.serve_model is moe_prune.server.serve
     with pytest.raises(AttributeError):
         moe_prune.no_such_name
+
+
+def test_external_data_outside_the_model_folder_is_refused(models, tmp_path, capsys):
+    """moe-prune's guarantee for ONNX files (README): here ONNX Runtime's own path check enforces it."""
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    proto = onnx.load(str(models["full"]))
+    placeholder = "x" * len("../evil.bin")  # onnx refuses to write '..' itself; patch the name in afterwards
+    convert_model_to_external_data(proto, all_tensors_to_one_file=True, location=placeholder, size_threshold=0)
+    (tmp_path / "sub").mkdir()
+    onnx.save(proto, tmp_path / "sub" / "m.onnx")
+    (tmp_path / "sub" / placeholder).rename(tmp_path / "evil.bin")
+    path = tmp_path / "sub" / "m.onnx"
+    path.write_bytes(path.read_bytes().replace(placeholder.encode(), b"../evil.bin"))
+    assert main(["serve", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "escapes" in err, err

@@ -113,7 +113,7 @@ def test_help_names_the_defaults_and_algorithm_1(capsys):
         main(["serve", "--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    for fragment in ("default 8000", "default 8001", "default 8002", "default 64", "Algorithm 1", "per input",
+    for fragment in ("default: 8000", "default: 8001", "default: 8002", "default: 64", "Algorithm 1", "per input",
                      "SIGTERM", "--provider {cpu,cuda}"):
         assert fragment in out, fragment
 

@@ -153,8 +153,15 @@ class OnnxModel:
 
     def run(self, feeds: dict) -> dict:
         """One session call: {input name: [B, ...]} -> {served output name: [B, ...]}."""
-        names = [o.name for o in self.outputs]
-        return dict(zip(names, self.session.run(names, feeds)))
+        import numpy as np
+
+        out = {}
+        for spec, value in zip(self.outputs, self.session.run([o.name for o in self.outputs], feeds)):
+            dtype = np.dtype(spec.dtype)
+            # ONNX Runtime's int64 arrays can be numpy's longlong ('q'), which numpy 1.x does not count as a
+            # subtype of int64 ('l'), and PyTriton's output check refuses them: same bytes, the declared type.
+            out[spec.name] = value.view(dtype) if value.dtype.char != dtype.char else value
+        return out
 
     def __call__(self, requests: list) -> list[dict]:
         import numpy as np

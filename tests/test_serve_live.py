@@ -142,6 +142,7 @@ def models(tmp_path_factory):
         "full": export_onnx(full, tmp / "full.onnx"),
         "compressed": export_onnx(compress_model(full, {"moe": torch.tensor([0, 3, 8, 13])}), tmp / "compressed.onnx"),
         "alg2": export_onnx(with_selection(full, "1/4", per="batch"), tmp / "alg2.onnx", with_choice=True),
+        "alg1": export_onnx(with_selection(full, "1/4", per="input"), tmp / "alg1.onnx", with_choice=True),
     }
 
 
@@ -276,3 +277,31 @@ def test_not_an_onnx_file_fails_at_start_with_one_line(env, tmp_path):
                        cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("moe-prune: error: ") and "not an ONNX model" in r.stderr
+
+
+@pytest.mark.slow
+def test_algorithm1_answers_do_not_depend_on_what_the_server_batches_them_with(env, models, tmp_path):
+    """The model to serve under dynamic batching: each input's own experts, whatever else shares its call."""
+    s = Server(env, models["alg1"], tmp_path / "alg1.log")
+    try:
+        s.wait_ready()
+        xs = [images(n, 200 + i) for i, n in enumerate([1, 3, 2, 1, 4, 1, 2, 5] * 2)]
+
+        def one(x):
+            client = httpclient.InferenceServerClient(f"{HOST}:{s.http}")
+            inp = httpclient.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            r = client.infer(s.name, [inp])
+            return r.as_numpy("output"), r.as_numpy("experts.moe")
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(one, xs, timeout=120))
+        sess = ort.InferenceSession(str(models["alg1"]), providers=["CPUExecutionProvider"])
+        for x, (out, experts) in zip(xs, answers):
+            ref_out, ref_experts = sess.run(["output", "experts.moe"], {"input": x})  # the request alone
+            assert np.abs(out - ref_out).max() <= 1e-5
+            assert experts.shape == (len(x), 4) and (experts == ref_experts).all()
+        assert s.stop(signal.SIGTERM) == 0, s.stderr()
+    finally:
+        if s.proc.poll() is None:
+            s.kill()

@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "package ships) with MODEL.onnx bound to it: ONNX Runtime runs in this process, Triton forms "
                 "dynamic batches from queued requests, and the model's input and output names, dtypes and "
                 "shapes come from the ONNX graph (GET /v2/models/NAME shows them). Needs neither torch nor "
-                "triton: pip install --no-deps moe-prune; pip install numpy onnxruntime nvidia-pytriton. "
+                "triton: in a clone, pip install --no-deps .; pip install numpy onnxruntime nvidia-pytriton. "
                 "Requests of the wrong shape or dtype, or larger than --max-batch-size, get an error answer. "
                 "Logs go to stderr; SIGINT or SIGTERM stops the server cleanly. "
                 "Which model: dynamic batching puts a request in one ONNX Runtime call with others, so serve "

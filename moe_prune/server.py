@@ -6,7 +6,8 @@
 PyTriton ships the `tritonserver` binary and runs the bound function in the calling process, so the ONNX Runtime
 session lives here. This module imports only the standard library at import time; numpy, onnxruntime and
 pytriton are imported when a server is made, so a serving environment needs no torch (and no Triton compiler):
-`pip install --no-deps moe-prune` and `pip install numpy onnxruntime nvidia-pytriton` (the `[serve]` extra).
+`pip install --no-deps .` (a clone, or its wheel) and `pip install numpy onnxruntime nvidia-pytriton` (the `[serve]`
+extra).
 
 Which model to serve: with dynamic batching a request shares its ONNX Runtime call with whatever else is queued,
 so an Algorithm 2 (per batch) model answers a request with experts chosen for the whole server batch. The full,

@@ -173,6 +173,12 @@ def run_cell(server: Server, inputs: np.ndarray, requests: int, concurrency: int
 
     def worker():
         client = httpclient.InferenceServerClient(f"{HOST}:{server.http}", connection_timeout=60, network_timeout=120)
+        try:
+            loop(client)
+        finally:
+            client.close()  # in the thread that made it: the client's gevent pool refuses other threads
+
+    def loop(client):
         while time.monotonic() < deadline:
             with lock:
                 i = state["next"]
@@ -192,8 +198,10 @@ def run_cell(server: Server, inputs: np.ndarray, requests: int, concurrency: int
                     state["messages"].append(str(e)[:200])
             dt = (time.perf_counter() - t) * 1e3
             with lock:
-                (latencies.append(dt) if ok else None)
-                state["errors"] += 0 if ok else 1
+                if ok:
+                    latencies.append(dt)
+                else:
+                    state["errors"] += 1
 
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:

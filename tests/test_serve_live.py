@@ -188,9 +188,12 @@ def test_concurrent_requests_batched_by_the_server_get_their_own_answers(server,
     """Dynamic batching puts concurrent requests in one ONNX Runtime call; each must get back its own rows."""
     xs = [images(n, 100 + i) for i, n in enumerate([1, 2, 5, 1, 3, 7, 1, 4] * 3)]
 
-    def one(x):
+    def one(x):  # a client per thread, closed in the thread that made it (gevent inside refuses other threads)
         client = httpclient.InferenceServerClient(f"{HOST}:{server.http}")
-        return infer(httpclient, client, server.name, x)
+        try:
+            return infer(httpclient, client, server.name, x)
+        finally:
+            client.close()
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(one, xs, timeout=120))
@@ -289,10 +292,13 @@ def test_algorithm1_answers_do_not_depend_on_what_the_server_batches_them_with(e
 
         def one(x):
             client = httpclient.InferenceServerClient(f"{HOST}:{s.http}")
-            inp = httpclient.InferInput("input", list(x.shape), "FP32")
-            inp.set_data_from_numpy(x)
-            r = client.infer(s.name, [inp])
-            return r.as_numpy("output"), r.as_numpy("experts.moe")
+            try:
+                inp = httpclient.InferInput("input", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                r = client.infer(s.name, [inp])
+                return r.as_numpy("output"), r.as_numpy("experts.moe")
+            finally:
+                client.close()
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(one, xs, timeout=120))

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     **dict.fromkeys(["from_bwconrad", "from_lucidrains", "load", "save", "summary"], "checkpoint"),
     **dict.fromkeys(["compress_file", "compress_model", "static_subsets"], "compress"),
-    **dict.fromkeys(["export_onnx", "validate_onnx"], "export"),
+    **dict.fromkeys(["export_onnx"], "export"),
     **dict.fromkeys(["SoftMoE", "SoftMoEConfig"], "layers"),
     **dict.fromkeys(["MnistConfig", "MnistSoftMoE", "SoftMoEViT", "ViTConfig", "build", "model_spec", "moe_layers"],
                     "models"),
@@ -24,6 +24,7 @@ _EXPORTS = {
                      "with_selection"], "selection"),
     **dict.fromkeys(["Predictor", "write_triton_repo"], "serve"),
     **dict.fromkeys(["ServeConfig", "serve_model"], "server"),
+    **dict.fromkeys(["validate_onnx"], "validate"),
 }
 
 

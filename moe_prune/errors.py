@@ -1,7 +1,8 @@
 """Typed errors: every problem a user can cause is one of these, raised where it is found.
 
 Each message names the file or value at fault and says how to fix it; the CLI prints it on one line and
-exits with status 2.
+exits with status 2. `first_line` puts a third-party cause (an exporter's, ONNX Runtime's) into such a
+message.
 """
 
 
@@ -35,3 +36,19 @@ class OutputError(MoePruneError):
 
 class ServeError(MoePruneError):
     """A model cannot be served (not an ONNX model, no batch axis, ...) or the inference server did not start."""
+
+
+def first_line(e: BaseException) -> str:
+    """The root cause of a third-party error in one line, for a typed error's message (torch.export and onnx
+    wrap the cause in pages of advice).
+
+    Example:
+        >>> raise ExportError(f"{path}: the ONNX checker rejects it: {first_line(e)}") from e
+    """
+    while e.__cause__ is not None:
+        e = e.__cause__
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    text = f"{type(e).__name__}: {line[:300]}" if line else type(e).__name__
+    if "data-dependent" in line:
+        text += " (the model branches in Python on a tensor value)"
+    return text

@@ -305,7 +305,8 @@ def _bounds(costs: dict, by_batch: dict, machine: dict | None) -> dict:
 
 
 def _export_all(models: dict, out: Path, atol: float, tokens=None) -> tuple[dict, dict]:
-    from .export import export_onnx, validate_onnx
+    from .export import export_onnx
+    from .validate import validate_onnx
 
     paths, reports = {}, {}
     for name, m in models.items():
@@ -350,7 +351,7 @@ def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
         from .bench import check_provider
 
         check_provider(setup.provider)  # before minutes of exporting
-    from .export import _DEFAULT_TOKENS
+    from .export import DEFAULT_TOKENS as _DEFAULT_TOKENS
     from .layers import SoftMoE
 
     out = Path(setup.out_dir)

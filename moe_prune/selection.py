@@ -10,6 +10,7 @@ fraction of the experts (float, "1/8", "0.125"): k = max(1, ceil(E * fraction)).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from fractions import Fraction
@@ -170,6 +171,65 @@ class PrunedSoftMoE(nn.Module):
         else:
             experts = select_experts(scores, self.k, self.per)
         return layer.mix(routing, self.choice(experts), self.mode)
+
+
+def pruned_layers(model: nn.Module) -> dict[str, PrunedSoftMoE]:
+    """The layers of `model` wrapped by with_experts / with_selection, by module name ("" for the model itself).
+
+    Example:
+        >>> list(pruned_layers(with_selection(model, "1/8")))
+        ['moe']
+    """
+    return {name: m for name, m in model.named_modules() if isinstance(m, PrunedSoftMoE)}
+
+
+@contextlib.contextmanager
+def recorded_choices(layers: dict[str, PrunedSoftMoE]):
+    """Record the experts each pruned layer runs while the block runs: {layer name: ids of its last call}.
+
+    The ids are what the layer's `choice` identity passed ([k] for a shared subset, [B, k] per input); the
+    hooks are removed when the block ends, so nothing is ever stored on a module.
+
+    Example:
+        >>> with recorded_choices(pruned_layers(fast)) as seen:
+        ...     fast(x)
+        >>> seen["moe"]  # tensor([3, 17, ...])
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(module, args, output):
+            seen[name] = output
+        return fn
+
+    handles = [m.choice.register_forward_hook(hook(name)) for name, m in layers.items()]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def random_subsets(model: nn.Module, k_of, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A random subset of each layer's held experts, as router ids (what with_experts and compress take).
+
+    Args:
+        model: a native model or layer (full or compressed).
+        k_of: {layer name: k}, or one k for every layer.
+        generator: draws the subsets, layer after layer in moe_layers order.
+
+    Returns:
+        {layer name: sorted router ids [k]}.
+
+    Example:
+        >>> random_subsets(model, 16, torch.Generator().manual_seed(0))["moe"].shape
+        torch.Size([16])
+    """
+    out = {}
+    for name, layer in moe_layers(model).items():
+        k = k_of[name] if isinstance(k_of, dict) else k_of
+        out[name] = layer.held_experts()[torch.randperm(layer.config.num_held, generator=generator)[:k]].sort().values
+    return out
 
 
 def _check_ids(experts: torch.Tensor, layer: SoftMoE) -> None:

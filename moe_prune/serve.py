@@ -103,7 +103,7 @@ def write_triton_repo(model: nn.Module, repo: str | os.PathLike, name: str, *, k
         kind: "cpu" or "gpu" instances.
         max_batch_size: see `model_config`.
         opset: ONNX opset.
-        validate: validate the ONNX model against PyTorch (see export.validate_onnx) and parse the config
+        validate: validate the ONNX model against PyTorch (see validate.validate_onnx) and parse the config
             with Triton's protobuf.
 
     Returns:
@@ -130,7 +130,8 @@ def write_triton_repo(model: nn.Module, repo: str | os.PathLike, name: str, *, k
 
 
 def _write_repo(model, repo: Path, name: str, kind: str, max_batch_size: int, opset: int, validate: bool) -> Path:
-    from .export import export_onnx, validate_onnx
+    from .export import export_onnx
+    from .validate import validate_onnx
 
     final = repo / name
     staging = repo / f".{name}.staging"
@@ -171,7 +172,7 @@ class Predictor:
 
     def __init__(self, onnx_path: str | os.PathLike, provider: str = "cpu", threads: int | None = None):
         from .bench import ort_session
-        from .export import check_external_data
+        from .onnx_files import check_external_data
 
         check_external_data(onnx_path)
         self.session = ort_session(onnx_path, provider, threads)

@@ -231,12 +231,12 @@ def test_checklist_marks_rule_and_verdict_agree(tmp_path):
     element's share of its tolerance), and a failing one is unmarked, so the verdict follows the marks."""
     import numpy as np
 
-    from moe_prune.export import BatchCheck, ValidationReport, _compare
+    from moe_prune.validate import BatchCheck, ValidationReport, compare_batch
 
     ok, bad = BatchCheck(1, 1, 0.0, 0.0, True), BatchCheck(4, 1, 0.0, 0.0, True)
     ref = np.array([1e-3, 1.0])
-    _compare(ok, ref + np.array([5e-5, 0.0]), ref, atol=1e-4, rtol=1e-3)  # rel 5%, yet within atol + rtol|ref|
-    _compare(bad, ref + np.array([2e-4, 0.0]), ref, atol=1e-4, rtol=1e-3)
+    compare_batch(ok, ref + np.array([5e-5, 0.0]), ref, atol=1e-4, rtol=1e-3)  # rel 5%, yet within atol + rtol|ref|
+    compare_batch(bad, ref + np.array([2e-4, 0.0]), ref, atol=1e-4, rtol=1e-3)
     assert ok.passed and ok.max_rel > 1e-3 and 0.4 < ok.worst < 0.6
     assert not bad.passed and 1.9 < bad.worst < 2.1
     report = ValidationReport(tmp_path / "m.onnx", 1e-4, 1e-3, [], {"MatMul": 1}, checks=[ok])

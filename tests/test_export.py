@@ -31,13 +31,9 @@ from moe_prune import (
     with_selection,
 )
 from moe_prune.cli import main
-from moe_prune.export import (
-    check_external_data,
-    example_input,
-    export_onnx,
-    op_histogram,
-    validate_onnx,
-)
+from moe_prune.export import example_input, export_onnx
+from moe_prune.onnx_files import check_external_data, op_histogram
+from moe_prune.validate import validate_onnx
 
 # float32 graph against float32 torch; the errors seen are ~1e-9 (MNIST) to ~5e-7 (ViT).
 ATOL, RTOL = 1e-5, 1e-4
@@ -280,7 +276,7 @@ def test_not_onnx_refused(tmp_path, content):
 
 
 def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
-    from moe_prune import export
+    from moe_prune import onnx_files
 
     model = _mnist()
     old = tmp_path / "m.onnx"
@@ -290,7 +286,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
         Path(data_path).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export, "_externalize", broken)
+    monkeypatch.setattr(onnx_files, "_externalize", broken)
     with pytest.raises(Exception, match="No space left"):
         export_onnx(model, old, embed_limit_bytes=0)
     assert _files(tmp_path) == ["m.onnx"] and old.read_bytes() == b"previous export"

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from moe_prune.bench import environment
+    from moe_prune.timing import environment
     from moe_prune.reports import write_json, write_text
 
     env = environment()

@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from moe_prune.bench import environment as bench_environment
+from moe_prune.timing import environment as bench_environment
 from moe_prune.reports import write_json
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

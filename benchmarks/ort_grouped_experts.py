@@ -28,8 +28,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import moe_prune.experts as experts_mod
-from moe_prune.bench import BenchConfig, alternate, ort_session
-from moe_prune.bench import environment as bench_environment
+from moe_prune.timing import BenchConfig, alternate, ort_session
+from moe_prune.timing import environment as bench_environment
 from moe_prune.export import export_onnx
 from moe_prune.layers import StackedExperts
 from moe_prune.reports import table, write_json, write_text
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "ort_grouped_experts.json")
     args = parser.parse_args(argv)
     env = bench_environment()
-    ort.set_global_thread_pool_sizes(args.threads, 1)  # one pool for every timed session (see bench._time_onnx)
+    ort.set_global_thread_pool_sizes(args.threads, 1)  # one pool for every timed session (see timing._time_onnx)
     load_before = os.getloadavg()
     torch.manual_seed(0)
     rows_out = []

@@ -27,12 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_reference import VITS  # noqa: E402
 
-from moe_prune.bench import environment, ort_session  # noqa: E402
+from moe_prune.bench import reduced_model  # noqa: E402
 from moe_prune.export import export_onnx  # noqa: E402
 from moe_prune.models import SoftMoEViT, ViTConfig, moe_layers  # noqa: E402
-from moe_prune.pipeline import reduced_model  # noqa: E402
 from moe_prune.reports import table, write_json, write_text  # noqa: E402
 from moe_prune.selection import with_selection  # noqa: E402
+from moe_prune.timing import environment, ort_session  # noqa: E402
 from moe_prune.validate import validate_onnx  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

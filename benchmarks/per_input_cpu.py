@@ -27,8 +27,8 @@ import sys
 import torch
 
 import moe_prune.experts as experts_mod
-from moe_prune.bench import BenchConfig, alternate, machine_roofline
-from moe_prune.bench import environment as bench_environment
+from moe_prune.timing import BenchConfig, alternate, machine_roofline
+from moe_prune.timing import environment as bench_environment
 from moe_prune.flops import model_cost, roofline_ratio
 from moe_prune.layers import Routing, SoftMoE, SoftMoEConfig
 from moe_prune.reports import table, write_json, write_text

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from moe_prune.bench import environment as bench_environment
+from moe_prune.timing import environment as bench_environment
 from moe_prune.reports import write_json
 import torch.nn.functional as F
 

@@ -27,8 +27,8 @@ import sys
 import torch
 from torch import nn
 
-from moe_prune.bench import BenchConfig, alternate
-from moe_prune.bench import environment as bench_environment
+from moe_prune.timing import BenchConfig, alternate
+from moe_prune.timing import environment as bench_environment
 from moe_prune.checkpoint import from_lucidrains
 from moe_prune.layers import SoftMoE, SoftMoEConfig
 from moe_prune.reports import table, write_json, write_text

@@ -1,319 +1,272 @@
-"""Latency: models side by side in one run, alternating, on ONNX Runtime and in PyTorch eager.
+"""The benchmark of a full model against its reduced versions (the `moe-prune bench` command, and the demo's step 5).
 
-Each batch size is measured in rounds; every round runs each model for a few iterations in turn, so slow drifts
-of the machine (other load, clocks) hit all models alike. Warm-up iterations are excluded. Reported per model
-and batch size: p50/p90/p99 latency, throughput at the median, the speedup over the first model (the full one)
-as a ratio of medians, and the process's peak resident memory while that model ran (Linux: /proc VmHWM, reset
-before each model through /proc/self/clear_refs; the figure includes everything else the process holds).
+    full, compressed (static subset), Algorithm 2 (per batch) and Algorithm 1 (per input) models
+      -> each exported to ONNX and validated against PyTorch
+      -> their analytic costs and bounds (FLOP, weight-byte and roofline ratios; Algorithm 1's per batch size,
+         from the experts its batch kept)
+      -> timed side by side on ONNX Runtime and in torch eager (timing.bench_models), whole model and the first
+         Soft MoE layer alone -> one JSON-able result with its table
+
+`reduced_model` makes the compressed model when none is given; `check_compressed_from` refuses one that was not
+compressed from the full model; `looped` is the Python-loop-over-experts baseline (soft-moe's way).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import platform
-import shlex
-import sys
-import time
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import torch
 
-from .errors import ExportError
-
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+from .reports import format_bench, say
+from .timing import BenchConfig, bench_models, check_provider, environment, machine_roofline
 
 
 @dataclass(frozen=True)
-class BenchConfig:
-    """How long and how to measure.
+class BenchSetup:
+    """What `benchmark` compares: the full model, its static subset (compressed), and Algorithms 2 (per batch)
+    and 1 (per input) in the graph.
 
     Args:
-        batch_sizes: measured one after another.
-        warmup: iterations per model and batch size before timing.
-        rounds: alternation rounds; each runs every model `iters_per_round` times.
-        iters_per_round: timed calls per model per round.
-        min_seconds: keep adding rounds until every model has been timed this long (stable medians).
-        threads: intra-op threads for ONNX Runtime and torch (None: their defaults).
+        keep, mode: the subset size and mode (Algorithm 2 keeps `keep` per batch; a static subset of the same
+            size is used when no compressed model is given).
+        out_dir: where the ONNX files go.
+        provider: ONNX Runtime execution provider: "cpu", "cuda" or "tensorrt".
+        layers_alone: also compare the first Soft MoE layer alone (full against reduced).
+        bench: timing settings; None exports and validates only.
+        atol: validation tolerance.
     """
 
-    batch_sizes: tuple = (1, 8, 32)
-    warmup: int = 5
-    rounds: int = 5
-    iters_per_round: int = 10
-    min_seconds: float = 2.0
-    threads: int | None = None
-
-    def __post_init__(self):
-        from .errors import ConfigError
-
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise ConfigError(f"batch sizes {list(self.batch_sizes)}: give positive integers, e.g. 1,8,32")
-        if not self.min_seconds >= 0:  # also refuses NaN
-            raise ConfigError(f"--min-seconds {self.min_seconds:g}: must be 0 or more (0: just the fixed rounds)")
-        if self.warmup < 0 or self.rounds < 1 or self.iters_per_round < 1:
-            raise ConfigError(f"bench config: warmup >= 0, rounds >= 1 and iters_per_round >= 1; got {self}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads {self.threads}: give at least 1 (or leave it out for the default)")
+    keep: str = "1/8"
+    mode: str = "drop"
+    out_dir: str = "bench-output"
+    provider: str = "cpu"
+    layers_alone: bool = True
+    bench: BenchConfig | None = BenchConfig()
+    atol: float = 1e-4
+    looped_baseline: bool = False  # also time the full model with a Python loop over experts (soft-moe's way)
 
 
-def _peak_rss_reset() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def _quantiles(samples: list[float]) -> dict:
-    s = np.asarray(samples) * 1e3
-    return {"p10_ms": float(np.percentile(s, 10)), "p50_ms": float(np.percentile(s, 50)),
-            "p90_ms": float(np.percentile(s, 90)), "p99_ms": float(np.percentile(s, 99)), "n": len(samples)}
-
-
-def alternate(runners: dict[str, Callable[[], object]], config: BenchConfig, batch_size: int) -> dict:
-    """Time callables side by side: warm-up, then rounds in which each runs `iters_per_round` times in turn."""
-    samples = {name: [] for name in runners}
-    peak = {}
-    for name, run in runners.items():
-        _peak_rss_reset()
-        for _ in range(config.warmup):
-            run()
-        peak[name] = _peak_rss_mb()
-    rounds = 0
-    while rounds < config.rounds or min(sum(s) for s in samples.values()) < config.min_seconds:
-        for name, run in runners.items():
-            for _ in range(config.iters_per_round):
-                t = time.perf_counter()
-                run()
-                samples[name].append(time.perf_counter() - t)
-        rounds += 1
-        if rounds > 1000:
-            break
-    out = {}
-    for name, s in samples.items():
-        q = _quantiles(s)
-        q["throughput_per_s"] = batch_size / (q["p50_ms"] / 1e3)
-        q["peak_rss_mb"] = peak[name]
-        out[name] = q
-    return out
-
-
-def check_provider(provider: str) -> str:
-    """The ONNX Runtime name of an execution provider ("cpu", "cuda", "tensorrt"), if it can run here.
-
-    Raises:
-        ExportError: onnxruntime is missing, or the provider is unknown or not available (e.g. no GPU).
-    """
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ExportError("onnxruntime is not installed: `pip install moe-prune[cpu]` (or [gpu] for CUDA)") from None
-    name = PROVIDERS.get(provider)
-    if name is None:
-        raise ExportError(f"provider {provider!r}: choose one of {sorted(PROVIDERS)}")
-    available = ort.get_available_providers()
-    if name not in available:
-        hint = ("install onnxruntime-gpu instead of onnxruntime (`pip install moe-prune[gpu]`, never both) and run on a "
-                "machine with an NVIDIA GPU and CUDA" if provider != "cpu" else "")
-        raise ExportError(f"ONNX Runtime has no {name} here (available: {available}); {hint}")
-    if provider != "cpu" and not torch.cuda.is_available():
-        raise ExportError(f"provider {provider!r} needs a CUDA GPU, and there is none here; use --provider cpu")
-    return name
-
-
-def ort_session(path, provider: str = "cpu", threads: int | None = None, shared_threads: bool = False):
-    """An ONNX Runtime session on the asked execution provider; a clear error when it is not available.
-
-    shared_threads: run on the process-wide thread pool (made by the caller with ort.set_global_thread_pool_sizes)
-    instead of a pool of the session's own; see _time_onnx.
-    """
-    import onnxruntime as ort
-
-    name = check_provider(provider)
-    opts = ort.SessionOptions()
-    if shared_threads:
-        opts.use_per_session_threads = False
-    elif threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    providers = [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
-    return ort.InferenceSession(str(path), opts, providers=providers)
-
-
-def _time_onnx(onnx_paths: dict, inputs: dict, config: BenchConfig, provider: str, progress: bool) -> dict:
-    """Time the ONNX models, their sessions on one process-wide thread pool: {batch size: {name: stats}}.
-
-    With a pool per session, the workers of the session that just ran keep spinning and steal the cores from the
-    next one: on 2 cores the compressed ViT-S Soft MoE layer at batch 32, taking turns with the full one, ran in
-    28.2 ms against 23.9 ms on one shared pool (benchmarks/results/ort_profile_vit-s16.md). Turning spinning off
-    instead slowed the tiny default model at batch 1 (a probe: compressed layer 0.040 -> 0.063 ms).
-    Runs in a fresh process (see _time_onnx_apart).
-    """
-    import onnxruntime as ort
-
-    ort.set_global_thread_pool_sizes(config.threads or 0, 1)  # 0: ONNX Runtime's default (one per physical core)
-    sessions = {name: ort_session(p, provider, shared_threads=True) for name, p in onnx_paths.items()}
-    out = {}
-    for bs, x in inputs.items():
-        if progress:
-            print(f"  batch {bs}: onnxruntime ...", file=sys.stderr, flush=True)
-        feed = {"input": x}
-        out[bs] = alternate({n: (lambda s=s: s.run(None, feed)) for n, s in sessions.items()}, config, bs)
-    return out
-
-
-def _time_onnx_apart(onnx_paths: dict, inputs: dict, config: BenchConfig, provider: str, progress: bool) -> dict:
-    """_time_onnx in a child process: once ONNX Runtime's shared pool exists, it refuses every session with its
-    own pool in that process, and the caller's later sessions (validation, serving, a user's own) need them."""
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_time_onnx, (onnx_paths, inputs, config, provider, progress))
-
-
-def bench_models(onnx_paths: dict, modules: dict, make_input: Callable[[int], torch.Tensor],
-                 config: BenchConfig = BenchConfig(), provider: str = "cpu", progress: bool = True) -> dict:
-    """Benchmark ONNX models (ONNX Runtime) and torch modules (eager), alternating within each engine.
-
-    ONNX Runtime runs in a child process, its sessions on one shared thread pool (see _time_onnx); its
-    peak RSS column is the child's.
-
-    Args:
-        onnx_paths: {name: .onnx path}; the first is the reference for speedups.
-        modules: {name: torch module} (same names as onnx_paths, ideally), run under torch.inference_mode.
-        make_input: batch size -> an input batch (the same batch feeds every model of both engines).
-        config: see BenchConfig.
-        provider: "cpu", "cuda" or "tensorrt" for ONNX Runtime; torch runs on CUDA when provider is not "cpu".
+def reduced_model(full, keep: str, mode: str = "drop") -> tuple:
+    """A compressed copy of `full` for benchmarking: calibrated on the bundled sample for 28x28 one-channel
+    classifiers, else a seeded random subset (latency does not depend on which experts are kept).
 
     Returns:
-        {"onnxruntime": {bs: {name: stats}}, "torch": {...}, "speedup": {engine: {bs: {name: ratio}}}, "env": ...}.
+        (model, a sentence saying how the subset was chosen).
+    """
+    from .compress import compress_model, static_subsets
+    from .data import iterate_batches, load_images
+    from .models import MnistSoftMoE, SoftMoEViT, moe_layers
+    from .selection import parse_keep, random_subsets
+
+    c = getattr(full, "config", None)
+    if isinstance(full, (MnistSoftMoE, SoftMoEViT)) and c.in_chans == 1 and c.img_size in (28, (28, 28)):
+        images = load_images("sample", split="test")[0][:500]
+        subsets, _ = static_subsets(full, [x for x, _ in iterate_batches(images, None, 250)], keep)
+        how = f"static top {keep} calibrated on 500 images of the bundled sample"
+    else:
+        k = {name: parse_keep(keep, layer.config.num_held) for name, layer in moe_layers(full).items()}
+        subsets = random_subsets(full, k, torch.Generator().manual_seed(0))
+        how = f"a random {keep} of the experts (seed 0): latency does not depend on which experts are kept"
+    return compress_model(full, subsets, mode), how
+
+
+def check_compressed_from(full, small, full_path, small_path) -> None:
+    """Refuse a `bench --compressed` checkpoint that was not compressed from the full one.
+
+    Same family and architecture, the same Soft MoE layers with the same widths, kept experts (`origin`) that
+    are router ids of the full model, and those experts' weights equal to the full model's rows.
+
+    Raises:
+        CheckpointError: naming both files and what differs.
+    """
+    from .errors import CheckpointError
+    from .models import model_spec, moe_layers
+
+    def refuse(why):
+        raise CheckpointError(f"{small_path}: was not compressed from {full_path} ({why}); pass the checkpoint "
+                              f"`moe-prune compress {full_path} ...` wrote, or leave out --compressed")
+
+    a, b = model_spec(full), model_spec(small)
+    if a["family"] != b["family"]:
+        refuse(f"a {b['family']} model, the full one is a {a['family']} model")
+    if a["family"] != "layer" and a["config"] != b["config"]:
+        diff = sorted(key for key in a["config"] if a["config"].get(key) != b["config"].get(key))
+        refuse(f"its architecture differs in {', '.join(diff)}")
+    fl, sl = moe_layers(full), moe_layers(small)
+    if list(fl) != list(sl):
+        refuse(f"Soft MoE layers {list(sl)}, the full model has {list(fl)}")
+    for name, f in fl.items():
+        s, where = sl[name], f"layer {name or '(layer)'}"
+        same = ("dim", "out_dim", "hidden", "slots_per_expert", "expert", "token_norm", "dispatch_input")
+        diff = [key for key in same if getattr(f.config, key, None) != getattr(s.config, key, None)]
+        if diff:
+            refuse(f"{where} differs in {', '.join(diff)}")
+        if s.config.origin is None:
+            refuse(f"{where} records no kept experts: it is not a compressed checkpoint")
+        origin = list(s.config.origin)
+        if f.config.origin is not None or f.config.present is not None:
+            held = list(f.config.origin or f.config.present)
+            if not set(origin) <= set(held):
+                refuse(f"{where} keeps experts {origin}, not all among the full model's {held}")
+            rows = [held.index(e) for e in origin]
+        else:
+            if not all(0 <= e < f.config.num_experts for e in origin):
+                refuse(f"{where} keeps experts {origin}, the full model has {f.config.num_experts}")
+            rows = origin
+        with torch.no_grad():
+            if not torch.equal(f.experts.w1[rows], s.experts.w1):
+                refuse(f"{where}: the kept experts' weights differ from the full model's experts {origin}")
+
+
+def _variants(full, small, keep: str, mode: str) -> dict:
+    from .selection import with_selection
+
+    return {"full": full, "compressed": small, "alg2": with_selection(full, keep, per="batch", mode=mode),
+            "alg1": with_selection(full, keep, per="input", mode=mode)}
+
+
+def union_of_choices(alg1, x: torch.Tensor) -> dict:
+    """{layer name: how many distinct experts the inputs of batch x kept}, for a model made by with_selection
+    (per input): the experts whose weights that batch reads."""
+    from .selection import pruned_layers, recorded_choices
+
+    with recorded_choices(pruned_layers(alg1)) as seen, torch.inference_mode():
+        alg1(x)
+        return {name: int(ids.unique().numel()) for name, ids in seen.items()}
+
+
+def _costs(full, small, alg1, k: dict, mode: str, inputs: dict, tokens=None) -> tuple[dict, dict]:
+    """Costs of the variants, and Algorithm 1's per batch size (its weight bytes are the union its batch kept)."""
+    from .flops import model_cost
+
+    costs = {"full": model_cost(full, tokens=tokens), "compressed": model_cost(small, mode=mode, tokens=tokens),
+             "alg2": model_cost(full, kept=k, mode=mode, dynamic=True, tokens=tokens)}
+    by_batch = {}
+    for bs, x in inputs.items():
+        union = union_of_choices(alg1, x)
+        by_batch[bs] = (union, model_cost(full, kept=k, mode=mode, dynamic=True, tokens=tokens, union=union))
+    costs["alg1"] = by_batch[min(by_batch)][1] if by_batch else model_cost(full, kept=k, mode=mode, dynamic=True, tokens=tokens)
+    return costs, by_batch
+
+
+def _bounds(costs: dict, by_batch: dict, machine: dict | None) -> dict:
+    """Each variant's FLOP and weight-byte bounds, and per batch size its roofline bound (and, for Algorithm 1,
+    the weight-byte bound of the experts that batch kept)."""
+    from .flops import bounds, roofline_ratio
+
+    out = {}
+    for name, c in costs.items():
+        if name == "full":
+            continue
+        b = bounds(costs["full"], c)
+        b["by_batch"] = {}
+        for bs in by_batch:
+            cb = by_batch[bs][1] if name == "alg1" else c
+            entry = {"bytes_ratio": bounds(costs["full"], cb)["bytes_ratio"]}
+            if name == "alg1":
+                entry["union"] = by_batch[bs][0]
+            if machine:
+                entry["roofline"] = roofline_ratio(costs["full"], cb, int(bs), machine["flops_per_s"], machine["bytes_per_s"])
+            b["by_batch"][bs] = entry
+        out[name] = b
+    return out
+
+
+def _export_all(models: dict, out: Path, atol: float, tokens=None) -> tuple[dict, dict]:
+    from .export import export_onnx
+    from .validate import validate_onnx
+
+    paths, reports = {}, {}
+    for name, m in models.items():
+        example = None if tokens is None else torch.randn(2, tokens, _dim(m))
+        path = export_onnx(m, out / f"{name}.onnx", example=example)
+        report = validate_onnx(path, m, atol=atol, check=False)
+        say("  validate", report.format().splitlines()[-1].strip() + f"  {path}")
+        report.raise_for_failure()
+        paths[name], reports[name] = path, report.format()
+    return paths, reports
+
+
+def _dim(module) -> int:
+    from .selection import PrunedSoftMoE
+
+    return (module.layer if isinstance(module, PrunedSoftMoE) else module).config.dim
+
+
+def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
+    """Export full, compressed, Algorithm 2 and Algorithm 1 models to ONNX, validate them, time them against
+    their bounds (FLOP, weight-byte and roofline ratios; Algorithm 1's bytes and roofline per batch size).
+
+    Args:
+        full: the full native model. small: its compressed version (see compress.compress_model).
+        setup: see BenchSetup.
+
+    Returns:
+        A JSON-able dict: ONNX paths and validation checklists, bounds (FLOP and weight-byte ratios, whole model
+        and per layer kind), latency results per engine and batch size, and "text", the summary table.
 
     Example:
-        >>> r = bench_models({"full": "full.onnx", "reduced": "small.onnx"}, {"full": model, "reduced": small},
-        ...                  lambda b: torch.rand(b, 1, 28, 28))
+        >>> small = compress_model(model, subsets)
+        >>> r = benchmark(model, small, BenchSetup(out_dir="bench"))
+        >>> print(r["text"])
     """
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if onnx_paths:
-        check_provider(provider)  # here, not as a traceback from the child
-    device = "cpu" if provider == "cpu" else "cuda"
-    modules = {name: m.to(device).eval() for name, m in modules.items()}
-    inputs = {bs: make_input(bs) for bs in config.batch_sizes}
-    result = {"onnxruntime": {}, "torch": {}, "speedup": {"onnxruntime": {}, "torch": {}}}
-    if onnx_paths:
-        paths = {name: str(p) for name, p in onnx_paths.items()}
-        result["onnxruntime"] = _time_onnx_apart(paths, {bs: x.numpy() for bs, x in inputs.items()}, config, provider, progress)
-    for bs, x in inputs.items():
-        xd = x.to(device)
+    from .export import DEFAULT_TOKENS, example_input
+    from .layers import SoftMoE
+    from .models import moe_layers
+    from .selection import parse_keep
 
-        def torch_runner(m):
-            def run():
-                with torch.inference_mode():
-                    m(xd)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-            return run
+    if setup.bench is not None:
+        check_provider(setup.provider)  # before minutes of exporting
 
-        if progress and modules:
-            print(f"  batch {bs}: torch eager ...", file=sys.stderr, flush=True)
-        if modules:
-            result["torch"][bs] = alternate({n: torch_runner(m) for n, m in modules.items()}, config, bs)
-    for engine in ("onnxruntime", "torch"):
-        for bs, stats in result[engine].items():
-            ref = next(iter(stats.values()))["p50_ms"]
-            result["speedup"][engine][bs] = {n: ref / s["p50_ms"] for n, s in stats.items()}
-    result["env"] = environment(provider, config)
-    result["env"]["onnxruntime_threads"] = "a child process, its sessions on one shared thread pool (bench._time_onnx)"
+    out = Path(setup.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bare = isinstance(full, SoftMoE)  # a bare layer runs on example tokens [B, 16, D]; it is its own "layer alone"
+    tokens = DEFAULT_TOKENS if bare else None
+    models = _variants(full, small, setup.keep, setup.mode)
+    k = {name: parse_keep(setup.keep, layer.config.num_held) for name, layer in moe_layers(full).items()}
+    batch_sizes = setup.bench.batch_sizes if setup.bench is not None else (1, 32)
+    gen = torch.Generator().manual_seed(0)
+    inputs = {bs: example_input(full, bs, generator=gen) for bs in batch_sizes}
+    machine = None
+    if setup.bench is not None:
+        machine = machine_roofline(setup.bench.threads, "cpu" if setup.provider == "cpu" else "cuda")
+    costs, by_batch = _costs(full, small, models["alg1"], k, setup.mode, inputs, tokens)
+    result = {"keep": setup.keep, "mode": setup.mode, "k": k, "machine": machine,
+              "bounds": _bounds(costs, by_batch, machine),
+              "cost_per_input": {name: c.as_dict() for name, c in costs.items()}}
+    paths, reports = _export_all(models, out, setup.atol)
+    result["onnx"] = {name: str(p) for name, p in paths.items()}
+    result["validation"] = reports
+    if bare:
+        result["tokens"] = tokens
+    if setup.layers_alone and not bare:
+        name0, layer0 = next(iter(moe_layers(full).items()))
+        tokens = full.config.tokens
+        layers = _variants(layer0, moe_layers(small)[name0], str(k[name0]), setup.mode)
+        linputs = {bs: torch.randn(bs, tokens, layer0.config.dim, generator=gen) for bs in batch_sizes}
+        lcosts, lby_batch = _costs(layer0, layers["compressed"], layers["alg1"], k[name0], setup.mode, linputs, tokens)
+        result["layer"] = {"name": name0, "tokens": tokens, "bounds": _bounds(lcosts, lby_batch, machine)}
+        (out / "layer").mkdir(exist_ok=True)
+        lpaths, _ = _export_all(layers, out / "layer", setup.atol, tokens=tokens)
+        result["layer"]["onnx"] = {n: str(p) for n, p in lpaths.items()}
+    if setup.bench is None:
+        result["env"] = environment(setup.provider)
+        return result
+    say("  bench", f"whole models, ONNX Runtime {setup.provider} and torch eager, batch sizes {list(setup.bench.batch_sizes)}")
+    eager = dict(models)
+    if setup.looped_baseline:
+        eager["full, looped experts"] = looped(full)
+    result["latency"] = bench_models(paths, eager, inputs.__getitem__, setup.bench, setup.provider)
+    if setup.layers_alone and not bare:
+        say("  bench", f"the Soft MoE layer {result['layer']['name']} alone")
+        result["layer"]["latency"] = bench_models(lpaths, layers, linputs.__getitem__, setup.bench, setup.provider)
+    result["env"] = result["latency"].pop("env")
+    result["text"] = format_bench(result)
     return result
 
 
-def machine_roofline(threads: int | None = None, device: str = "cpu") -> dict:
-    """This machine's peak fp32 matmul rate and weight-read bandwidth, measured in torch: the roofline's corners.
-
-    Peak: the median of 2048x2048 @ 2048x2048 products. Bandwidth: the median time to sum 256 MiB (a read of
-    memory much larger than the caches, as reading a large model's weights once per batch is).
-    Returns {"flops_per_s", "bytes_per_s"}.
-    """
-    if threads:
-        torch.set_num_threads(threads)
-
-    def median_seconds(fn, reps):
-        fn()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts))
-
-    a = torch.randn(2048, 2048, device=device)
-    flops = 2 * 2048**3 / median_seconds(lambda: a @ a, 7)
-    big = torch.ones(64 << 20, device=device)  # 256 MiB of fp32
-    bandwidth = big.numel() * 4 / median_seconds(lambda: big.sum(), 7)
-    return {"flops_per_s": flops, "bytes_per_s": bandwidth}
-
-
-def environment(provider: str = "cpu", config: BenchConfig | None = None) -> dict:
-    """Versions, device and thread settings, for every results file."""
-    import subprocess
-
-    env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "machine": platform.machine(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "provider": provider}
-    try:
-        import onnxruntime as ort
-
-        env["onnxruntime"] = ort.__version__
-    except ImportError:
-        env["onnxruntime"] = None
-    try:
-        import onnx
-
-        env["onnx"] = onnx.__version__
-    except ImportError:
-        pass
-    if importlib.util.find_spec("triton") is not None:
-        import triton
-
-        env["triton"] = triton.__version__
-    env["cuda"] = torch.version.cuda
-    env["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU only ({env['cpu']})"
-    env["command"] = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-    if config is not None:
-        env["bench_config"] = asdict(config)
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                           cwd=os.path.dirname(__file__)).stdout.strip() or None
-    except OSError:
-        env["git_commit"] = None
-    return env
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+# -- the looped baseline ------------------------------------------------------------------------------------
 
 
 class LoopedExperts(torch.nn.Module):

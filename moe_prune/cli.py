@@ -182,13 +182,13 @@ def cmd_demo(args) -> None:
 def cmd_bench(args) -> None:
     from pathlib import Path
 
-    from .bench import BenchConfig, check_provider
+    from .bench import BenchSetup, benchmark, check_compressed_from, reduced_model
     from .checkpoint import load
     from .files import output_folder
     from .models import moe_layers
-    from .pipeline import BenchSetup, benchmark, check_compressed_from, reduced_model
     from .reports import bench_plot, format_bench, write_json, write_text
     from .selection import parse_keep
+    from .timing import BenchConfig, check_provider
 
     config = BenchConfig(batch_sizes=tuple(args.batch_sizes), threads=args.threads, min_seconds=args.min_seconds)
     check_provider(args.provider)

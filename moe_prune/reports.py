@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any, Sequence
 
 from .files import atomic_output
@@ -333,3 +334,8 @@ def demo_speed(r: dict) -> str:
     text = head + "\n" + table(rows, ["batch", "reduced", "full ms", "reduced ms", "speedup", "FLOP bound", "bytes bound", "roofline",
                                      "of roofline"])
     return text + ("\n" + ABOVE_BOUND_NOTE if any(row[-1].endswith("!") for row in rows) else "")
+
+
+def say(step: str, text: str = "") -> None:
+    """A progress line on stderr, `[step] text`, as the demo and the benchmark print them."""
+    print(f"[{step}] {text}", file=sys.stderr, flush=True)

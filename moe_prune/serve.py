@@ -171,7 +171,7 @@ class Predictor:
     """
 
     def __init__(self, onnx_path: str | os.PathLike, provider: str = "cpu", threads: int | None = None):
-        from .bench import ort_session
+        from .timing import ort_session
         from .onnx_files import check_external_data
 
         check_external_data(onnx_path)

@@ -268,8 +268,8 @@ def test_speedup_far_above_its_bound_is_flagged():
 
 def test_random_subsets_of_a_compressed_model_are_router_ids(tmp_path, ckpt):
     from moe_prune.compress import compress_file
-    from moe_prune.pipeline import random_subsets, reduced_model
-    from moe_prune.selection import with_experts
+    from moe_prune.bench import reduced_model
+    from moe_prune.selection import random_subsets, with_experts
 
     small = moe_prune.load(compress_file(ckpt, {"moe": [3, 7, 9, 12, 15]}, tmp_path / "s.safetensors"))
     for seed in range(5):

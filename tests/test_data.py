@@ -20,8 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moe_prune import data
-from moe_prune.data import iterate_batches, load_images, load_inputs, make_sample, read_idx, to_tensor
+from moe_prune.data import iterate_batches, load_images, load_inputs, make_sample, to_tensor
 from moe_prune.errors import DataError
+from moe_prune.idx import read_idx
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_debian = pytest.mark.skipif(

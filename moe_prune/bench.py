@@ -56,8 +56,8 @@ def reduced_model(full, keep: str, mode: str = "drop") -> tuple:
     """
     from .compress import compress_model, static_subsets
     from .data import iterate_batches, load_images
-    from .models import MnistSoftMoE, SoftMoEViT, moe_layers
-    from .selection import parse_keep, random_subsets
+    from .models import MnistSoftMoE, SoftMoEViT
+    from .selection import keep_per_layer, random_subsets
 
     c = getattr(full, "config", None)
     if isinstance(full, (MnistSoftMoE, SoftMoEViT)) and c.in_chans == 1 and c.img_size in (28, (28, 28)):
@@ -65,7 +65,7 @@ def reduced_model(full, keep: str, mode: str = "drop") -> tuple:
         subsets, _ = static_subsets(full, [x for x, _ in iterate_batches(images, None, 250)], keep)
         how = f"static top {keep} calibrated on 500 images of the bundled sample"
     else:
-        k = {name: parse_keep(keep, layer.config.num_held) for name, layer in moe_layers(full).items()}
+        k = keep_per_layer(full, keep)
         subsets = random_subsets(full, k, torch.Generator().manual_seed(0))
         how = f"a random {keep} of the experts (seed 0): latency does not depend on which experts are kept"
     return compress_model(full, subsets, mode), how
@@ -214,7 +214,7 @@ def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
     from .export import DEFAULT_TOKENS, example_input
     from .layers import SoftMoE
     from .models import moe_layers
-    from .selection import parse_keep
+    from .selection import keep_per_layer
 
     if setup.bench is not None:
         check_provider(setup.provider)  # before minutes of exporting
@@ -224,7 +224,7 @@ def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
     bare = isinstance(full, SoftMoE)  # a bare layer runs on example tokens [B, 16, D]; it is its own "layer alone"
     tokens = DEFAULT_TOKENS if bare else None
     models = _variants(full, small, setup.keep, setup.mode)
-    k = {name: parse_keep(setup.keep, layer.config.num_held) for name, layer in moe_layers(full).items()}
+    k = keep_per_layer(full, setup.keep)
     batch_sizes = setup.bench.batch_sizes if setup.bench is not None else (1, 32)
     gen = torch.Generator().manual_seed(0)
     inputs = {bs: example_input(full, bs, generator=gen) for bs in batch_sizes}
@@ -264,6 +264,59 @@ def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
     result["env"] = result["latency"].pop("env")
     result["text"] = format_bench(result)
     return result
+
+
+def bench_checkpoint(checkpoint, *, compressed=None, keep: str = "1/8", mode: str = "drop", provider: str = "cpu",
+                     layers_alone: bool = True, config: BenchConfig = BenchConfig(), out_dir: str = "bench-output",
+                     command: str = "") -> dict:
+    """`benchmark` of a native checkpoint, written to files (the `moe-prune bench` command).
+
+    Checks come first (the provider, `keep` against every layer, `compressed` against `checkpoint`); then the
+    models are exported under OUT_DIR/onnx and timed; writes OUT_DIR/bench.json (the result, the command, how
+    the reduced model was made), bench.md and bench.png (with matplotlib). A failed run leaves no output.
+
+    Args:
+        checkpoint: the full native checkpoint.
+        compressed: its compressed checkpoint (checked to come from it); None: `reduced_model` makes one.
+        keep, mode, provider, layers_alone: see BenchSetup. config: see BenchConfig.
+        out_dir: the folder the files go to. command: the command line, recorded in bench.json and bench.md.
+
+    Returns:
+        {"result": benchmark's result (with "text", the table), "files": [paths written], "plot":
+        OUT_DIR/bench.png, "plotted": whether it was written (False without matplotlib)}.
+
+    Raises:
+        ExportError: the provider cannot run here, or an export or validation failed. SelectionError: a bad
+            keep. CheckpointError: see `load` and `check_compressed_from`. OutputError: see files.output_folder.
+
+    Example:
+        >>> r = bench_checkpoint("mnist-e128.safetensors", keep="1/8", config=BenchConfig(batch_sizes=(1, 32)))
+        >>> print(r["result"]["text"])
+    """
+    from .checkpoint import load
+    from .files import output_folder
+    from .reports import bench_plot, write_json, write_text
+    from .selection import keep_per_layer
+
+    check_provider(provider)
+    full = load(checkpoint)
+    keep_per_layer(full, keep)
+    if compressed:
+        small, how = load(compressed), f"compressed checkpoint {compressed}"
+        check_compressed_from(full, small, checkpoint, compressed)
+    else:
+        small, how = reduced_model(full, keep, mode)
+    with output_folder(out_dir) as out:  # a failed run leaves no output behind
+        setup = BenchSetup(keep=keep, mode=mode, out_dir=str(out / "onnx"), provider=provider,
+                           layers_alone=layers_alone, bench=config)
+        result = benchmark(full, small, setup)
+        result.update(command=command, checkpoint=checkpoint, reduced=how)
+        write_json(out / "bench.json", result)
+        write_text(out / "bench.md", f"Command: `{result['command']}`\n\nReduced model: {how}\n\n"
+                   + format_bench(result, markdown=True) + "\n")
+        plotted = bench_plot(result, out / "bench.png")
+    files = [out / "bench.json", out / "bench.md"] + ([out / "bench.png"] if plotted else [])
+    return {"result": result, "files": files, "plot": out / "bench.png", "plotted": plotted}
 
 
 # -- the looped baseline ------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def cmd_info(args) -> None:
 
 def cmd_convert(args) -> None:
     from .checkpoint import convert
-    from .files import output_folder, resolve_out
+    from .files import resolve_out
 
     kwargs = _json_arg(args.kwargs)
     out = resolve_out(args.out, ".safetensors", f"{Path(args.source).stem}.native.safetensors")
@@ -115,104 +115,39 @@ def _csv(text: str) -> list[str]:
 
 
 def cmd_eval(args) -> None:
-    from pathlib import Path
-
-    from .checkpoint import load, skeleton
-    from .data import calibration_inputs, check_inputs, iterate_batches, load_images
-    from .evaluate import StudyConfig, check_labels, study
-    from .files import output_folder
-    from .models import moe_layers
-    from .reports import study_markdown, study_plot, write_json, write_text
-    from .selection import calibrate, parse_keep
+    from .evaluate import StudyConfig, eval_checkpoints
 
     config = StudyConfig(keeps=tuple(args.keep), modes=tuple(args.modes), batch_sizes=tuple(args.batch_sizes),
                          random_seeds=args.random_seeds)
-    if args.calib_limit < 1:
-        raise ConfigError(f"--calib-limit {args.calib_limit}: give at least 1")
-    test_set = load_images(args.data, split="test")
-    calib_src = args.calib or args.data
-    calib_x = calibration_inputs(calib_src, limit=args.calib_limit)
-    for path in args.checkpoints:  # every input checked against every model before minutes of work
-        model = skeleton(path)
-        check_inputs(model, test_set[0], args.data)
-        check_inputs(model, calib_x, calib_src)
-        for keep in config.keeps:
-            for layer in moe_layers(model).values():
-                parse_keep(keep, layer.config.num_held)
-    batches = [x for x, _ in iterate_batches(calib_x, None, 256)]
-    reports = []
-    with output_folder(args.out_dir) as out:  # a failed run leaves no output behind
-        for i, path in enumerate(args.checkpoints, 1):
-            model = load(path)
-            check_labels(model, *test_set, where=args.data)
-            print(f"[eval {i}/{len(args.checkpoints)}] {path}: calibrating on {len(calib_x)} inputs of {calib_src}, "
-                  f"then the study on {len(test_set[0])} test images", file=sys.stderr, flush=True)
-            sums = calibrate(model, batches, progress=True)
-            report = study(model, test_set, sums, config)
-            report.update(name=Path(path).name, checkpoint=str(path), data=args.data, calib=calib_src,
-                          calib_limit=args.calib_limit)
-            reports.append(report)
-            print(f"{path}: n={report['experts']} full {report['full']:.4f}, no experts {report['no_experts']:.4f}",
-                  file=sys.stderr)
-        record = {"command": _command(args), "reports": reports, **_versions()}
-        write_json(out / "eval.json", record)
-        md = study_markdown(reports)
-        write_text(out / "eval.md", f"Command: `{record['command']}`\n\n{md}\n")
-        plotted = study_plot(reports, out / "eval.png")
-    if not plotted:
-        _no_plot_note(out / "eval.png")
-    print(md)
-    print(f"\nwrote {out / 'eval.json'}, {out / 'eval.md'}" + (f", {out / 'eval.png'}" if plotted else ""))
+    r = eval_checkpoints(args.checkpoints, data=args.data, calib=args.calib, calib_limit=args.calib_limit,
+                         config=config, out_dir=args.out_dir, command=_command(args))
+    if not r["plotted"]:
+        _no_plot_note(r["plot"])
+    print(r["markdown"])
+    print(f"\nwrote {', '.join(map(str, r['files']))}")
 
 
 def cmd_demo(args) -> None:
     from .pipeline import DemoConfig, run_demo
-    from .reports import format_demo, write_json
-
-    from .files import output_folder
+    from .reports import format_demo
 
     config = DemoConfig(checkpoint=args.checkpoint, out_dir=args.out_dir, keep=args.keep, mode=args.mode,
                         export=not args.no_export, bench=not args.no_bench)
-    with output_folder(args.out_dir) as out:  # a failed demo leaves no output behind
-        result = run_demo(config)
-        write_json(out / "summary.json", result)
-    print(format_demo(result))
+    print(format_demo(run_demo(config)))
 
 
 def cmd_bench(args) -> None:
-    from pathlib import Path
-
-    from .bench import BenchSetup, benchmark, check_compressed_from, reduced_model
-    from .checkpoint import load
-    from .files import output_folder
-    from .models import moe_layers
-    from .reports import bench_plot, format_bench, write_json, write_text
-    from .selection import parse_keep
-    from .timing import BenchConfig, check_provider
+    from .bench import bench_checkpoint
+    from .timing import BenchConfig
 
     config = BenchConfig(batch_sizes=tuple(args.batch_sizes), threads=args.threads, min_seconds=args.min_seconds)
-    check_provider(args.provider)
-    full = load(args.checkpoint)
-    for layer in moe_layers(full).values():
-        parse_keep(args.keep, layer.config.num_held)
-    if args.compressed:
-        small, how = load(args.compressed), f"compressed checkpoint {args.compressed}"
-        check_compressed_from(full, small, args.checkpoint, args.compressed)
-    else:
-        small, how = reduced_model(full, args.keep, args.mode)
-    with output_folder(args.out_dir) as out:  # a failed run leaves no output behind
-        setup = BenchSetup(keep=args.keep, mode=args.mode, out_dir=str(out / "onnx"), provider=args.provider,
-                           layers_alone=not args.no_layer, bench=config)
-        result = benchmark(full, small, setup)
-        result.update(command=_command(args), checkpoint=args.checkpoint, reduced=how)
-        write_json(out / "bench.json", result)
-        write_text(out / "bench.md", f"Command: `{result['command']}`\n\nReduced model: {how}\n\n"
-                   + format_bench(result, markdown=True) + "\n")
-        plotted = bench_plot(result, out / "bench.png")
-    if not plotted:
-        _no_plot_note(out / "bench.png")
-    print(result["text"])
-    print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}" + (f", {out / 'bench.png'}" if plotted else ""))
+    r = bench_checkpoint(args.checkpoint, compressed=args.compressed, keep=args.keep, mode=args.mode,
+                         provider=args.provider, layers_alone=not args.no_layer, config=config,
+                         out_dir=args.out_dir, command=_command(args))
+    if not r["plotted"]:
+        _no_plot_note(r["plot"])
+    print(r["result"]["text"])
+    print(f"\nwrote {', '.join(map(str, r['files']))}")
 
 
 def cmd_compress(args) -> None:
@@ -222,15 +157,13 @@ def cmd_compress(args) -> None:
     from .compress import compress_checkpoint, process_group_from_env
     from .data import calibration_batches
     from .files import check_output, resolve_out
-    from .models import moe_layers
     from .reports import human_bytes, human_count
-    from .selection import parse_keep
+    from .selection import keep_per_layer
 
     src = Path(args.checkpoint)
     out = resolve_out(args.out, ".safetensors", f"{src.stem}.keep{args.keep.replace('/', 'of')}.{args.mode}.safetensors")
     model = skeleton(src)  # what the checkpoint takes, read from its header: the checks below come first
-    for layer in moe_layers(model).values():
-        parse_keep(args.keep, layer.config.num_held)
+    keep_per_layer(model, args.keep)
     if out.parent.exists():
         check_output(out, inputs=(src,))
     batches = calibration_batches(args.calib, limit=args.calib_limit, batch_size=args.batch_size, model=model)
@@ -249,40 +182,17 @@ def cmd_compress(args) -> None:
     print(f"wrote {path}")
 
 
-def _versions() -> dict:
-    import platform
-
-    import torch
-
-    from . import __version__
-
-    return {"versions": {"moe_prune": __version__, "torch": torch.__version__, "python": platform.python_version()},
-            "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}}
-
-
 def cmd_export(args) -> None:
     from .export import export_checkpoint
     from .files import resolve_out
 
-    if not args.atol >= 0:
-        raise ConfigError(f"--atol {args.atol:g}: the validation tolerance must be 0 or more (default 1e-4)")
     if args.format == "triton-repo":
-        from .checkpoint import load
-        from .selection import with_selection
-        from .serve import write_triton_repo
+        from .serve import export_triton_repo
 
-        if (args.keep is None) != (not args.dynamic):
-            raise ConfigError("--dynamic and --keep go together (Algorithm 2 keeps `keep` experts per batch)")
-        if args.max_batch_size < 1:
-            raise ConfigError(f"--max-batch-size {args.max_batch_size}: must be at least 1 (the largest batch Triton forms)")
-        if Path(args.out).exists() and not Path(args.out).is_dir():
-            raise ConfigError(f"{args.out}: exists and is not a folder; --out of triton-repo is the repository folder")
-        model = load(args.checkpoint)
-        if args.dynamic:
-            model = with_selection(model, args.keep, per=args.per, mode=args.mode or "drop")
-        name = args.name or Path(args.checkpoint).name.split(".")[0].replace(".", "_")
-        root = write_triton_repo(model, args.out, name, kind=args.instance_kind, max_batch_size=args.max_batch_size,
-                                 opset=args.opset, validate=not args.no_validate)
+        root = export_triton_repo(args.checkpoint, args.out, args.name, keep=args.keep, dynamic=args.dynamic,
+                                  per=args.per, mode=args.mode, atol=args.atol, kind=args.instance_kind,
+                                  max_batch_size=args.max_batch_size, opset=args.opset,
+                                  validate=not args.no_validate)
         print(f"wrote the Triton model repository {args.out}: {root / 'config.pbtxt'}, {root / '1' / 'model.onnx'}")
         print(f"serve it with: tritonserver --model-repository {Path(args.out).resolve()}")
         return

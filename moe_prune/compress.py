@@ -22,7 +22,7 @@ from .checkpoint import assign_weights, load, native_info, save
 from .errors import CheckpointError, SelectionError
 from .layers import MODES, SoftMoEConfig
 from .models import build, model_spec, moe_layers
-from .selection import calibrate, parse_keep, select_experts
+from .selection import calibrate, keep_per_layer, static_from_sums
 
 EXPERT_TENSORS = ("experts.w1", "experts.b1", "experts.w2", "experts.b2")
 
@@ -189,11 +189,7 @@ def static_subsets(model: nn.Module, batches, keep, progress: bool = False) -> t
         >>> subsets, sums = static_subsets(model, (x for x, _ in batches), "1/8")
     """
     sums = calibrate(model, batches, progress=progress)
-    subsets = {}
-    for name, layer in moe_layers(model).items():
-        held = layer.held_experts()  # a compressed layer chooses among the experts it holds
-        subsets[name] = held[select_experts(sums[name][held], keep, per="batch")]
-    return subsets, sums
+    return static_from_sums(model, sums, keep), sums
 
 
 def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progress: bool = True,
@@ -215,8 +211,7 @@ def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progr
     import torch.distributed as dist
 
     model = load(src)
-    for layer in moe_layers(model).values():  # a bad `keep` is an error before the calibration runs
-        parse_keep(keep, layer.config.num_held)
+    keep_per_layer(model, keep)  # a bad `keep` is an error before the calibration runs
     subsets, sums = static_subsets(model, calib_batches, keep, progress=progress)
     del model
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:

@@ -9,13 +9,16 @@ expert output zeroed), so a reader sees whether the experts carry accuracy at al
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .models import moe_layers
-from .selection import parse_keep, with_experts, with_selection
+from .selection import keep_per_layer, parse_keep, random_subsets, static_from_sums, with_experts, with_selection
 
 
 @torch.no_grad()
@@ -53,6 +56,32 @@ def accuracy(model: nn.Module, images, labels, batch_size: int = 256) -> float:
     """
     preds = predict(model, images, batch_size)
     return (preds == torch.as_tensor(labels).long()).float().mean().item()
+
+
+def random_accuracies(model: nn.Module, images, labels, k, seeds: int, mode: str = "drop",
+                      batch_size: int = 256) -> Iterator[float]:
+    """Accuracy with a random subset of k experts in every layer, one seed after another (seeds 0..seeds-1).
+
+    Args:
+        model: the full model. images, labels: the test set. k: experts per layer (int, or {layer name: k}).
+        seeds: how many random subsets. mode: "drop" or "renorm". batch_size: see `accuracy`.
+
+    Returns:
+        An iterator of accuracies, one per seed, each computed when it is asked for (progress bars follow it).
+
+    Example:
+        >>> mean_std(list(random_accuracies(model, images, labels, 16, seeds=10)))
+        (0.3018, 0.0787)
+    """
+    for seed in range(seeds):
+        subset = random_subsets(model, k, torch.Generator().manual_seed(seed))
+        yield accuracy(with_experts(model, subset, mode=mode), images, labels, batch_size)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """The mean and the sample standard deviation (n - 1 in the denominator; 0 for a single value)."""
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
 
 
 @dataclass(frozen=True)
@@ -116,7 +145,6 @@ def study(model: nn.Module, test_set: tuple, calib_sums: dict, config: StudyConf
         >>> report = study(model, load_images("sample", split="test"), sums)
     """
     from .reports import progress as progress_bar
-    from .selection import select_experts
 
     images, labels = test_set
     check_labels(model, images, labels)
@@ -141,21 +169,94 @@ def study(model: nn.Module, test_set: tuple, calib_sums: dict, config: StudyConf
         row("alg1", measured(acc(with_selection(model, k, per="input", mode=mode))))
         for bs in config.batch_sizes:
             row("alg2", measured(acc(with_selection(model, k, per="batch", mode=mode), bs)), bs=bs)
-        static = {name: _static(layers[name], calib_sums[name], k, select_experts) for name in layers}
-        row("static", measured(acc(with_experts(model, static, mode=mode))))
-        rand = []
-        for seed in range(config.random_seeds):
-            g = torch.Generator().manual_seed(seed)
-            subset = {name: layer.held_experts()[torch.randperm(layer.config.num_held, generator=g)[:k]].sort().values
-                      for name, layer in layers.items()}
-            rand.append(measured(acc(with_experts(model, subset, mode=mode))))
-        mean = sum(rand) / len(rand)
-        std = math.sqrt(sum((r - mean) ** 2 for r in rand) / max(1, len(rand) - 1))
+        row("static", measured(acc(with_experts(model, static_from_sums(model, calib_sums, k), mode=mode))))
+        rand = [measured(a) for a in random_accuracies(model, images, labels, k, config.random_seeds, mode,
+                                                        config.eval_batch_size)]
+        mean, std = mean_std(rand)
         row("random", mean, std=std)
     bar.close()
     return report
 
 
-def _static(layer, sums, k, select_experts):
-    held = layer.held_experts()
-    return held[select_experts(sums[held], k, per="batch")]
+
+def eval_checkpoints(checkpoints: list, *, data: str = "fashion-mnist", calib: str | None = None,
+                     calib_limit: int = 10000, config: StudyConfig = StudyConfig(), out_dir: str = "eval",
+                     command: str = "") -> dict:
+    """The paper's accuracy study of several checkpoints, written to files (the `moe-prune eval` command).
+
+    Every input is checked against every model first (before minutes of work); then each checkpoint is
+    calibrated on `calib` and studied on the test split of `data`. Writes OUT_DIR/eval.json (the reports, the
+    command, versions), eval.md (the table) and eval.png (with matplotlib); a failed run leaves no output.
+
+    Args:
+        checkpoints: native checkpoints of image classifiers.
+        data: the test data: a data set name ("fashion-mnist", "mnist", "sample") or an IDX folder.
+        calib: calibration data for the static subsets (a data set's train split, "sample", or a .npy/.npz of
+            inputs); None: `data`.
+        calib_limit: at most this many calibration inputs.
+        config: what the study measures.
+        out_dir: the folder the files go to.
+        command: the command line, recorded in eval.json and eval.md.
+
+    Returns:
+        {"reports": [one `study` report per checkpoint], "markdown": the table, "files": [paths written],
+        "plot": OUT_DIR/eval.png, "plotted": whether it was written (False without matplotlib)}.
+
+    Raises:
+        ConfigError: calib_limit < 1. DataError: inputs or labels that do not fit a model. CheckpointError:
+            see `load`. SelectionError: a keep that does not fit a model. OutputError: see `files.output_folder`.
+
+    Example:
+        >>> r = eval_checkpoints(["mnist-e128.safetensors"], data="sample", config=StudyConfig(keeps=("1/8",)))
+        >>> print(r["markdown"])
+    """
+    from .checkpoint import load, skeleton
+    from .data import calibration_inputs, check_inputs, iterate_batches, load_images
+    from .errors import ConfigError
+    from .files import output_folder
+    from .reports import study_markdown, study_plot, write_json, write_text
+    from .selection import calibrate
+
+    if calib_limit < 1:
+        raise ConfigError(f"--calib-limit {calib_limit}: give at least 1")
+    test_set = load_images(data, split="test")
+    calib_src = calib or data
+    calib_x = calibration_inputs(calib_src, limit=calib_limit)
+    for path in checkpoints:  # every input checked against every model before minutes of work
+        model = skeleton(path)
+        check_inputs(model, test_set[0], data)
+        check_inputs(model, calib_x, calib_src)
+        for keep in config.keeps:
+            keep_per_layer(model, keep)
+    batches = [x for x, _ in iterate_batches(calib_x, None, 256)]
+    reports = []
+    with output_folder(out_dir) as out:  # a failed run leaves no output behind
+        for i, path in enumerate(checkpoints, 1):
+            model = load(path)
+            check_labels(model, *test_set, where=data)
+            print(f"[eval {i}/{len(checkpoints)}] {path}: calibrating on {len(calib_x)} inputs of {calib_src}, "
+                  f"then the study on {len(test_set[0])} test images", file=sys.stderr, flush=True)
+            sums = calibrate(model, batches, progress=True)
+            report = study(model, test_set, sums, config)
+            report.update(name=Path(path).name, checkpoint=str(path), data=data, calib=calib_src,
+                          calib_limit=calib_limit)
+            reports.append(report)
+            print(f"{path}: n={report['experts']} full {report['full']:.4f}, no experts {report['no_experts']:.4f}",
+                  file=sys.stderr)
+        record = {"command": command, "reports": reports, **_versions()}
+        write_json(out / "eval.json", record)
+        md = study_markdown(reports)
+        write_text(out / "eval.md", f"Command: `{record['command']}`\n\n{md}\n")
+        plotted = study_plot(reports, out / "eval.png")
+    files = [out / "eval.json", out / "eval.md"] + ([out / "eval.png"] if plotted else [])
+    return {"reports": reports, "markdown": md, "files": files, "plot": out / "eval.png", "plotted": plotted}
+
+
+def _versions() -> dict:
+    """The versions and machine an eval.json records."""
+    import platform
+
+    from . import __version__
+
+    return {"versions": {"moe_prune": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}}

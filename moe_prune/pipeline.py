@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -39,13 +38,14 @@ class DemoConfig:
 
 
 def run_demo(config: DemoConfig = DemoConfig()) -> dict:
-    """Run the flow and return its summary (also printed by the CLI).
+    """Run the flow, write its summary to OUT_DIR/summary.json and return it (the CLI prints it).
 
     Example:
         >>> summary = run_demo(DemoConfig(out_dir="/tmp/demo"))
         >>> summary["accuracy"]["static"] / summary["accuracy"]["full"]
     """
     from .files import output_folder
+    from .reports import write_json
 
     if config.random_seeds < 1:
         from .errors import ConfigError
@@ -54,7 +54,9 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     ckpt = Path(config.checkpoint) if config.checkpoint else default_checkpoint()
     _check_demo_model(ckpt)  # before any output exists
     with output_folder(config.out_dir) as out:  # a failed demo leaves no output behind
-        return _demo(config, ckpt, out)
+        result = _demo(config, ckpt, out)
+        write_json(out / "summary.json", result)
+    return result
 
 
 def _check_demo_model(ckpt: Path) -> None:
@@ -77,9 +79,9 @@ def _demo(config: DemoConfig, ckpt: Path, out: Path) -> dict:
     from .checkpoint import load, summary
     from .compress import compress_file, static_subsets
     from .data import iterate_batches, load_images
-    from .evaluate import accuracy
+    from .evaluate import accuracy, mean_std, random_accuracies
     from .models import moe_layers
-    from .selection import random_subsets, with_experts, with_selection
+    from .selection import with_experts, with_selection
 
     t0 = time.perf_counter()
     say("1/5 load", str(ckpt))
@@ -101,12 +103,8 @@ def _demo(config: DemoConfig, ckpt: Path, out: Path) -> dict:
     acc = {"full": accuracy(model, *test), "static": accuracy(small, *test),
            "alg1": accuracy(with_selection(model, config.keep, per="input", mode=config.mode), *test)}
     k = len(next(iter(subsets.values())))
-    rand = []
-    for seed in range(config.random_seeds):
-        subset = random_subsets(model, k, torch.Generator().manual_seed(seed))
-        rand.append(accuracy(with_experts(model, subset, mode=config.mode), *test))
-    acc["random_mean"] = sum(rand) / len(rand)
-    acc["random_std"] = math.sqrt(sum((r - acc["random_mean"]) ** 2 for r in rand) / max(1, len(rand) - 1))
+    acc["random_mean"], acc["random_std"] = mean_std(list(random_accuracies(model, *test, k, config.random_seeds,
+                                                                            config.mode)))
     acc["no_experts"] = accuracy(with_experts(model, {name: torch.zeros(0, dtype=torch.long) for name in layers}), *test)
     result = {
         "checkpoint": str(ckpt), "compressed": str(small_path), "keep": config.keep, "k": k, "mode": config.mode,

@@ -73,6 +73,26 @@ def parse_keep(keep: int | float | str, num_experts: int) -> int:
     return max(1, math.ceil(num_experts * frac))
 
 
+def keep_per_layer(model: nn.Module, keep: int | float | str) -> dict[str, int]:
+    """k of every Soft MoE layer of `model`, out of the experts it holds: a bad `keep` fails here, before any work.
+
+    Args:
+        model: a native model or layer (full or compressed; a skeleton will do).
+        keep: see `parse_keep`.
+
+    Returns:
+        {layer name: k}.
+
+    Raises:
+        SelectionError: see `parse_keep`.
+
+    Example:
+        >>> keep_per_layer(model, "1/8")
+        {'moe': 16}
+    """
+    return {name: parse_keep(keep, layer.config.num_held) for name, layer in moe_layers(model).items()}
+
+
 @torch.no_grad()
 def expert_scores(layer: SoftMoE, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Combine-weight mass of every expert of a Soft MoE layer for each input.
@@ -370,3 +390,25 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], progress: bool 
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             sums[name] = t.cpu()
     return {name: s.double() / _FIXED_POINT for name, s in sums.items()}
+
+
+def static_from_sums(model: nn.Module, sums: dict[str, torch.Tensor], keep) -> dict[str, torch.Tensor]:
+    """The static subsets: each layer's top k of its calibration score sums, among the experts it holds.
+
+    Args:
+        model: the calibrated model (full or compressed).
+        sums: {layer name: score sums [E]} from `calibrate`.
+        keep: see `parse_keep` (k out of the experts a layer holds).
+
+    Returns:
+        {layer name: router ids [k]}.
+
+    Example:
+        >>> static_from_sums(model, calibrate(model, batches), "1/8")["moe"].shape
+        torch.Size([16])
+    """
+    subsets = {}
+    for name, layer in moe_layers(model).items():
+        held = layer.held_experts()  # a compressed layer chooses among the experts it holds
+        subsets[name] = held[select_experts(sums[name][held], keep, per="batch")]
+    return subsets

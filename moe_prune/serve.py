@@ -119,14 +119,55 @@ def write_triton_repo(model: nn.Module, repo: str | os.PathLike, name: str, *, k
     """
     from .files import output_folder
 
+    _check_repo_options(repo, name, kind, max_batch_size)  # before minutes of exporting
+    with output_folder(repo) as repo:  # a failed run leaves no folder it created
+        return _write_repo(model, repo, name, kind, max_batch_size, opset, validate)
+
+
+def export_triton_repo(checkpoint: str | os.PathLike, repo: str | os.PathLike, name: str | None = None, *,
+                       keep=None, dynamic: bool = False, per: str = "batch", mode: str | None = None,
+                       atol: float = 1e-4, kind: str = "cpu", max_batch_size: int = 64, opset: int = 18,
+                       validate: bool = True) -> Path:
+    """A native checkpoint into a Triton Inference Server model repository (`moe-prune export --format triton-repo`).
+
+    The options are checked as `export.export_checkpoint` checks them, and the repository's before the
+    checkpoint is loaded; then the model `export.load_for_export` makes is written by `write_triton_repo`.
+
+    Args:
+        checkpoint: a native checkpoint (full or compressed).
+        repo: the repository folder. name: the model's name (default: the checkpoint's file name up to its first dot).
+        keep, dynamic, per, mode: see `export.export_checkpoint`. atol: checked only (validation uses the default).
+        kind, max_batch_size, opset, validate: see `write_triton_repo`.
+
+    Returns:
+        REPO/NAME.
+
+    Raises:
+        ExportError: options that do not go together, or a failed export or validation. OutputError: `repo` is
+            a file, or a bad name. CheckpointError: see `load`. SelectionError: a bad keep or mode.
+
+    Example:
+        >>> export_triton_repo("small.safetensors", "models", "fmnist_small")
+    """
+    from .export import check_export_options, load_for_export
+
+    check_export_options(keep=keep, dynamic=dynamic, per=per, mode=mode, atol=atol)
+    name = name or Path(checkpoint).name.split(".")[0]
+    _check_repo_options(repo, name, kind, max_batch_size)
+    model = load_for_export(checkpoint, keep=keep, dynamic=dynamic, per=per, mode=mode)
+    return write_triton_repo(model, repo, name, kind=kind, max_batch_size=max_batch_size, opset=opset,
+                             validate=validate)
+
+
+def _check_repo_options(repo, name: str, kind: str, max_batch_size: int) -> None:
     if not name or not all(c.isalnum() or c in "_-" for c in name):
         raise OutputError(f"model name {name!r}: use letters, digits, '_' and '-'")
-    if max_batch_size < 1:  # before minutes of exporting
+    if max_batch_size < 1:
         raise ExportError(f"--max-batch-size {max_batch_size}: must be at least 1 (the largest batch Triton forms)")
     if kind not in ("cpu", "gpu"):
         raise ExportError(f"instance kind {kind!r}: choose cpu or gpu")
-    with output_folder(repo) as repo:  # a failed run leaves no folder it created
-        return _write_repo(model, repo, name, kind, max_batch_size, opset, validate)
+    if Path(repo).exists() and not Path(repo).is_dir():
+        raise OutputError(f"{repo}: exists and is not a folder; --out of triton-repo is the repository folder")
 
 
 def _write_repo(model, repo: Path, name: str, kind: str, max_batch_size: int, opset: int, validate: bool) -> Path:

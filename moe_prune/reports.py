@@ -263,7 +263,7 @@ def format_costs(bounds: dict, markdown: bool = False) -> str:
 
 
 def format_bench(r: dict, markdown: bool = False) -> str:
-    """The latency table of `pipeline.benchmark`: speedup over the full model beside its two analytic bounds,
+    """The latency table of `bench.benchmark`: speedup over the full model beside its two analytic bounds,
     then the per-input cost by layer kind that the bounds are computed from.
 
     "of roofline" compares the speedup with the roofline bound at that batch size: each pass costs at least its

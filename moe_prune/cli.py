@@ -76,38 +76,14 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_train(args) -> None:
-    from pathlib import Path
-
-    from .data import load_images
-    from .models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig
-    from .train import TrainConfig, init_router_scale, train
+    from .train import TrainConfig, train_models
 
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    train_set = load_images(args.data, split="train")
-    test_set = load_images(args.data, split="test")
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)  # kept on failure: it holds the .resume files of finished epochs
-    command = _command(args)
-    for n in args.experts:
-        torch_seed(args.seed)
-        if args.model == "mnist":
-            model = MnistSoftMoE(MnistConfig(num_experts=n))
-        else:
-            kwargs = {**VIT_DEFAULTS, **(_json_arg(args.vit) if args.vit else {}), "num_experts": n}
-            model = SoftMoEViT(ViTConfig(**kwargs))
-        init_router_scale(model, args.scale_init)
-        suffix = "" if args.scale_init == 1.0 else f"-s{args.scale_init:g}"
-        out = out_dir / f"{args.model}-e{n}{suffix}.safetensors"
-        print(f"training {out} ({sum(p.numel() for p in model.parameters()):,} parameters)", file=sys.stderr)
-        result = train(model, train_set, test_set, cfg, out=out,
-                       meta={"data": args.data, "command": command, "router_scale_init": args.scale_init})
+    vit = {**VIT_DEFAULTS, **(_json_arg(args.vit) if args.vit else {})} if args.model == "vit" else None
+    for out, result in train_models(args.model, args.experts, args.data, args.out_dir, vit=vit,
+                                    scale_init=args.scale_init, config=cfg,
+                                    meta={"data": args.data, "command": _command(args)}):
         print(f"{out}: test accuracy {result['test_accuracy']:.4f}")
-
-
-def torch_seed(seed: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)
 
 
 def _csv(text: str) -> list[str]:

@@ -182,3 +182,52 @@ def train(
         if resume is not None:
             resume.unlink(missing_ok=True)
     return result
+
+
+def train_models(family: str, experts, data: str = "fashion-mnist", out_dir: str | os.PathLike = "runs", *,
+                 vit: dict | None = None, scale_init: float = 1.0, config: TrainConfig = TrainConfig(),
+                 meta: dict | None = None):
+    """Train one model per expert count (the `moe-prune train` command): OUT_DIR/{family}-e{n}[-s{scale}].safetensors.
+
+    Each model starts from the same seed (`config.seed`); OUT_DIR is kept on failure, as it holds the `.resume`
+    files of finished epochs.
+
+    Args:
+        family: "mnist" (Chung et al.'s model, experts of width 784/n) or "vit" (the Soft MoE ViT).
+        experts: the expert counts, one model each.
+        data: the data set name or IDX folder (its train and test splits).
+        out_dir: the folder the checkpoints go to (created if missing).
+        vit: with "vit", the ViTConfig arguments (the expert count is set per model).
+        scale_init: the initial router scale of every Soft MoE layer (see `init_router_scale`).
+        config: optimizer and schedule.
+        meta: extra metadata for every checkpoint (the router scale is added).
+
+    Returns:
+        An iterator of (checkpoint path, `train`'s result), one per expert count, as each model finishes.
+
+    Raises:
+        DataError: see `load_images`. ConfigError: a bad scale or ViT config.
+
+    Example:
+        >>> for path, r in train_models("mnist", [8, 16], "fashion-mnist", "runs"):
+        ...     print(path, r["test_accuracy"])
+    """
+    from .data import load_images
+    from .models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig
+
+    train_set = load_images(data, split="train")
+    test_set = load_images(data, split="test")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # kept on failure: it holds the .resume files of finished epochs
+    for n in experts:
+        torch.manual_seed(config.seed)
+        if family == "mnist":
+            model = MnistSoftMoE(MnistConfig(num_experts=n))
+        else:
+            model = SoftMoEViT(ViTConfig(**{**(vit or {}), "num_experts": n}))
+        init_router_scale(model, scale_init)
+        suffix = "" if scale_init == 1.0 else f"-s{scale_init:g}"
+        out = out_dir / f"{family}-e{n}{suffix}.safetensors"
+        print(f"training {out} ({sum(p.numel() for p in model.parameters()):,} parameters)", file=sys.stderr)
+        yield out, train(model, train_set, test_set, config, out=out,
+                         meta={**(meta or {}), "router_scale_init": scale_init})

@@ -58,11 +58,16 @@ def cmd_convert(args) -> None:
     print(f"converted {args.source} ({source}) -> {out}")
 
 
+def _folder_form(out: Path, given: str) -> bool:
+    """Whether --out named a folder (see files.resolve_out), which the run creates if missing."""
+    return out.name != Path(given).name
+
+
 def _folder_for(out: Path, given: str):
-    """Create the folder of a folder-form --out (see files.resolve_out) for the run; else nothing to create."""
+    """Create the folder of a folder-form --out for the run; else nothing to create."""
     from .files import output_folder
 
-    return output_folder(out.parent) if out.name != Path(given).name else contextlib.nullcontext()
+    return output_folder(out.parent) if _folder_form(out, given) else contextlib.nullcontext()
 
 
 def _int_list(text: str) -> list[int]:
@@ -127,35 +132,23 @@ def cmd_bench(args) -> None:
 
 
 def cmd_compress(args) -> None:
-    from pathlib import Path
-
-    from .checkpoint import skeleton, summary
-    from .compress import compress_checkpoint, process_group_from_env
-    from .data import calibration_batches
-    from .files import check_output, resolve_out
+    from .compress import compress_from_data
+    from .files import resolve_out
     from .reports import human_bytes, human_count
-    from .selection import keep_per_layer
 
     src = Path(args.checkpoint)
     out = resolve_out(args.out, ".safetensors", f"{src.stem}.keep{args.keep.replace('/', 'of')}.{args.mode}.safetensors")
-    model = skeleton(src)  # what the checkpoint takes, read from its header: the checks below come first
-    keep_per_layer(model, args.keep)
-    if out.parent.exists():
-        check_output(out, inputs=(src,))
-    batches = calibration_batches(args.calib, limit=args.calib_limit, batch_size=args.batch_size, model=model)
-    command = _command(args)
-    with process_group_from_env() as rank, _folder_for(out, args.out):
-        path, subsets = compress_checkpoint(src, out, args.keep, batches, mode=args.mode, progress=rank == 0,
-                                            meta={"command": command, "calibration": {"data": args.calib, "limit": args.calib_limit}})
-    if rank != 0:
+    r = compress_from_data(src, out, args.keep, args.calib, calib_limit=args.calib_limit, batch_size=args.batch_size,
+                           mode=args.mode, create_folder=_folder_form(out, args.out), meta={"command": _command(args)})
+    if r is None:  # a torchrun rank other than 0: rank 0 reports
         return
-    before, after = summary(src), summary(path)
-    for name, ids in subsets.items():
+    before, after = r["before"], r["after"]
+    for name, ids in r["subsets"].items():
         print(f"  {name or '(layer)'}: kept experts {ids.tolist()}")
     for key, label in (("parameters", "parameters"), ("expert_parameters", "expert parameters")):
         print(f"  {label:<18} {human_count(before[key]):>9} -> {human_count(after[key]):>9}  ({before[key] / after[key]:.2f}x smaller)")
     print(f"  {'file size':<18} {human_bytes(before['bytes']):>9} -> {human_bytes(after['bytes']):>9}  ({before['bytes'] / after['bytes']:.2f}x smaller)")
-    print(f"wrote {path}")
+    print(f"wrote {r['path']}")
 
 
 def cmd_export(args) -> None:

@@ -220,6 +220,52 @@ def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progr
     return compress_file(src, subsets, out, mode=mode, meta=record), subsets
 
 
+def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, keep, calib, *,
+                       calib_limit: int | None = 10000, batch_size: int = 256, mode: str = "drop",
+                       create_folder: bool = False, meta: dict | None = None) -> dict | None:
+    """Check everything, calibrate on `calib`, write the compressed checkpoint (the `moe-prune compress` command).
+
+    `keep` and the calibration inputs are checked against the checkpoint's header before the model is loaded;
+    under torchrun the calibration is sharded over the ranks (see `process_group_from_env`) and rank 0 writes.
+
+    Args:
+        checkpoint: the native checkpoint. out: the .safetensors to write (never the input).
+        keep: see `parse_keep`. calib: calibration data (see `data.calibration_inputs`).
+        calib_limit: at most this many calibration inputs. batch_size: calibration batch size.
+        mode: "drop" or "renorm". create_folder: create out's folder for the run (removed again if it fails).
+        meta: extra metadata for the checkpoint (the calibration's source and limit are added).
+
+    Returns:
+        {"path", "subsets" {layer name: ids}, "before" and "after" (checkpoint.summary of both)}; None on
+        ranks other than 0.
+
+    Raises:
+        SelectionError: a bad keep. DataError: calibration inputs the model cannot take. CheckpointError: see
+            `load`. OutputError: `out` cannot be written safely.
+
+    Example:
+        >>> r = compress_from_data("model.safetensors", "small.safetensors", "1/8", "fashion-mnist")
+        >>> r["subsets"]["blocks.3.mlp"]
+    """
+    from .checkpoint import skeleton, summary
+    from .data import calibration_batches
+    from .files import check_output, output_folder
+
+    src, out = Path(checkpoint), Path(out)
+    model = skeleton(src)  # what the checkpoint takes, read from its header: the checks below come first
+    keep_per_layer(model, keep)
+    if out.parent.exists():
+        check_output(out, inputs=(src,))
+    batches = calibration_batches(calib, limit=calib_limit, batch_size=batch_size, model=model)
+    folder = output_folder(out.parent) if create_folder else contextlib.nullcontext()
+    record = {**(meta or {}), "calibration": {"data": calib, "limit": calib_limit}}
+    with process_group_from_env() as rank, folder:
+        path, subsets = compress_checkpoint(src, out, keep, batches, mode=mode, progress=rank == 0, meta=record)
+    if rank != 0:
+        return None
+    return {"path": path, "subsets": subsets, "before": summary(src), "after": summary(path)}
+
+
 @contextlib.contextmanager
 def process_group_from_env():
     """Join the torch.distributed group torchrun describes (WORLD_SIZE > 1 in the environment): gloo on the CPU,

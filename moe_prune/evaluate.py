@@ -178,7 +178,6 @@ def study(model: nn.Module, test_set: tuple, calib_sums: dict, config: StudyConf
     return report
 
 
-
 def eval_checkpoints(checkpoints: list, *, data: str = "fashion-mnist", calib: str | None = None,
                      calib_limit: int = 10000, config: StudyConfig = StudyConfig(), out_dir: str = "eval",
                      command: str = "") -> dict:

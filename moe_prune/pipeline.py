@@ -74,7 +74,6 @@ def _check_demo_model(ckpt: Path) -> None:
                         "INPUTS.npy` and `moe-prune bench`") from None
 
 
-
 def _demo(config: DemoConfig, ckpt: Path, out: Path) -> dict:
     from .checkpoint import load, summary
     from .compress import compress_file, static_subsets

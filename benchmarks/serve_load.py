@@ -321,7 +321,7 @@ def main(argv=None) -> None:
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     if not Path(args.serve_python).exists():
         sys.exit(f"serve_load: no serving Python at {args.serve_python}; `make serve-env` makes one")
-    from moe_prune.bench import environment
+    from moe_prune.timing import environment
     from moe_prune.reports import write_json, write_text
 
     configs = [c for c in args.configs.split(",") if c]

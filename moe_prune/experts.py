@@ -147,7 +147,8 @@ class StackedExperts(nn.Module):
     def forward(self, slots: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """slots [K, N, D] -> [K, N, D_out]; expert k of the stack is idx[k] (all experts in order if None)."""
         if idx is None:
-            if in_graph() or slots.shape[1] < _LOOP_ROWS:
+            training = torch.is_grad_enabled() and (slots.requires_grad or self.w1.requires_grad)
+            if in_graph() or training or slots.shape[1] < _LOOP_ROWS:  # the loop writes into `out`: no autograd
                 return self._mlp(slots, self.w1, self.b1, self.w2, self.b2)
             out = slots.new_empty(*slots.shape[:-1], self.w2.shape[-1])  # [E, N, D_out], written expert by expert
             for e in range(slots.shape[0]):

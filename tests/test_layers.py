@@ -223,3 +223,13 @@ def test_full_layer_expert_loop_equals_batched_matmul(kind, monkeypatch):
         looped = layer(x)
     torch.testing.assert_close(looped, batched, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(looped, loop_reference(layer, x), atol=1e-5, rtol=1e-4)
+
+
+def test_full_layer_with_many_rows_trains(monkeypatch):
+    """The per-expert loop (many rows, inference) writes into a preallocated output, which autograd cannot
+    follow: with gradients on, the layer runs the batched matmul and backpropagates."""
+    monkeypatch.setattr("moe_prune.experts._LOOP_ROWS", 1)
+    layer = make().train()
+    x = torch.randn(3, 7, 12, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert x.grad is not None and layer.experts.w1.grad.abs().sum() > 0

@@ -328,7 +328,8 @@ def check_export_options(*, keep=None, dynamic: bool = False, per: str = "batch"
         keep, dynamic, per, mode, atol: see `export_checkpoint`.
 
     Raises:
-        ExportError: keep without dynamic or the reverse, mode without keep, a negative atol, an unknown per.
+        ExportError: keep without dynamic or the reverse, mode without keep, a negative atol, an unknown per, or
+            per="input" without dynamic.
 
     Example:
         >>> check_export_options(keep="1/8")  # ExportError: --dynamic and --keep go together ...
@@ -344,6 +345,9 @@ def check_export_options(*, keep=None, dynamic: bool = False, per: str = "batch"
         raise ExportError(f"--atol {atol:g}: the validation tolerance must be 0 or more (default 1e-4)")
     if per not in ("batch", "input"):
         raise ExportError(f"per={per!r}: choose 'batch' (Algorithm 2) or 'input' (Algorithm 1)")
+    if per != "batch" and not dynamic:
+        raise ExportError("--per input applies with --keep and --dynamic (Algorithm 1 chooses each input's experts "
+                          "inside the graph)")
 
 
 def load_for_export(checkpoint: str | os.PathLike, *, keep=None, dynamic: bool = False, per: str = "batch",

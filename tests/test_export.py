@@ -383,3 +383,7 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", str(ckpt), "--out", str(tmp_path / "x.onnx"), "--keep", "1/4"]) == 2
     assert "--dynamic" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "x.onnx"), "--per", "input"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--per input applies with --keep and --dynamic" in err
+    assert not (tmp_path / "x.onnx").exists()

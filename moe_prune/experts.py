@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import warnings
 from typing import Literal, Optional
 
 import torch
@@ -72,46 +73,49 @@ _LOOP_ROWS = 128
 @functools.cache
 def _grouped_graph():
     """StackedExperts.grouped as TorchScript, for ONNX graphs: both execution choices in the graph (an ONNX If on
-    the batch's row count), since a graph's batch is only known when it runs. Scripted on first use."""
+    the batch's row count), since a graph's batch is only known when it runs; eager code calls its padded branch.
+    Scripted on first use."""
+    with warnings.catch_warnings():  # torch.jit.script is deprecated; the TorchScript exporter still needs it
+        warnings.simplefilter("ignore", DeprecationWarning)
 
-    @torch.jit.script
-    def mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-            b2: Optional[torch.Tensor], kind: int) -> torch.Tensor:
-        # x [..., N, D] -> [..., N, D_out]; kind indexes EXPERT_KINDS (gelu_mlp, relu_mlp, geglu).
-        h = torch.matmul(x, w1)
-        if b1 is not None:
-            h = h + b1.unsqueeze(-2)
-        if kind == 0:
-            h = F.gelu(h)
-        elif kind == 1:
-            h = F.relu(h)
-        else:
-            value, gate = h.chunk(2, dim=-1)
-            h = value * F.gelu(gate)
-        y = torch.matmul(h, w2)
-        if b2 is not None:
-            y = y + b2.unsqueeze(-2)
-        return y
+        @torch.jit.script
+        def mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+                b2: Optional[torch.Tensor], kind: int) -> torch.Tensor:
+            # x [..., N, D] -> [..., N, D_out]; kind indexes EXPERT_KINDS (gelu_mlp, relu_mlp, geglu).
+            h = torch.matmul(x, w1)
+            if b1 is not None:
+                h = h + b1.unsqueeze(-2)
+            if kind == 0:
+                h = F.gelu(h)
+            elif kind == 1:
+                h = F.relu(h)
+            else:
+                value, gate = h.chunk(2, dim=-1)
+                h = value * F.gelu(gate)
+            y = torch.matmul(h, w2)
+            if b2 is not None:
+                y = y + b2.unsqueeze(-2)
+            return y
 
-    @torch.jit.script
-    def grouped(rows: torch.Tensor, idx: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
-                w2: torch.Tensor, b2: Optional[torch.Tensor], kind: int, gather_limit: int, few_rows: int) -> torch.Tensor:
-        # rows [R, N, D], idx [R] -> [R, N, D_out]
-        R, N, D = rows.shape[0], rows.shape[1], rows.shape[2]
-        if R * (w1.shape[1] * w1.shape[2] + w2.shape[1] * w2.shape[2]) < gather_limit or R <= few_rows:
-            # each row with its expert's weights gathered: small experts, or so few rows that copying their
-            # experts costs less than reading the whole stack (ONNX Runtime has no matmul on a subset in place)
-            return mlp(rows, w1.index_select(0, idx), None if b1 is None else b1.index_select(0, idx),
-                       w2.index_select(0, idx), None if b2 is None else b2.index_select(0, idx), kind)
-        # rows grouped into a [E, C*N, D] batch padded to the busiest expert, the stack's weights used in place
-        E = w1.shape[0]
-        onehot = (idx.unsqueeze(1) == torch.arange(E, device=idx.device)).long()  # [R, E]
-        rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # [R]: the row's place among its expert's rows
-        C = int(onehot.sum(0).max())
-        place = idx * C + rank  # [R]
-        x = torch.zeros(E * C, N * D, dtype=rows.dtype, device=rows.device).index_copy(0, place, rows.reshape(R, N * D))
-        y = mlp(x.reshape(E, C * N, D), w1, b1, w2, b2, kind)  # [E, C*N, D_out]
-        return y.reshape(E * C, N, y.shape[-1]).index_select(0, place)
+        @torch.jit.script
+        def grouped(rows: torch.Tensor, idx: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
+                    w2: torch.Tensor, b2: Optional[torch.Tensor], kind: int, gather_limit: int, few_rows: int) -> torch.Tensor:
+            # rows [R, N, D], idx [R] -> [R, N, D_out]
+            R, N, D = rows.shape[0], rows.shape[1], rows.shape[2]
+            if R * (w1.shape[1] * w1.shape[2] + w2.shape[1] * w2.shape[2]) < gather_limit or R <= few_rows:
+                # each row with its expert's weights gathered: small experts, or so few rows that copying their
+                # experts costs less than reading the whole stack (ONNX Runtime has no matmul on a subset in place)
+                return mlp(rows, w1.index_select(0, idx), None if b1 is None else b1.index_select(0, idx),
+                           w2.index_select(0, idx), None if b2 is None else b2.index_select(0, idx), kind)
+            # rows grouped into a [E, C*N, D] batch padded to the busiest expert, the stack's weights used in place
+            E = w1.shape[0]
+            onehot = (idx.unsqueeze(1) == torch.arange(E, device=idx.device)).long()  # [R, E]
+            rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # [R]: the row's place among its expert's rows
+            C = int(onehot.sum(0).max())
+            place = idx * C + rank  # [R]
+            x = torch.zeros(E * C, N * D, dtype=rows.dtype, device=rows.device).index_copy(0, place, rows.reshape(R, N * D))
+            y = mlp(x.reshape(E, C * N, D), w1, b1, w2, b2, kind)  # [E, C*N, D_out]
+            return y.reshape(E * C, N, y.shape[-1]).index_select(0, place)
 
     return grouped
 
@@ -202,16 +206,8 @@ class StackedExperts(nn.Module):
 
     def _padded(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Rows grouped by expert into a zero-padded [E, C*N, D] batch (C = the most rows any expert has), one
-        batched matmul pair over the whole stack (no weight copy), then each row read back from its place."""
-        R, N, D = rows.shape
-        E = self.w1.shape[0]
-        onehot = (idx.unsqueeze(1) == torch.arange(E, device=idx.device)).long()  # [R, E]
-        rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # [R]: the row's place among its expert's rows
-        width = torch.arange(onehot.sum(0).max(), device=idx.device)  # [C]; its length stays dynamic in a graph
-        place = idx * width.shape[0] + rank  # [R]
-        buf = rows.new_zeros(E * width.shape[0], N * D).index_copy(0, place, rows.reshape(R, N * D))  # [E*C, N*D]
-        y = self._mlp(buf.reshape(E, -1, D), self.w1, self.b1, self.w2, self.b2)  # [E, C*N, D_out]
-        return y.reshape(E * width.shape[0], N, -1).index_select(0, place)  # [R, N, D_out]
+        batched matmul pair over the whole stack (no weight copy): the graph function's padded branch, forced."""
+        return _grouped_graph()(rows, idx, self.w1, self.b1, self.w2, self.b2, EXPERT_KINDS.index(self.kind), 0, -1)
 
     def _triton_for(self, rows: torch.Tensor) -> bool:
         if self.use_triton is not None:

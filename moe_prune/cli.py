@@ -138,13 +138,27 @@ def cmd_compress(args) -> None:
 
     src = Path(args.checkpoint)
     out = resolve_out(args.out, ".safetensors", f"{src.stem}.keep{args.keep.replace('/', 'of')}.{args.mode}.safetensors")
+    heal = None
+    if args.heal:
+        from .heal import HealConfig
+
+        heal = HealConfig(steps=args.heal_steps, lr=args.heal_lr, temperature=args.heal_temperature,
+                          parts=args.heal_parts, seed=args.heal_seed)
     r = compress_from_data(src, out, args.keep, args.calib, calib_limit=args.calib_limit, batch_size=args.batch_size,
-                           mode=args.mode, create_folder=_folder_form(out, args.out), meta={"command": _command(args)})
+                           mode=args.mode, rule=args.rule, heal=heal, create_folder=_folder_form(out, args.out),
+                           meta={"command": _command(args)})
     if r is None:  # a torchrun rank other than 0: rank 0 reports
         return
     before, after = r["before"], r["after"]
     for name, ids in r["subsets"].items():
-        print(f"  {name or '(layer)'}: kept experts {ids.tolist()}")
+        print(f"  {name or '(layer)'}: kept experts {ids.tolist()} (rule: {args.rule})")
+    if r["heal"] is not None:
+        h = r["heal"]
+        line = f"  healed: {h['config']['steps']} steps in {h['seconds']:.0f} s, distillation loss {h['loss_before']:.4f} -> {h['loss_after']:.4f}"
+        if "accuracy_after" in h:
+            line += (f"; held-out accuracy {100 * h['accuracy_before']:.2f}% -> {100 * h['accuracy_after']:.2f}% "
+                     f"(full model {100 * h['accuracy_full']:.2f}%)")
+        print(line)
     for key, label in (("parameters", "parameters"), ("expert_parameters", "expert parameters")):
         print(f"  {label:<18} {human_count(before[key]):>9} -> {human_count(after[key]):>9}  ({before[key] / after[key]:.2f}x smaller)")
     print(f"  {'file size':<18} {human_bytes(before['bytes']):>9} -> {human_bytes(after['bytes']):>9}  ({before['bytes'] / after['bytes']:.2f}x smaller)")
@@ -195,6 +209,12 @@ def cmd_serve(args) -> None:
 
 
 # The Soft MoE ViT for 28x28 inputs: 49 patches + a class token, Soft MoE in the last 3 of 4 blocks.
+# Kept here rather than imported: the CLI (and `serve`) must not import torch. tests/test_heal.py checks they
+# equal calibration.RULES / DEFAULT_RULE and heal.HealConfig().
+CALIBRATION_RULES = ("loss", "reconstruct", "output", "mass")
+DEFAULT_RULE = "loss"
+HEAL_DEFAULTS = argparse.Namespace(steps=1000, lr=1e-3, temperature=2.0, parts="experts+router", seed=0)
+
 VIT_DEFAULTS = dict(
     img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,
     moe_layer_index=1, slots_per_expert=1,
@@ -258,14 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-bench", action="store_true", help="export and validate, but skip the benchmark")
     s.set_defaults(func=cmd_demo)
 
-    s = command("compress", help="calibrate, keep the top experts of every Soft MoE layer, write a smaller checkpoint",
-                description="Sum every Soft MoE layer's expert scores (combine-weight mass) over calibration "
-                "data, keep each layer's top experts, and write a native checkpoint holding only those (re-indexed; "
+    s = command("compress", help="calibrate, keep the best experts of every Soft MoE layer, write a smaller checkpoint",
+                description="Choose every Soft MoE layer's experts on calibration data by a rule (see --rule; "
+                "layers in order, each on the inputs it sees after the earlier ones are pruned), optionally recover the lost accuracy by "
+                "distillation from the full model on the same unlabeled images (--heal: only the kept experts "
+                "and the router are trained), and write a native checkpoint holding only those experts (re-indexed; "
                 "their original ids in its metadata, see `moe-prune info --json`). drop mode keeps all of the "
                 "router (the combine denominator needs every slot); renorm keeps only the kept columns. The "
                 "input is never modified; the output is written atomically. Under torchrun the calibration is sharded "
-                "over the processes (torchrun --nproc-per-node N --no-python moe-prune compress ...); the result "
-                "equals one process's exactly.")
+                "over the processes (torchrun --nproc-per-node N --no-python moe-prune compress ...); with --rule mass "
+                "the result equals one process's exactly, and rank 0 alone heals.")
     s.add_argument("checkpoint", help="a native checkpoint")
     s.add_argument("--keep", default="1/8", help="fraction ('1/8', 0.125) or count (16) of experts to keep")
     s.add_argument("--calib", required=True, help="calibration data: 'fashion-mnist' or 'mnist' (train split), 'sample' "
@@ -274,6 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-limit", type=int, default=10000, help="use at most this many calibration inputs")
     s.add_argument("--batch-size", type=int, default=256, help="calibration batch size")
     s.add_argument("--mode", choices=["drop", "renorm"], default="drop", help="drop (the paper) or renorm")
+    s.add_argument("--rule", choices=list(CALIBRATION_RULES), default=DEFAULT_RULE,
+                   help="how the kept experts are chosen: loss (greedy on the model's distillation loss), reconstruct "
+                   "(greedy on each layer's output error), output (combine weight x slot output size), mass "
+                   "(the paper's combine mass); the default measured best (README, 'Compressed checkpoints')")
+    s.add_argument("--heal", action="store_true", help="distill the full model into the compressed one on the "
+                   "calibration images (KL of the logits at a temperature; Adam); with a data set as --calib, "
+                   "accuracy before and after on its test split goes into the metadata")
+    s.add_argument("--heal-steps", type=int, default=HEAL_DEFAULTS.steps, help="Adam steps of --heal")
+    s.add_argument("--heal-lr", type=float, default=HEAL_DEFAULTS.lr, help="Adam learning rate of --heal")
+    s.add_argument("--heal-temperature", type=float, default=HEAL_DEFAULTS.temperature, help="softmax temperature of --heal")
+    s.add_argument("--heal-parts", choices=["experts", "experts+router"], default=HEAL_DEFAULTS.parts,
+                   help="what --heal trains: the kept experts, or also the router (phi and scale)")
+    s.add_argument("--heal-seed", type=int, default=HEAL_DEFAULTS.seed, help="seed of --heal's batch order")
     s.add_argument("--out", required=True, help="the output: " + OUT_RULE.format(
         suffix="safetensors", name="NAME.keepKofN.MODE.safetensors"))
     s.set_defaults(func=cmd_compress)

@@ -22,6 +22,7 @@ from .checkpoint import assign_weights, load, native_info, save
 from .errors import CheckpointError, SelectionError
 from .layers import MODES, SoftMoEConfig
 from .models import build, model_spec, moe_layers
+from .calibration import DEFAULT_RULE, choose_subsets
 from .selection import calibrate, keep_per_layer, static_from_sums
 
 EXPERT_TENSORS = ("experts.w1", "experts.b1", "experts.w2", "experts.b2")
@@ -179,7 +180,8 @@ def _runs(ids: list[int]) -> list[tuple[int, int]]:
 
 
 def static_subsets(model: nn.Module, batches, keep, progress: bool = False) -> tuple[dict, dict]:
-    """Calibrate (sum each layer's scores over the batches) and keep the top k per layer.
+    """Calibrate (sum each layer's combine-mass scores over the batches) and keep the top k per layer: the
+    paper's rule (`calibration.choose_subsets` has the others).
 
     Returns:
         (subsets {layer name: ids [k]}, score sums {layer name: [E]}). For a compressed layer only the experts
@@ -192,37 +194,84 @@ def static_subsets(model: nn.Module, batches, keep, progress: bool = False) -> t
     return static_from_sums(model, sums, keep), sums
 
 
-def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progress: bool = True,
-                        meta: dict | None = None) -> tuple[Path, dict]:
-    """Calibrate on data, then write the compressed checkpoint (the `moe-prune compress` command).
+def kept_record(model: nn.Module) -> dict:
+    """{layer name or "(layer)": original ids of the experts it holds}: what a compressed checkpoint records."""
+    return {name or "(layer)": list(layer.config.origin if layer.config.origin is not None else layer.config.held)
+            for name, layer in moe_layers(model).items()}
 
-    The full model is loaded for calibration (a Soft MoE layer's input depends on the earlier layers), then
-    released; the output is then assembled from slices of the source file.
+
+def compress_and_heal(model: nn.Module, subsets: dict, calib_batches, mode: str = "drop", config=None,
+                      check: tuple | None = None, progress: bool = True) -> tuple[nn.Module, dict]:
+    """`compress_model`, then recover by distillation from the full model (see `heal.heal`).
+
+    Args:
+        model: the full model (the teacher; unchanged). subsets, mode: see `compress_model`.
+        calib_batches: the unlabeled calibration inputs (a list of batches) the student is trained on.
+        config: a `heal.HealConfig` (None: the defaults).
+        check: optional held-out (images, labels) to measure accuracy before and after (reported, never used).
+        progress: a progress bar.
+
+    Returns:
+        (the healed compressed model, record: heal settings, losses, seconds and, with `check`, accuracies of
+        the full model and of the compressed one before and after).
+
+    Example:
+        >>> small, record = compress_and_heal(full, subsets, batches, check=load_images("fashion-mnist", "test"))
+        >>> record["accuracy_after"]
+    """
+    from .evaluate import accuracy
+    from .heal import HealConfig, heal
+
+    config = config or HealConfig()
+    small = compress_model(model, subsets, mode=mode)
+    before = accuracy(small, *check) if check is not None else None
+    result = heal(small, model, calib_batches, config, progress=progress)
+    record = {k: result[k] for k in ("config", "loss_before", "loss_after", "seconds", "trained")}
+    if check is not None:
+        record.update(accuracy_full=accuracy(model, *check), accuracy_before=before, accuracy_after=accuracy(small, *check))
+    return small, record
+
+
+def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progress: bool = True,
+                        meta: dict | None = None, rule: str = DEFAULT_RULE, heal=None,
+                        check: tuple | None = None) -> tuple[Path, dict]:
+    """Calibrate on data by `rule`, then write the compressed checkpoint, healed if `heal` (a HealConfig) is given.
+
+    The full model is loaded for calibration (a Soft MoE layer's input depends on the earlier layers). Without
+    healing it is then released and the output assembled from slices of the source file; with healing it is
+    the teacher, and the healed model is written.
 
     Under torchrun (torch.distributed initialized, see `process_group_from_env`), the calibration is sharded
-    over the ranks and rank 0 alone writes the output.
+    over the ranks and rank 0 alone heals and writes the output.
 
     Returns:
         (output path, or None on ranks other than 0; subsets).
 
     Example:
-        >>> compress_checkpoint("model.safetensors", "small.safetensors", "1/8", batches_of_images)
+        >>> compress_checkpoint("model.safetensors", "small.safetensors", "1/8", batches_of_images, rule="greedy")
     """
     import torch.distributed as dist
 
     model = load(src)
     keep_per_layer(model, keep)  # a bad `keep` is an error before the calibration runs
-    subsets, sums = static_subsets(model, calib_batches, keep, progress=progress)
-    del model
+    subsets, calibration = choose_subsets(model, calib_batches, keep, rule=rule, mode=mode, progress=progress)
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        return None, subsets  # under torchrun every rank has the same sums; rank 0 writes
-    record = {**(meta or {}), "keep": str(keep), "calibration_scores": {n: s.tolist() for n, s in sums.items()}}
-    return compress_file(src, subsets, out, mode=mode, meta=record), subsets
+        return None, subsets  # under torchrun every rank has the same subsets; rank 0 writes
+    record = {**(meta or {}), "keep": str(keep), **calibration}  # the rule and its scores or output errors
+    if heal is None:
+        del model
+        return compress_file(src, subsets, out, mode=mode, meta=record), subsets
+    small, healed = compress_and_heal(model, subsets, calib_batches, mode=mode, config=heal, check=check,
+                                      progress=progress)
+    _, src_meta, _ = native_info(src)
+    record = {**record, "heal": healed, "source_meta": src_meta, "mode": mode, "kept_experts": kept_record(small)}
+    return save(small, out, meta=record, inputs=(src,)), subsets
 
 
 def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, keep, calib, *,
                        calib_limit: int | None = 10000, batch_size: int = 256, mode: str = "drop",
-                       create_folder: bool = False, meta: dict | None = None) -> dict | None:
+                       rule: str = DEFAULT_RULE, heal=None, create_folder: bool = False,
+                       meta: dict | None = None) -> dict | None:
     """Check everything, calibrate on `calib`, write the compressed checkpoint (the `moe-prune compress` command).
 
     `keep` and the calibration inputs are checked against the checkpoint's header before the model is loaded;
@@ -232,38 +281,62 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
         checkpoint: the native checkpoint. out: the .safetensors to write (never the input).
         keep: see `parse_keep`. calib: calibration data (see `data.calibration_inputs`).
         calib_limit: at most this many calibration inputs. batch_size: calibration batch size.
-        mode: "drop" or "renorm". create_folder: create out's folder for the run (removed again if it fails).
+        mode: "drop" or "renorm". rule: the calibration rule (see `calibration.RULES`).
+        heal: a `heal.HealConfig` to recover by distillation on the calibration inputs, or None. With a data
+            set name or IDX folder as `calib`, accuracy before and after is measured on its test split (held
+            out: reported in the metadata, never used to choose or train).
+        create_folder: create out's folder for the run (removed again if it fails).
         meta: extra metadata for the checkpoint (the calibration's source and limit are added).
 
     Returns:
-        {"path", "subsets" {layer name: ids}, "before" and "after" (checkpoint.summary of both)}; None on
-        ranks other than 0.
+        {"path", "subsets" {layer name: ids}, "before" and "after" (checkpoint.summary of both), "heal" (the
+        heal record, or None)}; None on ranks other than 0.
 
     Raises:
-        SelectionError: a bad keep. DataError: calibration inputs the model cannot take. CheckpointError: see
-            `load`. OutputError: `out` cannot be written safely.
+        SelectionError: a bad keep or rule. DataError: calibration inputs the model cannot take.
+            CheckpointError: see `load`. OutputError: `out` cannot be written safely. ConfigError: bad heal settings.
 
     Example:
-        >>> r = compress_from_data("model.safetensors", "small.safetensors", "1/8", "fashion-mnist")
+        >>> r = compress_from_data("model.safetensors", "small.safetensors", "1/8", "fashion-mnist", heal=HealConfig())
         >>> r["subsets"]["blocks.3.mlp"]
     """
+    from .calibration import RULES
     from .checkpoint import skeleton, summary
     from .data import calibration_batches
     from .files import check_output, output_folder
 
+    if rule not in RULES:
+        raise SelectionError(f"rule={rule!r}: choose one of {', '.join(RULES)}")
     src, out = Path(checkpoint), Path(out)
     model = skeleton(src)  # what the checkpoint takes, read from its header: the checks below come first
     keep_per_layer(model, keep)
     if out.parent.exists():
         check_output(out, inputs=(src,))
     batches = calibration_batches(calib, limit=calib_limit, batch_size=batch_size, model=model)
+    check = _held_out(calib, model) if heal is not None else None
     folder = output_folder(out.parent) if create_folder else contextlib.nullcontext()
     record = {**(meta or {}), "calibration": {"data": calib, "limit": calib_limit}}
+    if check is not None:
+        record["held_out"] = f"{calib} test split (accuracy before and after healing only)"
     with process_group_from_env() as rank, folder:
-        path, subsets = compress_checkpoint(src, out, keep, batches, mode=mode, progress=rank == 0, meta=record)
+        path, subsets = compress_checkpoint(src, out, keep, batches, mode=mode, progress=rank == 0, meta=record,
+                                            rule=rule, heal=heal, check=check)
     if rank != 0:
         return None
-    return {"path": path, "subsets": subsets, "before": summary(src), "after": summary(path)}
+    healed = native_info(path)[1].get("heal")
+    return {"path": path, "subsets": subsets, "before": summary(src), "after": summary(path), "heal": healed}
+
+
+def _held_out(calib, model) -> tuple | None:
+    """The test split of a calibration data set (a name or IDX folder), checked against the model; else None."""
+    from .data import check_inputs, load_images
+
+    text = str(calib)
+    if text.endswith((".npy", ".npz")) or text == "sample":
+        return None
+    images, labels = load_images(calib, split="test")
+    check_inputs(model, images, f"{calib} (test split)")
+    return images, labels
 
 
 @contextlib.contextmanager

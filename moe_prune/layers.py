@@ -420,6 +420,23 @@ class SoftMoE(nn.Module):
             return self._mix(routing, dispatch, combine, self._stack_index(experts))
         return self._mix_per_input(routing, dispatch, combine, self._stack_index(experts))
 
+    def slot_outputs(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """What every held expert returns and where it goes, for calibration rules that look at expert outputs.
+
+        Returns:
+            (combine [B, M, Kh*S], y [B, Kh*S, D_out]): the combine weights at the held experts' slot columns
+            and those slots' expert outputs, held experts in stack order; the layer's output (all held experts,
+            drop mode) is `combine @ y`, and expert j's share of it is combine[..., j*S:(j+1)*S] @ y[:, j*S:(j+1)*S].
+        """
+        held = self.held_experts(routing.x.device)
+        S, D_out = self.config.slots_per_expert, self.config.out_features
+        dispatch, combine = routing.kept_weights(self._columns(held), "drop")
+        slots = self._slots(routing, dispatch)  # [B, Kh*S, D]
+        B, KS, D = slots.shape
+        K = KS // S
+        y = self.experts(slots.reshape(B, K, S, D).transpose(0, 1).reshape(K, B * S, D), None)  # [Kh, B*S, D_out]
+        return combine, y.reshape(K, B, S, D_out).transpose(0, 1).reshape(B, KS, D_out)
+
     def _columns(self, experts: torch.Tensor) -> torch.Tensor:
         """Router expert ids [..., K] -> their slot columns [..., K*S]."""
         S = self.config.slots_per_expert

@@ -264,8 +264,14 @@ def _check_ids(experts: torch.Tensor, layer: SoftMoE) -> None:
         raise SelectionError("an expert subset names the same expert twice")
 
 
-def _replace_layers(model: nn.Module, make) -> nn.Module:
-    """A copy of `model` sharing its weights, with each Soft MoE layer `name` replaced by make(name, layer)."""
+def replace_layers(model: nn.Module, make) -> nn.Module:
+    """A copy of `model` sharing its weights, with each Soft MoE layer `name` replaced by make(name, layer).
+
+    A bare layer is replaced itself (make("", layer)); the original model is unchanged.
+
+    Example:
+        >>> wrapped = replace_layers(model, lambda name, layer: PrunedSoftMoE(layer, experts=torch.tensor([0, 3])))
+    """
     layers = moe_layers(model)
     if not layers:
         raise SelectionError(f"{type(model).__name__} has no Soft MoE layer")
@@ -306,7 +312,7 @@ def with_experts(module: nn.Module, experts, mode: str = "drop") -> nn.Module:
     names = set(moe_layers(module))
     if set(experts) != names:
         raise SelectionError(f"experts name layers {sorted(experts)}; the model's Soft MoE layers are {sorted(names)}")
-    return _replace_layers(module, lambda name, layer: PrunedSoftMoE(layer, experts=experts[name], mode=mode))
+    return replace_layers(module, lambda name, layer: PrunedSoftMoE(layer, experts=experts[name], mode=mode))
 
 
 def with_selection(module: nn.Module, keep, per: Per = "batch", mode: str = "drop") -> nn.Module:
@@ -318,7 +324,7 @@ def with_selection(module: nn.Module, keep, per: Per = "batch", mode: str = "dro
         >>> fast = with_selection(model, "1/8", per="batch")
         >>> logits = fast(images)
     """
-    return _replace_layers(module, lambda name, layer: PrunedSoftMoE(layer, keep=keep, per=per, mode=mode))
+    return replace_layers(module, lambda name, layer: PrunedSoftMoE(layer, keep=keep, per=per, mode=mode))
 
 
 class _Scoring(nn.Module):
@@ -375,7 +381,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], progress: bool 
             raise SelectionError(f"calibration scores of {name!r} are NaN or Inf (non-finite inputs or weights?)")
         sums[name] += torch.round(scores.double() * _FIXED_POINT).long().sum(dim=0).cpu()
 
-    scoring = _replace_layers(model, lambda name, layer: _Scoring(layer, lambda s, name=name: record(name, s)))
+    scoring = replace_layers(model, lambda name, layer: _Scoring(layer, lambda s, name=name: record(name, s)))
     if progress:
         from .reports import progress as progress_bar
 

@@ -1,0 +1,391 @@
+"""Static subsets from calibration data: which experts one compressed checkpoint keeps, by one of three rules.
+
+For a calibration input, Soft MoE layer output Y = sum over held experts e of Z_e, with Z_e [M, D] expert e's
+share: its slots' outputs y_e [S, D] mixed in by their combine weights C[:, e] [M, S] (drop mode).
+
+    mass:    score_e = sum of C[:, e]                  (Chung et al.: the combine-weight mass; `calibrate`)
+    output:  score_e = sum of C[:, e, s] * |y_e,s|      (combine weight times the size of what the slot returns)
+    reconstruct: the subset S minimizing the output error |T - sum_{e in S} Z_e|^2 over the calibration tokens,
+             T the full model's output of that layer. Built by greedy addition, then improved by single swaps
+             until none helps. Everything comes from G[e, f] = sum <Z_e, Z_f> and b[e] = sum <T, Z_e>,
+             accumulated once over the data (E x E numbers per layer). Layers are calibrated in order, each on
+             the inputs it sees after the earlier layers were pruned to their chosen subsets; T stays the full
+             model's output, so a later layer also corrects what the earlier pruning changed.
+
+    loss:    the subset built expert by expert to minimize the model's own distillation loss KL(full || pruned)
+             on the calibration inputs (see `loss_subsets`); layers in order, as `reconstruct`.
+
+`mass` and `output` rank experts (top k of a sum, one pass); `reconstruct` needs one pass per Soft MoE layer over
+the calibration data, each running the full model and the pruned one; `loss` runs the model about
+(1 + candidates) times per kept expert on its first 2048 calibration inputs. All sums are float64.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SelectionError
+from .layers import SoftMoE
+from .models import moe_layers
+from .selection import calibrate, keep_per_layer, replace_layers, select_experts, static_from_sums
+
+RULES = ("mass", "output", "reconstruct", "loss")
+DEFAULT_RULE = "loss"
+
+
+class _Run(nn.Module):
+    """A Soft MoE layer run with a fixed subset (`experts`, router ids; None: all it holds) that hands each call's
+    routing and output to `record(layer, routing, out)` if given; the record may return a replacement output."""
+
+    def __init__(self, layer: SoftMoE, experts: torch.Tensor | None = None, record=None, mode: str = "drop"):
+        super().__init__()
+        self.layer, self.experts, self.record, self.mode = layer, experts, record, mode
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        routing = self.layer.route(x, mask)
+        out = self.layer.mix(routing, self.experts, self.mode if self.experts is not None else "drop")
+        if self.record is not None:
+            replaced = self.record(self.layer, routing, out)
+            if replaced is not None:
+                return replaced
+        return out
+
+
+def _bar(batches, desc, progress):
+    if not progress:
+        return batches
+    from .reports import progress as progress_bar
+
+    return progress_bar(batches, desc=desc, unit="batch")
+
+
+def _all_reduce(tensors: dict) -> dict:
+    """Sum float64 tensors over torch.distributed ranks (each rank saw every world-th batch)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return tensors
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    out = {}
+    for name, t in tensors.items():
+        t = t.to(device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        out[name] = t.cpu()
+    return out
+
+
+def _shard():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shares_norm(combine: torch.Tensor, y: torch.Tensor, S: int) -> torch.Tensor:
+    """sum over tokens and slots of C[b, m, e, s] * |y[b, e, s]| -> [E_held] (float64)."""
+    B, M, KS = combine.shape
+    mass = combine.float().sum(dim=1)  # [B, K*S]
+    size = y.float().norm(dim=-1)  # [B, K*S]
+    return (mass * size).double().sum(dim=0).reshape(KS // S, S).sum(-1)
+
+
+def _gram(combine: torch.Tensor, y: torch.Tensor, S: int, target: torch.Tensor, chunk: int = 32):
+    """G [K, K] = sum <Z_e, Z_f>, b [K] = sum <T, Z_e>, t2 = |T|^2 for one batch (float64).
+
+    Z_e = C[:, :, e-slots] @ y[:, e-slots]; <Z_(e,s), Z_(f,s')> over tokens and D is (C^T C) * (y y^T)
+    elementwise, computed on chunks of the batch so memory stays at chunk x (K*S)^2.
+    """
+    B, M, KS = combine.shape
+    K = KS // S
+    G = torch.zeros(K, K, dtype=torch.float64)
+    b = torch.zeros(K, dtype=torch.float64)
+    for i in range(0, B, chunk):
+        c, v, t = combine[i:i + chunk].float(), y[i:i + chunk].float(), target[i:i + chunk].float()
+        g = ((c.transpose(1, 2) @ c) * (v @ v.transpose(1, 2))).sum(0)  # [KS, KS]
+        G += g.double().reshape(K, S, K, S).sum(dim=(1, 3))
+        # <T, Z_(e,s)> = sum_m C[m, (e,s)] <T_m, y_(e,s)>
+        tb = (c * (t @ v.transpose(1, 2))).sum(dim=(0, 1))  # [KS]
+        b += tb.double().reshape(K, S).sum(-1)
+    return G, b, float(target.double().pow(2).sum())
+
+
+def subset_error(G: torch.Tensor, b: torch.Tensor, t2: float, subset: Sequence[int]) -> float:
+    """|T - sum_{e in subset} Z_e|^2 from the Gram sums (subset: stack positions)."""
+    idx = torch.as_tensor(list(subset), dtype=torch.long)
+    return float(t2 - 2 * b[idx].sum() + G[idx][:, idx].sum())
+
+
+def greedy_subset(G: torch.Tensor, b: torch.Tensor, k: int, max_swaps: int = 10000) -> list[int]:
+    """The k stack positions minimizing |T - sum Z_e|^2: greedy addition, then best single swaps to a local optimum.
+
+    err(S) = t2 - 2 sum_S b + sum_{S x S} G. Adding e to S changes it by G_ee - 2 b_e + 2 sum_{f in S} G_ef;
+    a swap (out o, in i) by the exact difference of the two subsets' errors. Ties go to the lower position.
+    """
+    n = G.shape[0]
+    if not 1 <= k <= n:
+        raise SelectionError(f"k={k} must be in 1..{n}")
+    chosen: list[int] = []
+    cross = torch.zeros(n, dtype=torch.float64)  # sum_{f in S} G[e, f]
+    free = torch.ones(n, dtype=torch.bool)
+    diag = G.diagonal()
+    for _ in range(k):
+        gain = diag - 2 * b + 2 * cross
+        gain[~free] = float("inf")
+        e = int(torch.argmin(gain))
+        chosen.append(e)
+        free[e] = False
+        cross += G[:, e]
+    # Single swaps: delta(o -> i) = [G_ii - 2 b_i + 2 (cross_i - G_io)] - [G_oo - 2 b_o + 2 (cross_o - G_oo)]
+    for _ in range(max_swaps):
+        inside = torch.tensor(chosen, dtype=torch.long)
+        outside = free.nonzero().flatten()
+        if len(outside) == 0:
+            break
+        add = diag[outside] - 2 * b[outside] + 2 * cross[outside]  # [n_out], before removing o
+        add = add[None, :] - 2 * G[inside][:, outside]  # [k, n_out]: cross_i - G_io
+        remove = diag[inside] - 2 * b[inside] + 2 * (cross[inside] - diag[inside])  # [k]
+        delta = add - remove[:, None]
+        best = float(delta.min())
+        if not best < -1e-12 * max(1.0, float(G.diagonal().sum())):
+            break
+        o, i = divmod(int(torch.argmin(delta)), len(outside))
+        o_pos, i_pos = int(inside[o]), int(outside[i])
+        chosen[o] = i_pos
+        free[o_pos], free[i_pos] = True, False
+        cross += G[:, i_pos] - G[:, o_pos]
+    return sorted(chosen)
+
+
+@torch.no_grad()
+def output_sums(model: nn.Module, batches, progress: bool = False) -> dict[str, torch.Tensor]:
+    """The `output` rule's scores: {layer name: [E] sums of C * |y|}, 0 for experts a layer does not hold."""
+    layers = moe_layers(model)
+    sums = {name: torch.zeros(layer.config.num_experts, dtype=torch.float64) for name, layer in layers.items()}
+
+    def record(name):
+        def fn(layer, routing, out):
+            combine, y = layer.slot_outputs(routing)
+            part = _shares_norm(combine, y, layer.config.slots_per_expert)
+            if not bool(torch.isfinite(part).all()):
+                raise SelectionError(f"calibration scores of {name!r} are NaN or Inf (non-finite inputs or weights?)")
+            sums[name][layer.held_experts()] += part
+        return fn
+
+    tapped = replace_layers(model, lambda name, layer: _Run(layer, record=record(name)))
+    rank, world = _shard()
+    for i, x in enumerate(_bar(batches, "calibrating (output)", progress)):
+        if i % world == rank:
+            tapped(x)
+    return _all_reduce(sums)
+
+
+@torch.no_grad()
+def reconstruct_subsets(model: nn.Module, batches: Sequence, keep, progress: bool = False) -> tuple[dict, dict]:
+    """The `reconstruct` rule: each layer's subset minimizing its output error, layers calibrated in order.
+
+    Returns:
+        (subsets {layer name: router ids [k]}, record {layer name: {"error": relative error of the subset,
+        "error_mass": that of the combine-mass top k on the same inputs}}).
+    """
+    layers = moe_layers(model)
+    ks = keep_per_layer(model, keep)
+    names = list(layers)
+    subsets: dict[str, torch.Tensor] = {}
+    record = {}
+    rank, world = _shard()
+    for li, name in enumerate(names):
+        target_layer = layers[name]
+        full_out: list[torch.Tensor] = []
+
+        def keep_target(layer, routing, out):
+            full_out.append(out)
+
+        def accumulate(layer, routing, out):
+            combine, y = layer.slot_outputs(routing)
+            target = full_out.pop(0) if full_out else out  # the first layer: its own full output
+            G, b, t2 = _gram(combine, y, layer.config.slots_per_expert, target)
+            acc["G"] += G
+            acc["b"] += b
+            acc["t2"] += torch.tensor([t2], dtype=torch.float64)
+            acc["mass"] += routing.scores.double().sum(0)[layer.held_experts()]
+
+        K = target_layer.config.num_held
+        acc = {"G": torch.zeros(K, K, dtype=torch.float64), "b": torch.zeros(K, dtype=torch.float64),
+               "t2": torch.zeros(1, dtype=torch.float64), "mass": torch.zeros(K, dtype=torch.float64)}
+        # The full model gives the target; the model with the earlier layers pruned gives this layer's inputs
+        # (for the first layer they are the same run).
+        full = replace_layers(model, lambda n, layer: _Run(layer, record=keep_target if n == name else None))
+        tapped = replace_layers(model, lambda n, layer: _Run(layer, subsets.get(n), accumulate if n == name else None))
+        desc = f"calibrating (reconstruct, layer {li + 1}/{len(names)})"
+        for i, x in enumerate(_bar(batches, desc, progress)):
+            if i % world == rank:
+                if li > 0:
+                    full(x)
+                tapped(x)
+        acc = _all_reduce(acc)
+        G, b, t2 = acc["G"], acc["b"], float(acc["t2"])
+        if not (torch.isfinite(G).all() and torch.isfinite(b).all()):
+            raise SelectionError(f"calibration of {name!r} gave NaN or Inf (non-finite inputs or weights?)")
+        pos = greedy_subset(G, b, ks[name])
+        by_mass = sorted(torch.sort(acc["mass"], descending=True, stable=True).indices[:ks[name]].tolist())
+        held = target_layer.held_experts()
+        subsets[name] = held[torch.tensor(pos, dtype=torch.long)]
+        record[name] = {"error": subset_error(G, b, t2, pos) / max(t2, 1e-30),
+                        "error_mass": subset_error(G, b, t2, by_mass) / max(t2, 1e-30)}
+    return subsets, record
+
+
+def _kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.Tensor:
+    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
+
+
+def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop", candidates: int = 8,
+                 limit: int = 2048, chunk: int = 512, progress: bool = False) -> tuple[dict, dict]:
+    """The `loss` rule: each layer's subset built expert by expert to minimize the model's distillation loss.
+
+    Layers in order (earlier ones pruned to their subsets, later ones full). At each step the loss's gradient at
+    the layer's output, dotted with every unchosen expert's output share Z_e, predicts the change from adding it
+    (one backward pass ranks all experts); the `candidates` best by that prediction are then run for real and
+    the one giving the lowest KL(full model || pruned model) over the first `limit` calibration inputs is added.
+    The candidates run in `mode` (the compressed checkpoint's); the prediction uses drop-mode shares. A bare
+    layer's output is the model's output, so there the rule is `reconstruct`.
+
+    Returns:
+        (subsets, record {layer name: {"kl": mean KL of the final subsets after that layer, "kl_mass": the same
+        with the combine-mass top k of that layer instead}}).
+    """
+    if isinstance(model, SoftMoE):
+        return reconstruct_subsets(model, batches, keep, progress=progress)
+    layers = moe_layers(model)
+    ks = keep_per_layer(model, keep)
+    x = torch.cat([torch.as_tensor(b) for b in batches])[:limit]
+    chunks = [x[i:i + chunk] for i in range(0, len(x), chunk)]
+    with torch.no_grad():
+        teacher = [model(c).float().log_softmax(-1) for c in chunks]
+    runs: dict[str, _Run] = {}
+    pruned = replace_layers(model, lambda n, layer: runs.setdefault(n, _Run(layer, mode=mode)))
+    # parameters stay untouched: gradients are taken with autograd.grad at a detached copy of the layer output
+    total = sum(ks.values())
+    bar = None
+    if progress:
+        from .reports import progress as progress_bar
+
+        bar = progress_bar(total=total, desc="calibrating (loss)", unit="expert")
+
+    def kl_of(subset_of_layer: dict) -> float:
+        for n, ids in subset_of_layer.items():
+            runs[n].experts = ids
+        with torch.no_grad():
+            return sum(float(_kl(pruned(c).float().log_softmax(-1), t)) for c, t in zip(chunks, teacher)) / len(x)
+
+    subsets: dict[str, torch.Tensor] = {}
+    record = {}
+    for name, layer in layers.items():
+        held = layer.held_experts()
+        K, S = len(held), layer.config.slots_per_expert
+        chosen: list[int] = []  # stack positions
+        for _ in range(ks[name]):
+            # 1. rank every unchosen expert by the first-order change of the loss from adding it
+            predicted = torch.zeros(K, dtype=torch.float64)
+            current = held[torch.tensor(sorted(chosen), dtype=torch.long)]
+            for n in layers:
+                runs[n].experts = subsets.get(n, current if n == name else None)
+            for c, t in zip(chunks, teacher):
+                seen = {}
+
+                def tap(lay, routing, out, seen=seen):
+                    leaf = out.detach().requires_grad_(True)
+                    seen["out"], seen["routing"] = leaf, routing
+                    return leaf
+
+                runs[name].record = tap
+                with torch.enable_grad():
+                    loss = _kl(pruned(c).float().log_softmax(-1), t)
+                    (g,) = torch.autograd.grad(loss, [seen["out"]])
+                with torch.no_grad():
+                    combine, y = layer.slot_outputs(seen["routing"])  # [B, M, K*S], [B, K*S, D]
+                    share = (combine.float() * (g.float() @ y.float().transpose(1, 2))).sum(dim=(0, 1))  # [K*S]
+                    predicted += share.double().reshape(K, S).sum(-1)
+            runs[name].record = None
+            predicted[chosen] = float("inf")
+            order = torch.sort(predicted, stable=True).indices[: min(candidates, K - len(chosen))]
+            # 2. run the best predicted candidates, keep the one with the lowest loss
+            trials = [(kl_of({name: held[torch.tensor(sorted(chosen + [int(e)]), dtype=torch.long)]}), int(e))
+                      for e in order]
+            chosen.append(min(trials)[1])
+            if bar is not None:
+                bar.update()
+        subsets[name] = held[torch.tensor(sorted(chosen), dtype=torch.long)]
+        by_mass = _mass_top(pruned, runs, name, layer, chunks, ks[name], subsets)
+        record[name] = {"kl": kl_of({n: subsets.get(n) for n in layers}),
+                        "kl_mass": kl_of({**{n: subsets.get(n) for n in layers}, name: by_mass})}
+        runs[name].experts = subsets[name]
+    if bar is not None:
+        bar.close()
+    return subsets, record
+
+
+@torch.no_grad()
+def _mass_top(pruned, runs, name, layer, chunks, k, subsets) -> torch.Tensor:
+    """The combine-mass top k of `name` on the inputs it sees with the earlier layers pruned (for the record)."""
+    mass = torch.zeros(layer.config.num_experts, dtype=torch.float64)
+
+    def tap(lay, routing, out):
+        mass.add_(routing.scores.double().sum(0))
+
+    for n in runs:
+        runs[n].experts = subsets.get(n) if n != name else None
+    runs[name].record = tap
+    for c in chunks:
+        pruned(c)
+    runs[name].record = None
+    held = layer.held_experts()
+    return held[select_experts(mass[held], k, per="batch")]
+
+
+def choose_subsets(model: nn.Module, batches: Sequence, keep, rule: str = DEFAULT_RULE, mode: str = "drop",
+                   progress: bool = False) -> tuple[dict, dict]:
+    """The static subset of every Soft MoE layer from calibration inputs, by `rule` (see the module docstring).
+
+    Args:
+        model: a native model or bare layer (full or compressed: a compressed layer chooses among its experts).
+        batches: calibration inputs, a sequence of model inputs (iterated once per layer by `reconstruct`).
+        keep: see `parse_keep`. rule: "mass", "output", "reconstruct" or "loss" (the default; measured best,
+            see the README). mode: the mode the subsets will run in ("loss" chooses for it; the others ignore it).
+        progress: show progress bars.
+
+    Returns:
+        (subsets {layer name: router ids [k]}, record for the checkpoint's metadata: the rule and, per layer,
+        the scores ("mass", "output"), the relative output errors ("reconstruct") or the distillation KL of
+        the subsets and of the combine-mass top k in their place ("loss")).
+
+    Raises:
+        SelectionError: an unknown rule, a bad keep, no Soft MoE layer, non-finite calibration values.
+
+    Example:
+        >>> subsets, record = choose_subsets(model, batches, "1/8", rule="loss")
+        >>> small = compress_model(model, subsets)
+    """
+    if rule not in RULES:
+        raise SelectionError(f"rule={rule!r}: choose one of {', '.join(RULES)}")
+    if not moe_layers(model):
+        raise SelectionError(f"{type(model).__name__} has no Soft MoE layer to calibrate")
+    keep_per_layer(model, keep)  # a bad keep fails before any pass over the data
+    if rule == "reconstruct":
+        subsets, errors = reconstruct_subsets(model, batches, keep, progress=progress)
+        return subsets, {"rule": rule, "relative_output_error": errors}
+    if rule == "loss":
+        subsets, losses = loss_subsets(model, batches, keep, mode=mode, progress=progress)
+        key = "relative_output_error" if isinstance(model, SoftMoE) else "distillation_kl"
+        return subsets, {"rule": rule, key: losses}
+    sums = calibrate(model, batches, progress=progress) if rule == "mass" else output_sums(model, batches, progress)
+    return static_from_sums(model, sums, keep), {"rule": rule, "calibration_scores": {n: s.tolist() for n, s in sums.items()}}
+
+
+__all__ = ["RULES", "DEFAULT_RULE", "choose_subsets", "greedy_subset", "loss_subsets", "output_sums",
+           "reconstruct_subsets", "subset_error"]

@@ -1,0 +1,184 @@
+"""Recovery by distillation: train a compressed model to match the full model's outputs on unlabeled inputs.
+
+    loss = T^2 * KL(softmax(teacher / T) || softmax(student / T))     (classifiers: logits, temperature T)
+    loss = |student - teacher|^2 / |teacher|^2, over the batch         (a bare Soft MoE layer: its output tokens)
+
+Only what compression kept is trained: the kept experts' weights of every Soft MoE layer (`parts="experts"`),
+optionally also the routers (phi, scale, token gain: "experts+router"). Everything else is frozen, and a
+dropped expert does not exist in the compressed model. Adam; mini-batches drawn from the calibration inputs
+by a seeded generator, so a run is deterministic for its seed (on one device and thread count); memory is
+one batch of the teacher and the student. The teacher runs alongside, never stored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+from .layers import SoftMoE
+from .models import moe_layers
+
+PARTS = ("experts", "experts+router")
+ROUTER_TENSORS = ("phi", "scale", "norm_weight")
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    """Distillation settings (`moe-prune compress --heal`).
+
+    Args:
+        steps: Adam steps. batch_size: inputs per step. lr: Adam learning rate.
+        temperature: the softmax temperature of the KL divergence (classifiers only).
+        parts: "experts" (the kept experts' weights) or "experts+router" (also phi, scale and token gain).
+        seed: the mini-batch order.
+
+    Example:
+        >>> HealConfig(steps=200, lr=5e-4)
+    """
+
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
+    temperature: float = 2.0
+    parts: str = "experts+router"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.steps, int) and self.steps >= 1 and isinstance(self.batch_size, int)
+                and self.batch_size >= 1):
+            raise ConfigError(f"heal: steps and batch size must be integers >= 1, got {self.steps} and {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"heal: lr and temperature must be positive and finite, got {self.lr} and {self.temperature}")
+        if self.parts not in PARTS:
+            raise ConfigError(f"heal: parts={self.parts!r}; choose one of {', '.join(PARTS)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def trainable(model: nn.Module, parts: str = "experts") -> dict[str, nn.Parameter]:
+    """The parameters `heal` trains, by name: every Soft MoE layer's expert stack (and router, with "experts+router").
+
+    Example:
+        >>> sorted(trainable(small))
+        ['moe.experts.w1', 'moe.experts.w2']
+    """
+    if parts not in PARTS:
+        raise ConfigError(f"heal: parts={parts!r}; choose one of {', '.join(PARTS)}")
+    out = {}
+    for name, layer in moe_layers(model).items():
+        prefix = f"{name}." if name else ""
+        for pname, p in layer.named_parameters():
+            if pname.startswith("experts.") or (parts == "experts+router" and pname in ROUTER_TENSORS):
+                out[prefix + pname] = p
+    return out
+
+
+def _loss(student_out: torch.Tensor, teacher_out: torch.Tensor, temperature: float, bare: bool) -> torch.Tensor:
+    if bare:
+        return (student_out - teacher_out).pow(2).sum() / teacher_out.pow(2).sum().clamp_min(1e-30)
+    t = temperature
+    return F.kl_div(F.log_softmax(student_out / t, -1), F.log_softmax(teacher_out / t, -1), log_target=True,
+                    reduction="batchmean") * t * t
+
+
+@torch.no_grad()
+def distillation_loss(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, temperature: float = 2.0,
+                      batch_size: int = 256) -> float:
+    """The distillation loss of `student` against `teacher` over all `inputs` (mean over inputs).
+
+    Example:
+        >>> distillation_loss(small, full, images[:1000])
+    """
+    bare = isinstance(teacher, SoftMoE)
+    total, n = 0.0, 0
+    for i in range(0, len(inputs), batch_size):
+        x = inputs[i:i + batch_size]
+        s, t = student(x), teacher(x)
+        if bare:  # per-batch relative error, weighted by the batch's inputs
+            total += float(_loss(s, t, temperature, True)) * len(x)
+        else:
+            total += float(_loss(s, t, temperature, False)) * len(x)
+        n += len(x)
+    return total / max(n, 1)
+
+
+def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = HealConfig(),
+         progress: bool = True) -> dict:
+    """Distill `teacher` (the full model) into `student` (its compressed model) in place, on unlabeled inputs.
+
+    Args:
+        student: the compressed model (or bare layer); its kept experts (see `trainable`) are trained in place.
+        teacher: the full model it was compressed from (never modified).
+        inputs: the calibration inputs, a tensor [N, ...] or a list of batches (concatenated).
+        config: see HealConfig.
+        progress: a progress bar with the running loss.
+
+    Returns:
+        {"loss_before", "loss_after" (over all inputs), "trained" (tensor names), "seconds", "history"
+        (the running loss every 10% of the steps), "config"}.
+
+    Raises:
+        ConfigError: bad settings, or a student with nothing to train.
+
+    Example:
+        >>> small = compress_model(full, subsets)
+        >>> heal(small, full, calibration_images, HealConfig(steps=500))["loss_after"]
+    """
+    from .reports import progress as progress_bar
+
+    x_all = torch.cat(list(inputs)) if isinstance(inputs, (list, tuple)) else torch.as_tensor(inputs)
+    if len(x_all) == 0:
+        raise ConfigError("heal: no calibration inputs")
+    params = trainable(student, config.parts)
+    if not params:
+        raise ConfigError("heal: the model has no Soft MoE expert weights to train")
+    bare = isinstance(teacher, SoftMoE)
+    keep = {id(p) for p in params.values()}
+    frozen = [p for p in student.parameters() if id(p) not in keep]
+    was = [p.requires_grad for p in frozen]
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    teacher.eval()
+    student.eval()  # no dropout or batch statistics in these models; eval mode keeps inference numerics
+    t0 = time.perf_counter()
+    before = distillation_loss(student, teacher, x_all, config.temperature)
+    opt = torch.optim.Adam(list(params.values()), lr=config.lr)
+    gen = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(len(x_all), generator=gen)
+    pos, running, history = 0, None, []
+    bar = progress_bar(range(config.steps), enabled=progress, desc="healing", unit="step")
+    try:
+        for step in bar:
+            if pos + config.batch_size > len(order):
+                order, pos = torch.randperm(len(x_all), generator=gen), 0
+            x = x_all[order[pos:pos + config.batch_size]]
+            pos += config.batch_size
+            with torch.no_grad():
+                target = teacher(x)
+            loss = _loss(student(x), target, config.temperature, bare)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            value = float(loss.detach())
+            running = value if running is None else 0.95 * running + 0.05 * value
+            if progress:
+                bar.set_postfix(loss=f"{running:.4f}")
+            if (step + 1) % max(1, config.steps // 10) == 0:
+                history.append({"step": step + 1, "loss": running})
+    finally:
+        for p, r in zip(frozen, was):
+            p.requires_grad_(r)
+        bar.close()
+    student.eval()
+    after = distillation_loss(student, teacher, x_all, config.temperature)
+    return {"loss_before": before, "loss_after": after, "trained": sorted(params), "seconds": time.perf_counter() - t0,
+            "history": history, "config": config.to_dict()}

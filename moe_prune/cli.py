@@ -213,7 +213,7 @@ def cmd_serve(args) -> None:
 # equal calibration.RULES / DEFAULT_RULE and heal.HealConfig().
 CALIBRATION_RULES = ("loss", "reconstruct", "output", "mass")
 DEFAULT_RULE = "loss"
-HEAL_DEFAULTS = argparse.Namespace(steps=1000, lr=1e-3, temperature=2.0, parts="experts+router", seed=0)
+HEAL_DEFAULTS = argparse.Namespace(steps=3000, lr=1e-2, temperature=2.0, parts="experts+router+head", seed=0)
 
 VIT_DEFAULTS = dict(
     img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Choose every Soft MoE layer's experts on calibration data by a rule (see --rule; "
                 "layers in order, each on the inputs it sees after the earlier ones are pruned), optionally recover the lost accuracy by "
                 "distillation from the full model on the same unlabeled images (--heal: only the kept experts "
-                "and the router are trained), and write a native checkpoint holding only those experts (re-indexed; "
+                "router and head are trained), and write a native checkpoint holding only those experts (re-indexed; "
                 "their original ids in its metadata, see `moe-prune info --json`). drop mode keeps all of the "
                 "router (the combine denominator needs every slot); renorm keeps only the kept columns. The "
                 "input is never modified; the output is written atomically. Under torchrun the calibration is sharded "
@@ -306,8 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heal-steps", type=int, default=HEAL_DEFAULTS.steps, help="Adam steps of --heal")
     s.add_argument("--heal-lr", type=float, default=HEAL_DEFAULTS.lr, help="Adam learning rate of --heal")
     s.add_argument("--heal-temperature", type=float, default=HEAL_DEFAULTS.temperature, help="softmax temperature of --heal")
-    s.add_argument("--heal-parts", choices=["experts", "experts+router"], default=HEAL_DEFAULTS.parts,
-                   help="what --heal trains: the kept experts, or also the router (phi and scale)")
+    s.add_argument("--heal-parts", choices=["experts", "experts+router", "experts+router+head"],
+                   default=HEAL_DEFAULTS.parts, help="what --heal trains: the kept experts; also the routers (phi, "
+                   "scale); also the classifier head. Everything else stays frozen")
     s.add_argument("--heal-seed", type=int, default=HEAL_DEFAULTS.seed, help="seed of --heal's batch order")
     s.add_argument("--out", required=True, help="the output: " + OUT_RULE.format(
         suffix="safetensors", name="NAME.keepKofN.MODE.safetensors"))

@@ -91,7 +91,7 @@ def compress_model(model: nn.Module, subsets: dict, mode: str = "drop") -> nn.Mo
     for key, t in state.items():
         name = _owner(key, plans)
         if name is None:
-            new[key] = t
+            new[key] = t.clone()  # never shared with the source: healing trains the copy (the head, say)
             continue
 
         def get(rows, cols, t=t):

@@ -4,7 +4,8 @@
     loss = |student - teacher|^2 / |teacher|^2, over the batch         (a bare Soft MoE layer: its output tokens)
 
 Only what compression kept is trained: the kept experts' weights of every Soft MoE layer (`parts="experts"`),
-optionally also the routers (phi, scale, token gain: "experts+router"). Everything else is frozen, and a
+also the routers (phi, scale, token gain: "experts+router"), and also the classifier head (`head.*`,
+"experts+router+head", the default). Everything else is frozen (attention, patch embedding, norms), and a
 dropped expert does not exist in the compressed model. Adam; mini-batches drawn from the calibration inputs
 by a seeded generator, so a run is deterministic for its seed (on one device and thread count); memory is
 one batch of the teacher and the student. The teacher runs alongside, never stored.
@@ -24,7 +25,7 @@ from .errors import ConfigError
 from .layers import SoftMoE
 from .models import moe_layers
 
-PARTS = ("experts", "experts+router")
+PARTS = ("experts", "experts+router", "experts+router+head")
 ROUTER_TENSORS = ("phi", "scale", "norm_weight")
 
 
@@ -35,18 +36,19 @@ class HealConfig:
     Args:
         steps: Adam steps. batch_size: inputs per step. lr: Adam learning rate.
         temperature: the softmax temperature of the KL divergence (classifiers only).
-        parts: "experts" (the kept experts' weights) or "experts+router" (also phi, scale and token gain).
+        parts: "experts" (the kept experts' weights), "experts+router" (also phi, scale and token gain) or
+            "experts+router+head" (also the classifier head; the default: it measured best, see the README).
         seed: the mini-batch order.
 
     Example:
         >>> HealConfig(steps=200, lr=5e-4)
     """
 
-    steps: int = 1000
+    steps: int = 3000
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 1e-2
     temperature: float = 2.0
-    parts: str = "experts+router"
+    parts: str = "experts+router+head"
     seed: int = 0
 
     def __post_init__(self):
@@ -62,8 +64,9 @@ class HealConfig:
         return asdict(self)
 
 
-def trainable(model: nn.Module, parts: str = "experts") -> dict[str, nn.Parameter]:
-    """The parameters `heal` trains, by name: every Soft MoE layer's expert stack (and router, with "experts+router").
+def trainable(model: nn.Module, parts: str = "experts+router+head") -> dict[str, nn.Parameter]:
+    """The parameters `heal` trains, by name: every Soft MoE layer's expert stack, with "experts+router" also its
+    router (phi, scale, token gain), with "experts+router+head" also the classifier head (not for a bare layer).
 
     Example:
         >>> sorted(trainable(small))
@@ -75,8 +78,10 @@ def trainable(model: nn.Module, parts: str = "experts") -> dict[str, nn.Paramete
     for name, layer in moe_layers(model).items():
         prefix = f"{name}." if name else ""
         for pname, p in layer.named_parameters():
-            if pname.startswith("experts.") or (parts == "experts+router" and pname in ROUTER_TENSORS):
+            if pname.startswith("experts.") or (parts != "experts" and pname in ROUTER_TENSORS):
                 out[prefix + pname] = p
+    if parts == "experts+router+head" and not isinstance(model, SoftMoE):
+        out.update({n: p for n, p in model.named_parameters() if n.startswith("head.")})
     return out
 
 
@@ -139,6 +144,9 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
     params = trainable(student, config.parts)
     if not params:
         raise ConfigError("heal: the model has no Soft MoE expert weights to train")
+    shared = {p.data_ptr() for p in teacher.parameters()} & {p.data_ptr() for p in params.values()}
+    if shared:
+        raise ConfigError("heal: the student shares trained tensors with the teacher (make it with compress_model)")
     bare = isinstance(teacher, SoftMoE)
     keep = {id(p) for p in params.values()}
     frozen = [p for p in student.parameters() if id(p) not in keep]

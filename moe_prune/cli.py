@@ -70,6 +70,16 @@ def _folder_for(out: Path, given: str):
     return output_folder(out.parent) if _folder_form(out, given) else contextlib.nullcontext()
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -113,7 +123,8 @@ def cmd_demo(args) -> None:
     from .reports import format_demo
 
     config = DemoConfig(checkpoint=args.checkpoint, out_dir=args.out_dir, keep=args.keep, mode=args.mode,
-                        export=not args.no_export, bench=not args.no_bench)
+                        export=not args.no_export, bench=not args.no_bench,
+                        heal_steps=None if args.heal_steps == 0 else args.heal_steps)
     print(format_demo(run_demo(config)))
 
 
@@ -276,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", default="demo-output", help="the folder the outputs go to")
     s.add_argument("--no-export", action="store_true", help="skip the ONNX export and benchmark")
     s.add_argument("--no-bench", action="store_true", help="export and validate, but skip the benchmark")
+    s.add_argument("--heal-steps", type=_non_negative, default=HEAL_DEFAULTS.steps,
+                   help="distillation steps for the healed checkpoint (0: no healing)")
     s.set_defaults(func=cmd_demo)
 
     s = command("compress", help="calibrate, keep the best experts of every Soft MoE layer, write a smaller checkpoint",

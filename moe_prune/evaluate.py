@@ -78,6 +78,38 @@ def random_accuracies(model: nn.Module, images, labels, k, seeds: int, mode: str
         yield accuracy(with_experts(model, subset, mode=mode), images, labels, batch_size)
 
 
+class _RandomPerInput(nn.Module):
+    """A Soft MoE layer run with k experts drawn at random for every input (Chung et al.'s baseline for Algorithm 1)."""
+
+    def __init__(self, layer, k: int, generator: torch.Generator, mode: str):
+        super().__init__()
+        self.layer, self.k, self.generator, self.mode = layer, k, generator, mode
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        held = self.layer.held_experts(x.device)
+        draw = torch.rand(x.shape[0], len(held), generator=self.generator).argsort(dim=1)[:, :self.k]
+        return self.layer.mix(self.layer.route(x, mask), held[draw.sort(dim=1).values.to(x.device)], self.mode)
+
+
+def random_per_input_accuracies(model: nn.Module, images, labels, k, seeds: int, mode: str = "drop",
+                                batch_size: int = 256) -> Iterator[float]:
+    """Accuracy with k experts drawn at random for every input and every layer, one seed after another.
+
+    The baseline for Algorithm 1 (which also gives each input its own k), as `random_accuracies` is for one
+    shared subset. k: an int, or {layer name: k}.
+
+    Example:
+        >>> mean_std(list(random_per_input_accuracies(model, images, labels, 16, seeds=10)))
+    """
+    from .selection import replace_layers
+
+    for seed in range(seeds):
+        gen = torch.Generator().manual_seed(seed)
+        wrapped = replace_layers(model, lambda name, layer: _RandomPerInput(
+            layer, k[name] if isinstance(k, dict) else k, gen, mode))
+        yield accuracy(wrapped, images, labels, batch_size)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """The mean and the sample standard deviation (n - 1 in the denominator; 0 for a single value)."""
     mean = sum(values) / len(values)

@@ -7,8 +7,9 @@ Only what compression kept is trained: the kept experts' weights of every Soft M
 also the routers (phi, scale, token gain: "experts+router"), and also the classifier head (`head.*`,
 "experts+router+head", the default). Everything else is frozen (attention, patch embedding, norms), and a
 dropped expert does not exist in the compressed model. Adam; mini-batches drawn from the calibration inputs
-by a seeded generator, so a run is deterministic for its seed (on one device and thread count); memory is
-one batch of the teacher and the student. The teacher runs alongside, never stored.
+by a seeded generator, so a run is deterministic for its seed (on one device and thread count). A classifier
+teacher runs once over the inputs and its logits are kept ([N, classes]); a bare layer's teacher runs beside the
+student batch by batch. Memory: the inputs, plus one batch of training.
 """
 
 from __future__ import annotations
@@ -95,8 +96,10 @@ def _loss(student_out: torch.Tensor, teacher_out: torch.Tensor, temperature: flo
 
 @torch.no_grad()
 def distillation_loss(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, temperature: float = 2.0,
-                      batch_size: int = 256) -> float:
+                      batch_size: int = 256, targets: torch.Tensor | None = None) -> float:
     """The distillation loss of `student` against `teacher` over all `inputs` (mean over inputs).
+
+    `targets`: the teacher's outputs on `inputs`, if already computed (then the teacher is not run).
 
     Example:
         >>> distillation_loss(small, full, images[:1000])
@@ -105,13 +108,19 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, inputs: torch.Tens
     total, n = 0.0, 0
     for i in range(0, len(inputs), batch_size):
         x = inputs[i:i + batch_size]
-        s, t = student(x), teacher(x)
-        if bare:  # per-batch relative error, weighted by the batch's inputs
-            total += float(_loss(s, t, temperature, True)) * len(x)
-        else:
-            total += float(_loss(s, t, temperature, False)) * len(x)
+        t = targets[i:i + batch_size] if targets is not None else teacher(x)
+        total += float(_loss(student(x), t, temperature, bare)) * len(x)  # a bare layer: per-batch relative error
         n += len(x)
     return total / max(n, 1)
+
+
+@torch.no_grad()
+def _teacher_logits(teacher: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor | None:
+    """A classifier's logits on every input, computed once ([N, classes]: small); None for a bare layer, whose
+    outputs are as large as its inputs and are computed batch by batch instead."""
+    if isinstance(teacher, SoftMoE):
+        return None
+    return torch.cat([teacher(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
 
 
 def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = HealConfig(),
@@ -158,7 +167,8 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
     teacher.eval()
     student.eval()  # no dropout or batch statistics in these models; eval mode keeps inference numerics
     t0 = time.perf_counter()
-    before = distillation_loss(student, teacher, x_all, config.temperature)
+    cached = _teacher_logits(teacher, x_all)
+    before = distillation_loss(student, teacher, x_all, config.temperature, targets=cached)
     opt = torch.optim.Adam(list(params.values()), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(x_all), generator=gen)
@@ -168,10 +178,14 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
         for step in bar:
             if pos + config.batch_size > len(order):
                 order, pos = torch.randperm(len(x_all), generator=gen), 0
-            x = x_all[order[pos:pos + config.batch_size]]
+            rows = order[pos:pos + config.batch_size]
+            x = x_all[rows]
             pos += config.batch_size
-            with torch.no_grad():
-                target = teacher(x)
+            if cached is not None:
+                target = cached[rows]
+            else:
+                with torch.no_grad():
+                    target = teacher(x)
             loss = _loss(student(x), target, config.temperature, bare)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -187,6 +201,6 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
             p.requires_grad_(r)
         bar.close()
     student.eval()
-    after = distillation_loss(student, teacher, x_all, config.temperature)
+    after = distillation_loss(student, teacher, x_all, config.temperature, targets=cached)
     return {"loss_before": before, "loss_after": after, "trained": sorted(params), "seconds": time.perf_counter() - t0,
             "history": history, "config": config.to_dict()}

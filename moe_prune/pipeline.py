@@ -1,8 +1,9 @@
 """The whole flow on one checkpoint (the `moe-prune demo` command): load, select, compress, measure.
 
-    load -> calibrate on half of the bundled sample, keep the top 1/8 experts per layer -> compress ->
-    accuracy kept on the other half (beside a random subset and no experts at all) -> export full and
-    reduced models to ONNX, validate them -> benchmark -> one summary.
+    load -> calibrate on half of the bundled sample, keep 1/8 of the experts per layer (the default rule, beside
+    the paper's combine mass) -> compress -> heal by distillation on the same images -> accuracy kept on the other
+    half (beside a random subset and no experts at all) -> export full and reduced models to ONNX, validate
+    them -> benchmark -> one summary.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class DemoConfig:
     random_seeds: int = 10
     export: bool = True
     bench: bool = True
+    heal_steps: int | None = 3000  # None: no healed checkpoint
 
 
 def run_demo(config: DemoConfig = DemoConfig()) -> dict:
@@ -75,8 +77,10 @@ def _check_demo_model(ckpt: Path) -> None:
 
 
 def _demo(config: DemoConfig, ckpt: Path, out: Path) -> dict:
-    from .checkpoint import load, summary
-    from .compress import compress_file, static_subsets
+    from .calibration import DEFAULT_RULE, choose_subsets
+    from .checkpoint import load, save, summary
+    from .compress import compress_and_heal, compress_file, static_subsets
+    from .heal import HealConfig
     from .data import iterate_batches, load_images
     from .evaluate import accuracy, mean_std, random_accuracies
     from .models import moe_layers
@@ -90,23 +94,40 @@ def _demo(config: DemoConfig, ckpt: Path, out: Path) -> dict:
     images, labels = load_images("sample", split="test")
     calib, test = (images[:500], labels[:500]), (images[500:], labels[500:])
 
-    say("2/5 select", f"calibrating on 500 sample images, keeping the top {config.keep} experts of every Soft MoE layer")
-    subsets, _ = static_subsets(model, [x for x, _ in iterate_batches(calib[0], None, 250)], config.keep)
-    small_path = out / f"{ckpt.stem}.keep{config.keep.replace('/', 'of')}.{config.mode}.safetensors"
+    say("2/5 select", f"calibrating on 500 sample images, keeping {config.keep} of the experts of every Soft MoE layer "
+        f"(rule: {DEFAULT_RULE}; the paper's combine mass beside it)")
+    batches = [x for x, _ in iterate_batches(calib[0], None, 250)]
+    subsets, _ = choose_subsets(model, batches, config.keep, rule=DEFAULT_RULE, mode=config.mode)
+    by_mass, _ = static_subsets(model, batches, config.keep)
+    stem = f"{ckpt.stem}.keep{config.keep.replace('/', 'of')}.{config.mode}"
+    small_path = out / f"{stem}.safetensors"
     say("3/5 compress", str(small_path))
-    compress_file(ckpt, subsets, small_path, mode=config.mode, meta={"keep": config.keep, "calibration": "bundled sample, images 0-499"})
+    compress_file(ckpt, subsets, small_path, mode=config.mode,
+                  meta={"keep": config.keep, "rule": DEFAULT_RULE, "calibration": "bundled sample, images 0-499"})
     small_info = summary(small_path)
     small = load(small_path)
+    healed_path = None
+    if config.heal_steps is not None:
+        healed_path = out / f"{stem}.healed.safetensors"
+        say("3/5 heal", f"{config.heal_steps} distillation steps on the 500 calibration images -> {healed_path}")
+        healed, record = compress_and_heal(model, subsets, batches, mode=config.mode,
+                                           config=HealConfig(steps=config.heal_steps))
+        save(healed, healed_path, meta={"keep": config.keep, "rule": DEFAULT_RULE, "heal": record,
+                                        "calibration": "bundled sample, images 0-499", "mode": config.mode})
 
-    say("4/5 accuracy", "on sample images 500-999: full, static subset, Algorithm 1, random subsets, no experts")
+    say("4/5 accuracy", "on sample images 500-999: full, static subsets, healed, Algorithm 1, random subsets, no experts")
     acc = {"full": accuracy(model, *test), "static": accuracy(small, *test),
+           "static_mass": accuracy(with_experts(model, by_mass, mode=config.mode), *test),
            "alg1": accuracy(with_selection(model, config.keep, per="input", mode=config.mode), *test)}
+    if healed_path is not None:
+        acc["healed"] = accuracy(healed, *test)
     k = len(next(iter(subsets.values())))
     acc["random_mean"], acc["random_std"] = mean_std(list(random_accuracies(model, *test, k, config.random_seeds,
                                                                             config.mode)))
     acc["no_experts"] = accuracy(with_experts(model, {name: torch.zeros(0, dtype=torch.long) for name in layers}), *test)
     result = {
         "checkpoint": str(ckpt), "compressed": str(small_path), "keep": config.keep, "k": k, "mode": config.mode,
+        "rule": DEFAULT_RULE, "healed": None if healed_path is None else str(healed_path),
         "experts": {name: layer.config.num_experts for name, layer in layers.items()},
         "kept_experts": {name: s.tolist() for name, s in subsets.items()},
         "accuracy": acc,

@@ -120,9 +120,14 @@ def test_eval_labels_that_do_not_fit_the_model(tmp_path, capsys):
 
 def test_demo_and_bench_on_a_tiny_checkpoint(tmp_path, ckpt, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--checkpoint", str(ckpt), "--out-dir", str(out), "--keep", "1/4", "--no-bench"]) == 0
+    assert main(["demo", "--checkpoint", str(ckpt), "--out-dir", str(out), "--keep", "1/4", "--no-bench",
+                 "--heal-steps", "30"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["k"] == 4 and set(summary["accuracy"]) >= {"full", "static", "alg1", "random_mean", "no_experts"}
+    assert summary["k"] == 4 and set(summary["accuracy"]) >= {"full", "static", "static_mass", "healed", "alg1",
+                                                               "random_mean", "no_experts"}
+    healed = moe_prune.summary(summary["healed"])["meta"]["heal"]
+    assert healed["config"]["steps"] == 30 and healed["loss_after"] < healed["loss_before"]
+    assert "compressed + healed" in capsys.readouterr().out
     assert all(os.path.exists(p) for p in summary["speed"]["onnx"].values())
     bench = tmp_path / "bench"
     assert main(["bench", str(ckpt), "--keep", "1/4", "--batch-sizes", "1,4", "--min-seconds", "0",
@@ -284,8 +289,10 @@ def test_demo_on_a_compressed_checkpoint(tmp_path, ckpt, calib):
     small = tmp_path / "small.safetensors"
     assert main(["compress", str(ckpt), "--keep", "8", "--calib", str(calib), "--out", str(small)]) == 0
     out = tmp_path / "demo"
-    assert main(["demo", "--checkpoint", str(small), "--keep", "2", "--out-dir", str(out), "--no-export"]) == 0
-    assert json.loads((out / "summary.json").read_text())["k"] == 2
+    assert main(["demo", "--checkpoint", str(small), "--keep", "2", "--out-dir", str(out), "--no-export",
+                 "--heal-steps", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["k"] == 2 and summary["healed"] is None and "healed" not in summary["accuracy"]
 
 
 def test_bench_on_a_bare_layer_times_tokens(tmp_path, capsys):

@@ -1,0 +1,221 @@
+"""The calibration study (issue 12): which static subset, and does healing win the accuracy back?
+
+For every checkpoint, on the 10,000 Fashion-MNIST test images: the full model, no experts, Algorithm 1 (per
+input), Algorithm 2 (per batch of 32 and 256), the static subset of every calibration rule (drop and renorm),
+the static subsets after `heal` (the same function as `moe-prune compress --heal`), and two random baselines
+(a random subset per input, and one random subset shared by all inputs; `--seeds` seeds each, mean ± std).
+Calibration and healing use the first `--calib-limit` training images only, never the test set.
+
+Results are appended model by model to OUT/study.json (a model already there is skipped, so a killed run
+resumes); OUT/study.md is rewritten from it after every model.
+
+    python benchmarks/calibration_study.py runs/fmnist-s10/*.safetensors --out benchmarks/results/calibration_study
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import moe_prune as mp
+from moe_prune.calibration import DEFAULT_RULE, RULES, choose_subsets
+from moe_prune.compress import compress_and_heal, compress_model
+from moe_prune.data import calibration_batches, load_images
+from moe_prune.evaluate import accuracy, mean_std, random_accuracies, random_per_input_accuracies
+from moe_prune.heal import HealConfig
+from moe_prune.models import moe_layers
+from moe_prune.selection import keep_per_layer, with_experts, with_selection
+
+
+def _csv(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def study_model(path: Path, args) -> dict:
+    model = mp.load(path)
+    test = load_images("fashion-mnist", split="test")
+    calib = calibration_batches("fashion-mnist", limit=args.calib_limit, batch_size=256, model=model)
+    acc = lambda m, bs=256: accuracy(m, *test, batch_size=bs)  # noqa: E731
+    layers = moe_layers(model)
+    meta = mp.summary(path)["meta"]
+    empty = {name: torch.zeros(0, dtype=torch.long) for name in layers}
+    report = {"checkpoint": str(path), "experts": min(l.config.num_experts for l in layers.values()),
+              "layers": len(layers), "scale_init": meta.get("router_scale_init"),
+              "train_seconds": sum(h["seconds"] for h in meta.get("history", [])),
+              "epochs": len(meta.get("history", [])), "rows": []}
+    t0 = time.perf_counter()
+    report["full"], report["no_experts"] = acc(model), acc(with_experts(model, empty))
+
+    def row(keep, method, value, **extra):
+        report["rows"].append({"keep": keep, "method": method, "accuracy": value, **extra})
+        print(f"  {path.stem} keep {keep} {method} {extra.get('rule', '')} {extra.get('mode', '')} "
+              f"{extra.get('batch_size', '') or ''}: {100 * value:.2f}", file=sys.stderr, flush=True)
+
+    for keep in args.keeps:
+        k = keep_per_layer(model, keep)
+        row(keep, "alg1", acc(with_selection(model, keep, per="input")), mode="drop")
+        for bs in (32, 256):
+            row(keep, "alg2", acc(with_selection(model, keep, per="batch"), bs), mode="drop", batch_size=bs)
+        if keep in args.random_keeps:
+            for method, fn in (("random_per_input", random_per_input_accuracies), ("random_shared", random_accuracies)):
+                m, s = mean_std(list(fn(model, *test, k, args.seeds, "drop")))
+                row(keep, method, m, std=s, mode="drop", seeds=args.seeds)
+        for rule in args.rules:
+            chosen = {}
+            for mode in ("drop", "renorm"):
+                if mode == "renorm" and rule != "loss":
+                    subsets, seconds = chosen["drop"], None  # only `loss` chooses for the mode it runs in
+                else:
+                    t = time.perf_counter()
+                    subsets, _ = choose_subsets(model, calib, keep, rule=rule, mode=mode)
+                    seconds = time.perf_counter() - t
+                chosen[mode] = subsets
+                small = compress_model(model, subsets, mode=mode)
+                row(keep, "static", acc(small), rule=rule, mode=mode, calib_seconds=seconds,
+                    subsets={n: s.tolist() for n, s in subsets.items()})
+                rules = args.heal_rules if mode == "drop" else args.heal_renorm_rules
+                if keep in args.heal_keeps and rule in rules:
+                    cfg = HealConfig(steps=args.heal_steps)
+                    healed, rec = compress_and_heal(model, subsets, calib, mode=mode, config=cfg, progress=False)
+                    row(keep, "healed", acc(healed), rule=rule, mode=mode, heal_seconds=rec["seconds"],
+                        heal_steps=cfg.steps, loss_before=rec["loss_before"], loss_after=rec["loss_after"])
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def _share(a: float, r: dict) -> float:
+    """The share of the experts' own contribution kept: (acc - acc_no_experts) / (acc_full - acc_no_experts)."""
+    gap = r["full"] - r["no_experts"]
+    return (a - r["no_experts"]) / gap if abs(gap) > 1e-9 else float("nan")
+
+
+def _cell(r: dict, keep: str, method: str, **match) -> str:
+    for row in r["rows"]:
+        if row["keep"] == keep and row["method"] == method and all(row.get(k) == v for k, v in match.items()):
+            text = f"{100 * row['accuracy']:.2f}"
+            return text + (f" ± {100 * row['std']:.2f}" if row.get("std") is not None else "")
+    return "-"
+
+
+def _value(r: dict, keep: str, method: str, **match) -> float | None:
+    for row in r["rows"]:
+        if row["keep"] == keep and row["method"] == method and all(row.get(k) == v for k, v in match.items()):
+            return row["accuracy"]
+    return None
+
+
+def _seeds(reports) -> str:
+    return "/".join(str(s) for s in sorted({row["seeds"] for r in reports for row in r["rows"] if "seeds" in row}))
+
+
+def _heal_text(reports) -> str:
+    steps = sorted({row["heal_steps"] for r in reports for row in r["rows"] if "heal_steps" in row})
+    d = HealConfig()
+    return (f"{'/'.join(map(str, steps))} Adam steps, batch {d.batch_size}, lr {d.lr:g}, temperature {d.temperature:g}, "
+            f"trains {d.parts}")
+
+
+def _name(r: dict) -> str:
+    return Path(r["checkpoint"]).stem
+
+
+def markdown(reports: list[dict], command: str) -> str:
+    lines = [f"Command: `{command}`", "",
+             "Accuracy (%) on the 10,000 Fashion-MNIST test images. Calibration and healing: the first 10,000 "
+             "training images (never the test set). drop mode unless marked. Random baselines: "
+             f"{_seeds(reports)} seeds, mean ± std. healed: `heal` ({_heal_text(reports)}). "
+             "share = (acc - no experts) / (full - no experts).", ""]
+    keeps = list(dict.fromkeys(row["keep"] for r in reports for row in r["rows"]))
+    rules = [rule for rule in RULES if any(row.get("rule") == rule for r in reports for row in r["rows"])]
+    for keep in keeps:
+        lines += [f"### Keep {keep}", "",
+                  "| model | n | scale | full | no experts | Alg. 1 | Alg. 2 b32 | Alg. 2 b256 | random per input | random shared | "
+                  + " | ".join(f"static {rule}" for rule in rules) + " | "
+                  + " | ".join(f"healed {rule}" for rule in rules) + " | healed renorm (rule) | healed default: % of full | share |",
+                  "|---" * (12 + 2 * len(rules) + 1) + "|"]
+        for r in reports:
+            if not any(row["keep"] == keep for row in r["rows"]):
+                continue
+            renorm = [f"{_cell(r, keep, 'healed', rule=rule, mode='renorm')} ({rule})" for rule in rules
+                      if _value(r, keep, "healed", rule=rule, mode="renorm") is not None]
+            best = _value(r, keep, "healed", rule=DEFAULT_RULE, mode="drop")
+            pct = f"{100 * best / r['full']:.1f}%" if best is not None else "-"
+            share = f"{100 * _share(best, r):.0f}%" if best is not None else "-"
+            lines.append("| " + " | ".join([
+                _name(r), str(r["experts"]), str(r["scale_init"]), f"{100 * r['full']:.2f}", f"{100 * r['no_experts']:.2f}",
+                _cell(r, keep, "alg1"), _cell(r, keep, "alg2", batch_size=32), _cell(r, keep, "alg2", batch_size=256),
+                _cell(r, keep, "random_per_input"), _cell(r, keep, "random_shared"),
+                *[_cell(r, keep, "static", rule=rule, mode="drop") for rule in rules],
+                *[_cell(r, keep, "healed", rule=rule, mode="drop") for rule in rules],
+                "; ".join(renorm) or "-", pct, share]) + " |")
+        lines += ["", f"Static subsets in renorm mode (keep {keep}):", "",
+                  "| model | " + " | ".join(f"static {rule} renorm" for rule in rules) + " |",
+                  "|---" * (1 + len(rules)) + "|"]
+        for r in reports:
+            if any(row["keep"] == keep for row in r["rows"]):
+                lines.append(f"| {_name(r)} | " + " | ".join(_cell(r, keep, "static", rule=rule, mode="renorm")
+                                                              for rule in rules) + " |")
+        lines += ["", f"Share of the experts' own contribution kept (keep {keep}, drop):", "",
+                  "| model | Alg. 1 | " + " | ".join(f"static {rule}" for rule in rules) + " | "
+                  + " | ".join(f"healed {rule}" for rule in rules) + " |", "|---" * (2 + 2 * len(rules)) + "|"]
+        for r in reports:
+            if not any(row["keep"] == keep for row in r["rows"]):
+                continue
+            cells = [_value(r, keep, "alg1")] + [_value(r, keep, "static", rule=rule, mode="drop") for rule in rules] \
+                + [_value(r, keep, "healed", rule=rule, mode="drop") for rule in rules]
+            lines.append(f"| {_name(r)} | " + " | ".join("-" if v is None else f"{100 * _share(v, r):.0f}%" for v in cells) + " |")
+        lines.append("")
+    lines += ["### Cost", "", "| model | epochs | train s | calibration s per rule (keep 1/8, drop) | heal s (default rule) |",
+              "|---|---|---|---|---|"]
+    for r in reports:
+        cal = ", ".join(f"{row['rule']} {row['calib_seconds']:.1f}" for row in r["rows"]
+                        if row["method"] == "static" and row["mode"] == "drop" and row["keep"] == "1/8"
+                        and row.get("calib_seconds") is not None)
+        heal = [row["heal_seconds"] for row in r["rows"] if row["method"] == "healed" and row["rule"] == DEFAULT_RULE
+                and row["mode"] == "drop"]
+        lines.append(f"| {_name(r)} | {r['epochs']} | {r['train_seconds']:.0f} | {cal} | {heal[0]:.0f} |" if heal else
+                     f"| {_name(r)} | {r['epochs']} | {r['train_seconds']:.0f} | {cal} | - |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/calibration_study"))
+    p.add_argument("--keeps", type=_csv, default=["1/8", "1/4", "1/2"])
+    p.add_argument("--random-keeps", type=_csv, default=["1/8", "1/4", "1/2"], help="keeps with random baselines")
+    p.add_argument("--rules", type=_csv, default=list(RULES))
+    p.add_argument("--heal-keeps", type=_csv, default=["1/8"])
+    p.add_argument("--heal-rules", type=_csv, default=list(RULES), help="rules healed in drop mode")
+    p.add_argument("--heal-renorm-rules", type=_csv, default=[DEFAULT_RULE, "mass"], help="rules healed in renorm mode")
+    p.add_argument("--heal-steps", type=int, default=HealConfig().steps)
+    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--calib-limit", type=int, default=10000)
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = args.out / "study.json"
+    data = json.loads(store.read_text()) if store.exists() else {"reports": [], "commands": []}
+    command = "python benchmarks/calibration_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    data["commands"].append(command)
+    done = {r["checkpoint"] for r in data["reports"]}
+    for path in args.checkpoints:
+        if str(path) in done:
+            print(f"{path}: already in {store}, skipped", file=sys.stderr)
+            continue
+        print(f"{path}:", file=sys.stderr, flush=True)
+        data["reports"].append(study_model(path, args))
+        data["versions"] = {"torch": torch.__version__, "moe_prune": mp.__version__}
+        tmp = store.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(store)
+        (args.out / "study.md").write_text(markdown(data["reports"], " ; ".join(data["commands"])))
+
+
+if __name__ == "__main__":
+    main()

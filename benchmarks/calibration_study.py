@@ -27,7 +27,7 @@ from moe_prune.calibration import DEFAULT_RULE, RULES, choose_subsets
 from moe_prune.compress import compress_and_heal, compress_model
 from moe_prune.data import calibration_batches, load_images
 from moe_prune.evaluate import accuracy, mean_std, random_accuracies, random_per_input_accuracies
-from moe_prune.heal import HealConfig
+from moe_prune.healing import HealConfig
 from moe_prune.models import moe_layers
 from moe_prune.selection import keep_per_layer, with_experts, with_selection
 

@@ -17,7 +17,7 @@ _EXPORTS = {
     **dict.fromkeys(["from_bwconrad", "from_lucidrains", "load", "save", "summary"], "checkpoint"),
     **dict.fromkeys(["choose_subsets"], "calibration"),
     **dict.fromkeys(["compress_and_heal", "compress_file", "compress_model", "static_subsets"], "compress"),
-    **dict.fromkeys(["HealConfig", "heal"], "heal"),
+    **dict.fromkeys(["HealConfig", "heal"], "healing"),
     **dict.fromkeys(["export_onnx"], "export"),
     **dict.fromkeys(["SoftMoE", "SoftMoEConfig"], "layers"),
     **dict.fromkeys(["MnistConfig", "MnistSoftMoE", "SoftMoEViT", "ViTConfig", "build", "model_spec", "moe_layers"],

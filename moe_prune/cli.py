@@ -151,7 +151,7 @@ def cmd_compress(args) -> None:
     out = resolve_out(args.out, ".safetensors", f"{src.stem}.keep{args.keep.replace('/', 'of')}.{args.mode}.safetensors")
     heal = None
     if args.heal:
-        from .heal import HealConfig
+        from .healing import HealConfig
 
         heal = HealConfig(steps=args.heal_steps, lr=args.heal_lr, temperature=args.heal_temperature,
                           parts=args.heal_parts, seed=args.heal_seed)

@@ -202,12 +202,12 @@ def kept_record(model: nn.Module) -> dict:
 
 def compress_and_heal(model: nn.Module, subsets: dict, calib_batches, mode: str = "drop", config=None,
                       check: tuple | None = None, progress: bool = True) -> tuple[nn.Module, dict]:
-    """`compress_model`, then recover by distillation from the full model (see `heal.heal`).
+    """`compress_model`, then recover by distillation from the full model (see `healing.heal`).
 
     Args:
         model: the full model (the teacher; unchanged). subsets, mode: see `compress_model`.
         calib_batches: the unlabeled calibration inputs (a list of batches) the student is trained on.
-        config: a `heal.HealConfig` (None: the defaults).
+        config: a `healing.HealConfig` (None: the defaults).
         check: optional held-out (images, labels) to measure accuracy before and after (reported, never used).
         progress: a progress bar.
 
@@ -220,7 +220,7 @@ def compress_and_heal(model: nn.Module, subsets: dict, calib_batches, mode: str 
         >>> record["accuracy_after"]
     """
     from .evaluate import accuracy
-    from .heal import HealConfig, heal
+    from .healing import HealConfig, heal
 
     config = config or HealConfig()
     small = compress_model(model, subsets, mode=mode)
@@ -282,7 +282,7 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
         keep: see `parse_keep`. calib: calibration data (see `data.calibration_inputs`).
         calib_limit: at most this many calibration inputs. batch_size: calibration batch size.
         mode: "drop" or "renorm". rule: the calibration rule (see `calibration.RULES`).
-        heal: a `heal.HealConfig` to recover by distillation on the calibration inputs, or None. With a data
+        heal: a `healing.HealConfig` to recover by distillation on the calibration inputs, or None. With a data
             set name or IDX folder as `calib`, accuracy before and after is measured on its test split (held
             out: reported in the metadata, never used to choose or train).
         create_folder: create out's folder for the run (removed again if it fails).

@@ -80,7 +80,7 @@ def _demo(config: DemoConfig, ckpt: Path, out: Path) -> dict:
     from .calibration import DEFAULT_RULE, choose_subsets
     from .checkpoint import load, save, summary
     from .compress import compress_and_heal, compress_file, static_subsets
-    from .heal import HealConfig
+    from .healing import HealConfig
     from .data import iterate_batches, load_images
     from .evaluate import accuracy, mean_std, random_accuracies
     from .models import moe_layers

@@ -1,14 +1,12 @@
-"""Healing by distillation (heal.py, compress --heal): the loss goes down, nothing else moves, runs repeat.
+"""Healing by distillation (healing.py, compress --heal): the loss goes down, nothing else moves, runs repeat.
 
 Oracles: the distillation loss recomputed here in float64 from both models' outputs (KL at a temperature for
 classifiers, relative squared error for a bare layer); bitwise comparison of every tensor before and after;
 ONNX Runtime against the healed checkpoint loaded back. Models are tiny and step counts small (a few dozen Adam
 steps): the suite shares two CPU cores with other work.
 
-Bug found here (marked xfail, strict, so that a fix shows up as XPASS):
-- `moe_prune.heal` (the function re-exported by moe_prune/__init__.py) is the `moe_prune.heal` *module* as soon
-  as that module has been imported by anything (`from moe_prune import HealConfig`, `compress_and_heal`, ...),
-  so `from moe_prune import HealConfig, heal` gives a module and `heal(...)` raises TypeError.
+A bug found here and fixed: `moe_prune.heal` (the function) was shadowed by a submodule of the same name once
+anything imported it; the module is now moe_prune/healing.py (test_public_heal_is_the_function).
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ from moe_prune import cli
 from moe_prune.calibration import DEFAULT_RULE, RULES
 from moe_prune.compress import compress_and_heal, compress_from_data, compress_model
 from moe_prune.errors import ConfigError
-from moe_prune.heal import PARTS, HealConfig, distillation_loss, heal, trainable
+from moe_prune.healing import PARTS, HealConfig, distillation_loss, heal, trainable
 from moe_prune.layers import SoftMoE, SoftMoEConfig
 from moe_prune.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig, moe_layers
 
@@ -500,11 +498,9 @@ def test_cli_defaults_agree_with_the_library():
 # -- the public name -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: moe_prune.heal is the heal *module* once moe_prune.heal was imported (this file "
-                   "imports it at the top), not the heal() function that moe_prune/__init__.py re-exports")
 def test_public_heal_is_the_function():
-    import moe_prune.heal as module
+    """The function lives in moe_prune.healing: a module named like the function once shadowed it."""
+    import moe_prune.healing as module
 
     assert moe_prune.heal is heal, f"moe_prune.heal is {moe_prune.heal!r}"
     assert module.heal is heal

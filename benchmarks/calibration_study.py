@@ -196,8 +196,9 @@ def main(argv=None) -> None:
     p.add_argument("--heal-steps", type=int, default=HealConfig().steps)
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--calib-limit", type=int, default=10000)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 beside another job on 2 cores)")
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "study.json"
     data = json.loads(store.read_text()) if store.exists() else {"reports": [], "commands": []}

@@ -1,6 +1,6 @@
-"""The Python API in one page: load, score, select, run reduced, compress, export, check.
+"""The Python API in one page: load, score, select, run reduced, compress, heal, export, check.
 
-    python examples/quickstart.py            # about half a minute on two CPU cores; writes to quickstart-output/
+    python examples/quickstart.py            # about a minute on two CPU cores; writes to quickstart-output/
 """
 
 from pathlib import Path
@@ -33,13 +33,19 @@ def main() -> None:
     print("Algorithm 1 (per input):", mp.select_experts(scores, "1/8", per="input")[:2].tolist())
     print("Algorithm 2 (per batch):", mp.select_experts(scores, "1/8", per="batch").tolist())
 
-    # Static subsets over calibration data, and the model run with them (weights shared, nothing copied).
-    subsets, _ = mp.static_subsets(model, [x for x, _ in iterate_batches(calib, None, 250)], "1/8")
-    print(f"accuracy: full {accuracy(model, *test):.3f}, static 1/8 {accuracy(mp.with_experts(model, subsets), *test):.3f}, "
+    # Static subsets over calibration data: the paper's combine mass, and the default rule ("loss").
+    batches = [x for x, _ in iterate_batches(calib, None, 250)]
+    by_mass, _ = mp.static_subsets(model, batches, "1/8")
+    subsets, _ = mp.choose_subsets(model, batches, "1/8")
+    print(f"accuracy: full {accuracy(model, *test):.3f}, static 1/8 by mass {accuracy(mp.with_experts(model, by_mass), *test):.3f}, "
+          f"by the default rule {accuracy(mp.with_experts(model, subsets), *test):.3f}, "
           f"per-input 1/8 {accuracy(mp.with_selection(model, '1/8', per='input'), *test):.3f}")
 
-    # A smaller checkpoint, then ONNX, validated against PyTorch.
-    small = mp.compress_model(model, subsets)
+    # A smaller checkpoint, healed by distillation from the full model on the calibration images, then ONNX,
+    # validated against PyTorch.
+    small, record = mp.compress_and_heal(model, subsets, batches, config=mp.HealConfig(steps=1000))
+    print(f"healed: distillation loss {record['loss_before']:.3f} -> {record['loss_after']:.3f}, "
+          f"accuracy {accuracy(small, *test):.3f}")
     mp.save(small, out / "small.safetensors")
     onnx_path = mp.export_onnx(small, out / "small.onnx")
     print(mp.validate_onnx(onnx_path, small).format())

@@ -68,7 +68,7 @@ def study_model(path: Path, args) -> dict:
         for rule in args.rules:
             chosen = {}
             for mode in ("drop", "renorm"):
-                if mode == "renorm" and rule != "loss":
+                if mode == "renorm" and (rule != "loss" or args.renorm_reuse):
                     subsets, seconds = chosen["drop"], None  # only `loss` chooses for the mode it runs in
                 else:
                     t = time.perf_counter()
@@ -183,9 +183,49 @@ def markdown(reports: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(reports: list[dict], path: Path) -> bool:
+    """% of the full model's accuracy at keep 1/8 against n, one panel per family: Alg. 1, static mass, static by
+    the default rule, healed (default rule), random shared. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    from moe_prune.reports import save_figure
+
+    families = {}
+    for r in reports:
+        family = ("ViT" if "vit" in _name(r) else "MNIST family") + f", scale {r['scale_init']:g}"
+        families.setdefault(family, []).append(r)
+    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.6), squeeze=False)
+    lines = [("alg1", {}, "Alg. 1 (per input)", "-"), ("static", {"rule": "mass", "mode": "drop"}, "static, mass", "--"),
+             ("static", {"rule": DEFAULT_RULE, "mode": "drop"}, f"static, {DEFAULT_RULE}", "-"),
+             ("healed", {"rule": DEFAULT_RULE, "mode": "drop"}, f"{DEFAULT_RULE} + heal", "-"),
+             ("random_shared", {}, "random shared", ":")]
+    for ax, (family, rs) in zip(axes[0], sorted(families.items())):
+        rs = sorted(rs, key=lambda r: r["experts"])
+        for method, match, label, style in lines:
+            pts = [(r["experts"], _value(r, "1/8", method, **match) / r["full"]) for r in rs
+                   if _value(r, "1/8", method, **match) is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", label=label)
+        ax.axhline(0.98, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("experts n (keep 1/8)")
+        ax.set_ylabel("fraction of the full model's accuracy")
+        ax.set_title(family)
+        ax.set_ylim(0, 1.05)
+    axes[0][0].legend(fontsize=7)
+    save_figure(fig, path)
+    return True
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", type=Path)
+    p.add_argument("checkpoints", nargs="*", type=Path)
+    p.add_argument("--render", action="store_true", help="only rewrite study.md and study.png from study.json")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/calibration_study"))
     p.add_argument("--keeps", type=_csv, default=["1/8", "1/4", "1/2"])
     p.add_argument("--random-keeps", type=_csv, default=["1/8", "1/4", "1/2"], help="keeps with random baselines")
@@ -195,6 +235,8 @@ def main(argv=None) -> None:
     p.add_argument("--heal-renorm-rules", type=_csv, default=[DEFAULT_RULE, "mass"], help="rules healed in renorm mode")
     p.add_argument("--heal-steps", type=int, default=HealConfig().steps)
     p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--renorm-reuse", action="store_true", help="renorm rows use the drop subsets of every rule "
+                   "(saves the loss rule's second search, for the ViTs)")
     p.add_argument("--calib-limit", type=int, default=10000)
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 beside another job on 2 cores)")
     args = p.parse_args(argv)
@@ -202,6 +244,10 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "study.json"
     data = json.loads(store.read_text()) if store.exists() else {"reports": [], "commands": []}
+    if args.render:
+        (args.out / "study.md").write_text(markdown(data["reports"], " ; ".join(data["commands"])))
+        plot(data["reports"], args.out / "study.png")
+        return
     command = "python benchmarks/calibration_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
     data["commands"].append(command)
     done = {r["checkpoint"] for r in data["reports"]}
@@ -216,6 +262,7 @@ def main(argv=None) -> None:
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(store)
         (args.out / "study.md").write_text(markdown(data["reports"], " ; ".join(data["commands"])))
+        plot(data["reports"], args.out / "study.png")
 
 
 if __name__ == "__main__":

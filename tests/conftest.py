@@ -24,6 +24,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny models: on a shared 2-core CPU, thread hand-offs cost more than
+    the work (6 ViT forwards took 1 s on 2 threads), and a healing run is bit-reproducible for one thread count.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if _has_gpu:
         return

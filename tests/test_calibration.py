@@ -31,13 +31,7 @@ from moe_prune.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig, m
 E = 6  # experts in every model here: C(6, 2) = 15 subsets, brute force is cheap
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared CPU: with 2 threads and a busy machine a forward pass took 200x longer.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- models and inputs ---------------------------------------------------------------------------------------

@@ -39,13 +39,7 @@ from moe_prune.validate import validate_onnx
 ATOL, RTOL = 1e-5, 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared CPU: thread hand-offs cost more than the work (6 ViT forwards: 1 s on 2 threads).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mnist():

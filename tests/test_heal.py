@@ -41,14 +41,7 @@ needs_cli = pytest.mark.skipif(not MOE_PRUNE.is_file(), reason=f"the moe-prune c
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"shared fixtures not found at {FIXTURES}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared CPU: thread hand-offs cost more than the work. One thread also makes a healing run
-    # bit-reproducible (the promise is "for one device and thread count").
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- models, inputs, and the loss recomputed here ------------------------------------------------------------

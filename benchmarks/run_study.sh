@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The calibration study of issue 12 over the models of benchmarks/train_study.sh, in the order they finish
+# training (a model not trained yet is waited for). Resumable: models already in study.json are skipped.
+# Usage: bash benchmarks/run_study.sh [RUNS_DIR] [THREADS]
+set -euo pipefail
+RUNS=${1:-runs}
+THREADS=${2:-2}
+PY=${PYTHON:-python}
+OUT=benchmarks/results/calibration_study
+study() { $PY benchmarks/calibration_study.py --out "$OUT" --threads "$THREADS" "$@"; }
+wait_for() { while [ ! -f "$1" ]; do sleep 20; done; }
+# MNIST family: every rule at 1/8, 1/4, 1/2; healed at 1/8 (scale 10 up to n = 128: every rule in drop mode).
+MNIST_ALL="--heal-rules loss,mass,output,reconstruct --heal-renorm-rules loss,mass"
+MNIST_FEW="--heal-rules loss,mass --heal-renorm-rules loss"
+# The ViTs: keep 1/8 only (their loss-rule search and healing cost minutes per model on one core).
+VIT="--keeps 1/8 --random-keeps 1/8 --renorm-reuse"
+for n in 8 16 32 64 128; do study $MNIST_ALL "$RUNS/fmnist-s10/mnist-e$n-s10.safetensors"; done
+wait_for "$RUNS/fmnist-vit-s10/vit-e8-s10.safetensors"; study $VIT $MNIST_FEW "$RUNS/fmnist-vit-s10/vit-e8-s10.safetensors"
+study $MNIST_FEW "$RUNS/fmnist-s10/mnist-e256-s10.safetensors"
+for n in 32 128; do
+  wait_for "$RUNS/fmnist-vit-s10/vit-e$n-s10.safetensors"; study $VIT $MNIST_FEW "$RUNS/fmnist-vit-s10/vit-e$n-s10.safetensors"
+done
+wait_for "$RUNS/fmnist-s10/mnist-e512-s10.safetensors"; study $MNIST_FEW "$RUNS/fmnist-s10/mnist-e512-s10.safetensors"
+for n in 8 32 128; do
+  wait_for "$RUNS/fmnist-vit-s1/vit-e$n.safetensors"
+  study $VIT --heal-rules loss --heal-renorm-rules "" "$RUNS/fmnist-vit-s1/vit-e$n.safetensors"
+done
+for n in 8 32 128; do
+  wait_for "$RUNS/fmnist-s1/mnist-e$n.safetensors"; study $MNIST_FEW "$RUNS/fmnist-s1/mnist-e$n.safetensors"
+done

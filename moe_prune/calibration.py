@@ -1,4 +1,4 @@
-"""Static subsets from calibration data: which experts one compressed checkpoint keeps, by one of three rules.
+"""Static subsets from calibration data: which experts one compressed checkpoint keeps, by one of four rules.
 
 For a calibration input, Soft MoE layer output Y = sum over held experts e of Z_e, with Z_e [M, D] expert e's
 share: its slots' outputs y_e [S, D] mixed in by their combine weights C[:, e] [M, S] (drop mode).
@@ -13,11 +13,15 @@ share: its slots' outputs y_e [S, D] mixed in by their combine weights C[:, e] [
              model's output, so a later layer also corrects what the earlier pruning changed.
 
     loss:    the subset built expert by expert to minimize the model's own distillation loss KL(full || pruned)
-             on the calibration inputs (see `loss_subsets`); layers in order, as `reconstruct`.
+             on the calibration inputs (see `loss_subsets`); layers in order, as `reconstruct`; never worse
+             there than the combine-mass top k. The default: it measured best without healing (README).
 
 `mass` and `output` rank experts (top k of a sum, one pass); `reconstruct` needs one pass per Soft MoE layer over
 the calibration data, each running the full model and the pruned one; `loss` runs the model about
 (1 + candidates) times per kept expert on its first 2048 calibration inputs. All sums are float64.
+
+Reconstruction in a layer's output space did not track accuracy on the MNIST family (it keeps experts with large
+outputs that the classifier head weighs little); the `loss` rule measures what the model's output loses instead.
 """
 
 from __future__ import annotations

@@ -53,11 +53,12 @@ class HealConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not (isinstance(self.steps, int) and self.steps >= 1 and isinstance(self.batch_size, int)
-                and self.batch_size >= 1):
-            raise ConfigError(f"heal: steps and batch size must be integers >= 1, got {self.steps} and {self.batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)) or not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ConfigError(f"heal: lr and temperature must be positive and finite, got {self.lr} and {self.temperature}")
+        for name, flag, value in (("steps", "--heal-steps", self.steps), ("batch_size", "batch size", self.batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"heal: {name} ({flag}) must be an integer >= 1, got {value!r}")
+        for name, flag, value in (("lr", "--heal-lr", self.lr), ("temperature", "--heal-temperature", self.temperature)):
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"heal: {name} ({flag}) must be positive and finite, got {value!r}")
         if self.parts not in PARTS:
             raise ConfigError(f"heal: parts={self.parts!r}; choose one of {', '.join(PARTS)}")
 

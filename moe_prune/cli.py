@@ -169,6 +169,8 @@ def cmd_compress(args) -> None:
         if "accuracy_after" in h:
             line += (f"; held-out accuracy {100 * h['accuracy_before']:.2f}% -> {100 * h['accuracy_after']:.2f}% "
                      f"(full model {100 * h['accuracy_full']:.2f}%)")
+        else:
+            line += "; no held-out accuracy (--calib is not a data set with a test split)"
         print(line)
     for key, label in (("parameters", "parameters"), ("expert_parameters", "expert parameters")):
         print(f"  {label:<18} {human_count(before[key]):>9} -> {human_count(after[key]):>9}  ({before[key] / after[key]:.2f}x smaller)")

@@ -110,3 +110,38 @@ def test_two_process_calibration_equals_one_process(tmp_path):
     assert a["meta"]["calibration_scores"] == b["meta"]["calibration_scores"]
     assert a["moe_layers"][0]["kept_original_ids"] == b["moe_layers"][0]["kept_original_ids"]
     assert json.dumps(a["moe_layers"]) == json.dumps(b["moe_layers"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule, extra", [("reconstruct", []), ("output", []), ("loss", ["--heal", "--heal-steps", "20"])])
+def test_two_process_rules_and_healing_equal_one_process(tmp_path, rule, extra):
+    """torchrun, the other rules: `reconstruct` and `output` all-reduce float64 sums (the subset equals one process's),
+    `loss` runs whole on every rank, and rank 0 alone heals (the healed weights equal one process's)."""
+    model = tiny()
+    src = moe_prune.save(model, tmp_path / "m.safetensors")
+    calib = tmp_path / "calib.npy"
+    np.save(calib, (np.random.default_rng(1).random((100, 28, 28)) * 255).astype(np.uint8))
+    exe = str(Path(sys.executable).with_name("moe-prune"))
+    if not Path(exe).exists():
+        pytest.skip("the moe-prune console script is not installed")
+    args = ["compress", str(src), "--keep", "1/4", "--calib", str(calib), "--batch-size", "16", "--rule", rule, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([exe, *args, "--out", str(tmp_path / "one.safetensors")], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python", exe, *args,
+         "--out", str(tmp_path / "two.safetensors")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = moe_prune.summary(tmp_path / "one.safetensors"), moe_prune.summary(tmp_path / "two.safetensors")
+    assert a["moe_layers"][0]["kept_original_ids"] == b["moe_layers"][0]["kept_original_ids"]
+    assert a["meta"]["rule"] == b["meta"]["rule"] == rule
+    # the sums themselves: each rank saw half the batches, so a missing all-reduce shows here
+    if rule == "output":
+        assert np.allclose(a["meta"]["calibration_scores"]["moe"], b["meta"]["calibration_scores"]["moe"], rtol=1e-9)
+    if rule == "reconstruct":
+        ea, eb = a["meta"]["relative_output_error"]["moe"], b["meta"]["relative_output_error"]["moe"]
+        assert ea["error"] == pytest.approx(eb["error"], rel=1e-9) and ea["error_mass"] == pytest.approx(eb["error_mass"], rel=1e-9)
+    if extra:
+        x, y = moe_prune.load(tmp_path / "one.safetensors"), moe_prune.load(tmp_path / "two.safetensors")
+        assert all(torch.equal(p, q) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
+        assert b["meta"]["heal"]["config"]["steps"] == 20

@@ -87,18 +87,16 @@ def test_calibration_sums_are_exact_and_order_free():
     assert torch.equal(a["moe"], b["moe"])  # integer accumulation: bit for bit, whatever the order
 
 
-@pytest.mark.slow
-def test_two_process_calibration_equals_one_process(tmp_path):
-    """torchrun with 2 CPU processes (gloo): the compressed checkpoint equals the single-process one."""
-    model = tiny()
-    src = moe_prune.save(model, tmp_path / "m.safetensors")
+def _one_and_two_processes(tmp_path, seed: int, options: list) -> tuple[dict, dict]:
+    """`moe-prune compress` of a tiny model, once in one process and once under torchrun with 2 CPU processes
+    (gloo); the summaries of one.safetensors and two.safetensors."""
+    src = moe_prune.save(tiny(), tmp_path / "m.safetensors")
     calib = tmp_path / "calib.npy"
-    np.save(calib, (np.random.default_rng(0).random((100, 28, 28)) * 255).astype(np.uint8))
+    np.save(calib, (np.random.default_rng(seed).random((100, 28, 28)) * 255).astype(np.uint8))
     exe = str(Path(sys.executable).with_name("moe-prune"))
     if not Path(exe).exists():
         pytest.skip("the moe-prune console script is not installed")
-    # --rule mass sums in fixed point (bit-exact over any sharding); the other rules all-reduce float64 sums
-    args = ["compress", str(src), "--keep", "1/4", "--calib", str(calib), "--batch-size", "16", "--rule", "mass"]
+    args = ["compress", str(src), "--keep", "1/4", "--calib", str(calib), "--batch-size", "16", *options]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([exe, *args, "--out", str(tmp_path / "one.safetensors")], capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr
@@ -106,7 +104,14 @@ def test_two_process_calibration_equals_one_process(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python", exe, *args,
          "--out", str(tmp_path / "two.safetensors")], capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = moe_prune.summary(tmp_path / "one.safetensors"), moe_prune.summary(tmp_path / "two.safetensors")
+    return moe_prune.summary(tmp_path / "one.safetensors"), moe_prune.summary(tmp_path / "two.safetensors")
+
+
+@pytest.mark.slow
+def test_two_process_calibration_equals_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo): the compressed checkpoint equals the single-process one."""
+    # --rule mass sums in fixed point (bit-exact over any sharding); the other rules all-reduce float64 sums
+    a, b = _one_and_two_processes(tmp_path, 0, ["--rule", "mass"])
     assert a["meta"]["calibration_scores"] == b["meta"]["calibration_scores"]
     assert a["moe_layers"][0]["kept_original_ids"] == b["moe_layers"][0]["kept_original_ids"]
     assert json.dumps(a["moe_layers"]) == json.dumps(b["moe_layers"])
@@ -117,22 +122,7 @@ def test_two_process_calibration_equals_one_process(tmp_path):
 def test_two_process_rules_and_healing_equal_one_process(tmp_path, rule, extra):
     """torchrun, the other rules: `reconstruct` and `output` all-reduce float64 sums (the subset equals one process's),
     `loss` runs whole on every rank, and rank 0 alone heals (the healed weights equal one process's)."""
-    model = tiny()
-    src = moe_prune.save(model, tmp_path / "m.safetensors")
-    calib = tmp_path / "calib.npy"
-    np.save(calib, (np.random.default_rng(1).random((100, 28, 28)) * 255).astype(np.uint8))
-    exe = str(Path(sys.executable).with_name("moe-prune"))
-    if not Path(exe).exists():
-        pytest.skip("the moe-prune console script is not installed")
-    args = ["compress", str(src), "--keep", "1/4", "--calib", str(calib), "--batch-size", "16", "--rule", rule, *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([exe, *args, "--out", str(tmp_path / "one.safetensors")], capture_output=True, text=True, env=env)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python", exe, *args,
-         "--out", str(tmp_path / "two.safetensors")], capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = moe_prune.summary(tmp_path / "one.safetensors"), moe_prune.summary(tmp_path / "two.safetensors")
+    a, b = _one_and_two_processes(tmp_path, 1, ["--rule", rule, *extra])
     assert a["moe_layers"][0]["kept_original_ids"] == b["moe_layers"][0]["kept_original_ids"]
     assert a["meta"]["rule"] == b["meta"]["rule"] == rule
     # the sums themselves: each rank saw half the batches, so a missing all-reduce shows here

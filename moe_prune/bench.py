@@ -75,7 +75,9 @@ def check_compressed_from(full, small, full_path, small_path) -> None:
     """Refuse a `bench --compressed` checkpoint that was not compressed from the full one.
 
     Same family and architecture, the same Soft MoE layers with the same widths, kept experts (`origin`) that
-    are router ids of the full model, and those experts' weights equal to the full model's rows.
+    are router ids of the full model, and those experts' weights equal to the full model's rows; for a healed
+    checkpoint (`compress --heal`, whose kept experts were trained), instead its recorded source metadata equal
+    to the full checkpoint's.
 
     Raises:
         CheckpointError: naming both files and what differs.
@@ -93,6 +95,10 @@ def check_compressed_from(full, small, full_path, small_path) -> None:
     if a["family"] != "layer" and a["config"] != b["config"]:
         diff = sorted(key for key in a["config"] if a["config"].get(key) != b["config"].get(key))
         refuse(f"its architecture differs in {', '.join(diff)}")
+    small_meta = getattr(small, "checkpoint_meta", {})
+    healed = "heal" in small_meta  # `compress --heal`: the kept experts were trained, so their weights differ
+    if healed and small_meta.get("source_meta") != getattr(full, "checkpoint_meta", {}):
+        refuse("a healed checkpoint whose recorded source metadata is not this checkpoint's")
     fl, sl = moe_layers(full), moe_layers(small)
     if list(fl) != list(sl):
         refuse(f"Soft MoE layers {list(sl)}, the full model has {list(fl)}")
@@ -114,6 +120,8 @@ def check_compressed_from(full, small, full_path, small_path) -> None:
             if not all(0 <= e < f.config.num_experts for e in origin):
                 refuse(f"{where} keeps experts {origin}, the full model has {f.config.num_experts}")
             rows = origin
+        if healed:
+            continue  # its experts were trained on purpose; the provenance is checked from its metadata above
         with torch.no_grad():
             if not torch.equal(f.experts.w1[rows], s.experts.w1):
                 refuse(f"{where}: the kept experts' weights differ from the full model's experts {origin}")

@@ -497,3 +497,28 @@ def test_public_heal_is_the_function():
 
     assert moe_prune.heal is heal, f"moe_prune.heal is {moe_prune.heal!r}"
     assert module.heal is heal
+
+
+# -- bench --compressed takes a healed checkpoint (its experts differ on purpose), from its own source only -------
+
+
+def test_bench_accepts_a_healed_checkpoint_of_its_own_source_only(tmp_path):
+    from moe_prune.bench import check_compressed_from
+    from moe_prune.compress import compress_checkpoint
+    from moe_prune.errors import CheckpointError
+
+    torch.manual_seed(0)
+    src = moe_prune.save(MnistSoftMoE(MnistConfig(num_experts=8)), tmp_path / "m.safetensors", meta={"run": "a"})
+    other = moe_prune.save(MnistSoftMoE(MnistConfig(num_experts=8)), tmp_path / "o.safetensors", meta={"run": "b"})
+    batches = [torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    plain, _ = compress_checkpoint(src, tmp_path / "plain.safetensors", 2, batches, progress=False, rule="mass")
+    healed, _ = compress_checkpoint(src, tmp_path / "healed.safetensors", 2, batches, progress=False, rule="mass",
+                                    heal=HealConfig(steps=5, lr=1e-2))
+    full, small, cured = moe_prune.load(src), moe_prune.load(plain), moe_prune.load(healed)
+    assert not torch.equal(small.moe.experts.w1, cured.moe.experts.w1)  # healing moved the kept experts
+    check_compressed_from(full, small, src, plain)
+    check_compressed_from(full, cured, src, healed)  # accepted: its recorded source is this checkpoint
+    with pytest.raises(CheckpointError, match="source metadata"):
+        check_compressed_from(moe_prune.load(other), cured, other, healed)
+    with pytest.raises(CheckpointError, match="weights differ"):  # an unhealed one is still checked weight by weight
+        check_compressed_from(moe_prune.load(other), small, other, plain)

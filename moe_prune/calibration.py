@@ -36,28 +36,10 @@ from torch import nn
 from .errors import SelectionError
 from .layers import SoftMoE
 from .models import moe_layers
-from .selection import calibrate, keep_per_layer, replace_layers, select_experts, static_from_sums
+from .selection import TappedLayer, calibrate, keep_per_layer, replace_layers, select_experts, static_from_sums
 
 RULES = ("mass", "output", "reconstruct", "loss")
 DEFAULT_RULE = "loss"
-
-
-class _Run(nn.Module):
-    """A Soft MoE layer run with a fixed subset (`experts`, router ids; None: all it holds) that hands each call's
-    routing and output to `record(layer, routing, out)` if given; the record may return a replacement output."""
-
-    def __init__(self, layer: SoftMoE, experts: torch.Tensor | None = None, record=None, mode: str = "drop"):
-        super().__init__()
-        self.layer, self.experts, self.record, self.mode = layer, experts, record, mode
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        routing = self.layer.route(x, mask)
-        out = self.layer.mix(routing, self.experts, self.mode if self.experts is not None else "drop")
-        if self.record is not None:
-            replaced = self.record(self.layer, routing, out)
-            if replaced is not None:
-                return replaced
-        return out
 
 
 def _bar(batches, desc, progress):
@@ -93,7 +75,7 @@ def _shard():
 
 def _shares_norm(combine: torch.Tensor, y: torch.Tensor, S: int) -> torch.Tensor:
     """sum over tokens and slots of C[b, m, e, s] * |y[b, e, s]| -> [E_held] (float64)."""
-    B, M, KS = combine.shape
+    KS = combine.shape[-1]
     mass = combine.float().sum(dim=1)  # [B, K*S]
     size = y.float().norm(dim=-1)  # [B, K*S]
     return (mass * size).double().sum(dim=0).reshape(KS // S, S).sum(-1)
@@ -181,7 +163,7 @@ def output_sums(model: nn.Module, batches, progress: bool = False) -> dict[str, 
             sums[name][layer.held_experts()] += part
         return fn
 
-    tapped = replace_layers(model, lambda name, layer: _Run(layer, record=record(name)))
+    tapped = replace_layers(model, lambda name, layer: TappedLayer(layer, record=record(name)))
     rank, world = _shard()
     for i, x in enumerate(_bar(batches, "calibrating (output)", progress)):
         if i % world == rank:
@@ -224,8 +206,8 @@ def reconstruct_subsets(model: nn.Module, batches: Sequence, keep, progress: boo
                "t2": torch.zeros(1, dtype=torch.float64), "mass": torch.zeros(K, dtype=torch.float64)}
         # The full model gives the target; the model with the earlier layers pruned gives this layer's inputs
         # (for the first layer they are the same run).
-        full = replace_layers(model, lambda n, layer: _Run(layer, record=keep_target if n == name else None))
-        tapped = replace_layers(model, lambda n, layer: _Run(layer, subsets.get(n), accumulate if n == name else None))
+        full = replace_layers(model, lambda n, layer: TappedLayer(layer, record=keep_target if n == name else None))
+        tapped = replace_layers(model, lambda n, layer: TappedLayer(layer, subsets.get(n), accumulate if n == name else None))
         desc = f"calibrating (reconstruct, layer {li + 1}/{len(names)})"
         for i, x in enumerate(_bar(batches, desc, progress)):
             if i % world == rank:
@@ -275,8 +257,8 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
     chunks = [x[i:i + chunk] for i in range(0, len(x), chunk)]
     with torch.no_grad():
         teacher = [model(c).float().log_softmax(-1) for c in chunks]
-    runs: dict[str, _Run] = {}
-    pruned = replace_layers(model, lambda n, layer: runs.setdefault(n, _Run(layer, mode=mode)))
+    runs: dict[str, TappedLayer] = {}
+    pruned = replace_layers(model, lambda n, layer: runs.setdefault(n, TappedLayer(layer, mode=mode)))
     # parameters stay untouched: gradients are taken with autograd.grad at a detached copy of the layer output
     total = sum(ks.values())
     bar = None

@@ -164,7 +164,7 @@ def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike,
         raise CheckpointError(f"{src}: could not read tensors ({e}); is the file truncated or corrupted?") from None
     assign_weights(target, state, src, "cpu")
     record = {**(meta or {}), "source_meta": src_meta, "mode": mode,
-              "kept_experts": {name or "(layer)": list(p[0].origin) for name, p in plans.items()}}
+              "kept_experts": kept_record(target)}
     return save(target, out, meta=record, inputs=(src,))
 
 

@@ -327,17 +327,29 @@ def with_selection(module: nn.Module, keep, per: Per = "batch", mode: str = "dro
     return replace_layers(module, lambda name, layer: PrunedSoftMoE(layer, keep=keep, per=per, mode=mode))
 
 
-class _Scoring(nn.Module):
-    """A Soft MoE layer run in full that hands each call's expert scores to `record`: one routing per call."""
+class TappedLayer(nn.Module):
+    """A Soft MoE layer run with a fixed subset (`experts`, router ids; None: all it holds, in `mode`) that hands
+    each call's routing and output to `record(layer, routing, out)`; what `record` returns, if not None, replaces
+    the output. Calibration reads routings through it: one routing per call.
 
-    def __init__(self, layer: SoftMoE, record):
+    Example:
+        >>> seen = []
+        >>> tap = lambda layer, routing, out: seen.append(routing.scores)
+        >>> tapped = replace_layers(model, lambda name, layer: TappedLayer(layer, record=tap))
+    """
+
+    def __init__(self, layer: SoftMoE, experts: torch.Tensor | None = None, record=None, mode: str = "drop"):
         super().__init__()
-        self.layer, self.record = layer, record
+        self.layer, self.experts, self.record, self.mode = layer, experts, record, mode
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         routing = self.layer.route(x, mask)
-        self.record(routing.scores)
-        return self.layer.mix(routing)
+        out = self.layer.mix(routing, self.experts, self.mode if self.experts is not None else "drop")
+        if self.record is not None:
+            replaced = self.record(self.layer, routing, out)
+            if replaced is not None:
+                return replaced
+        return out
 
 
 # Calibration sums scores as integers in units of 2**-24: integer addition is exact and order-free, so a data set
@@ -381,7 +393,8 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], progress: bool 
             raise SelectionError(f"calibration scores of {name!r} are NaN or Inf (non-finite inputs or weights?)")
         sums[name] += torch.round(scores.double() * _FIXED_POINT).long().sum(dim=0).cpu()
 
-    scoring = replace_layers(model, lambda name, layer: _Scoring(layer, lambda s, name=name: record(name, s)))
+    scoring = replace_layers(model, lambda name, layer: TappedLayer(
+        layer, record=lambda lay, routing, out, name=name: record(name, routing.scores)))
     if progress:
         from .reports import progress as progress_bar
 

@@ -7,16 +7,20 @@ The public API, re-exported from the modules that implement it. Names are import
 from importlib import import_module
 
 from .errors import (
-    CheckpointError, ConfigError, DataError, ExportError, MoePruneError, OutputError, SelectionError, ServeError,
+    CheckpointError, ConfigError, DataError, DefaultedWarning, ExportError, MoePruneError, OutputError, SelectionError,
+    ServeError,
 )
 
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    **dict.fromkeys(["from_bwconrad", "from_lucidrains", "load", "save", "summary"], "checkpoint"),
+    **dict.fromkeys(["CheckpointFile", "convert_file", "from_bwconrad", "from_lucidrains", "load", "save", "summary"],
+                    "checkpoint"),
+    **dict.fromkeys(["convert"], "convert"),
     **dict.fromkeys(["choose_subsets"], "calibration"),
-    **dict.fromkeys(["compress_and_heal", "compress_file", "compress_model", "static_subsets"], "compress"),
+    **dict.fromkeys(["compress_and_heal", "compress_file", "compress_layer", "compress_model", "static_subsets"],
+                    "compress"),
     **dict.fromkeys(["HealConfig", "heal"], "healing"),
     **dict.fromkeys(["export_onnx"], "export"),
     **dict.fromkeys(["SoftMoE", "SoftMoEConfig"], "layers"),
@@ -44,6 +48,6 @@ def __dir__():
 
 
 __all__ = sorted([
-    "CheckpointError", "ConfigError", "DataError", "ExportError", "MoePruneError", "OutputError", "SelectionError",
+    "CheckpointError", "ConfigError", "DataError", "DefaultedWarning", "ExportError", "MoePruneError", "OutputError", "SelectionError",
     "ServeError", *_EXPORTS,
 ])

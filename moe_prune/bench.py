@@ -307,10 +307,10 @@ def bench_checkpoint(checkpoint, *, compressed=None, keep: str = "1/8", mode: st
     from .selection import keep_per_layer
 
     check_provider(provider)
-    full = load(checkpoint)
+    full = load(checkpoint, dtype=torch.float32)  # timed in float32, whatever the file holds
     keep_per_layer(full, keep)
     if compressed:
-        small, how = load(compressed), f"compressed checkpoint {compressed}"
+        small, how = load(compressed, dtype=torch.float32), f"compressed checkpoint {compressed}"
         check_compressed_from(full, small, checkpoint, compressed)
     else:
         small, how = reduced_model(full, keep, mode)
@@ -318,7 +318,7 @@ def bench_checkpoint(checkpoint, *, compressed=None, keep: str = "1/8", mode: st
         setup = BenchSetup(keep=keep, mode=mode, out_dir=str(out / "onnx"), provider=provider,
                            layers_alone=layers_alone, bench=config)
         result = benchmark(full, small, setup)
-        result.update(command=command, checkpoint=checkpoint, reduced=how)
+        result.update(command=command, checkpoint=str(checkpoint), reduced=how)
         write_json(out / "bench.json", result)
         write_text(out / "bench.md", f"Command: `{result['command']}`\n\nReduced model: {how}\n\n"
                    + format_bench(result, markdown=True) + "\n")

@@ -1,11 +1,16 @@
-"""Checkpoints: the native format, and loaders for the two public PyTorch Soft MoE libraries.
+"""Checkpoints: the native format, and every file a Soft MoE user has, opened the same way.
 
 Native format: ONE safetensors file. Its header metadata holds, under the key "moe_prune", a JSON object
 {"format_version": 1, "spec": <model spec, see moe_prune.models>, "meta": {...}} (meta: free-form facts such as
 the test accuracy, the training command, the original expert ids of a compressed model). One file means a
 checkpoint cannot be separated from its architecture, and one atomic rename publishes both.
 
-Nothing is ever unpickled: a pickle or torch.save file is refused with a message saying how to convert it.
+Any other checkpoint (a soft-moe or soft-moe-pytorch state dict as .safetensors, sharded, .pt/.pth/.bin or a
+Lightning .ckpt; see `formats` and `libraries`) opens as if it were native: its architecture is inferred from
+the tensor shapes and its tensors converted in memory. Nothing is unpickled beyond what
+torch.load(weights_only=True) allows (tensors and plain containers; it never calls user code).
+
+    open_checkpoint(file) -> Opened(spec, meta, header, found)  -> load / skeleton / summary
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,42 +28,48 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DefaultedWarning
 from .files import atomic_output
-from .layers import SoftMoE, SoftMoEConfig
-from .models import SoftMoEViT, ViTConfig, build, model_spec
+from .layers import SoftMoE
+from .models import SoftMoEViT, build, model_spec, moe_layers
 
 NATIVE_KEY = "moe_prune"
 FORMAT_VERSION = 1
-_PICKLE_HINT = (
-    "moe-prune never unpickles files (unpickling runs code). Convert it yourself where you trust it: "
-    "`safetensors.torch.save_file(torch.load(PATH, weights_only=True), 'model.safetensors')`, "
-    "then `moe-prune convert`"
-)
+
+
+@dataclass(frozen=True)
+class CheckpointFile(os.PathLike):
+    """A checkpoint path and how to read it, usable wherever a path is (`Path(f)`, `open(f)` see the path).
+
+    Args:
+        path: the file (native or any format `formats.read_state_file` reads).
+        kwargs: the source library's constructor arguments the shapes cannot tell (a ViT's num_heads,
+            global_pool); everything else is inferred.
+        ema: take the EMA copy of the weights (a separate entry, or a prefix naming "ema").
+        library: "auto", "bwconrad" (soft-moe) or "lucidrains" (soft-moe-pytorch).
+
+    Example:
+        >>> model = moe_prune.load(CheckpointFile("last.ckpt", kwargs={"num_heads": 6}, ema=True))
+    """
+
+    path: str | os.PathLike
+    kwargs: dict | None = None
+    ema: bool = False
+    library: str = "auto"
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __str__(self) -> str:
+        return os.fspath(self.path)
+
+
+def as_file(src) -> CheckpointFile:
+    """`src` (a path or a CheckpointFile) as a CheckpointFile."""
+    return src if isinstance(src, CheckpointFile) else CheckpointFile(src)
+
 
 # -- reading -------------------------------------------------------------------------------------------------
-
-
-def check_readable(path: str | os.PathLike) -> Path:
-    """Refuse at once what cannot be a safetensors checkpoint: missing, a folder, empty, pickle or zip."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file")
-    if p.is_dir():
-        raise CheckpointError(f"{p}: is a folder; give the .safetensors file inside it")
-    with open(p, "rb") as f:
-        head = f.read(9)
-    if not head:
-        raise CheckpointError(f"{p}: the file is empty")
-    if head[8:9] != b"{":  # safetensors: an 8-byte little-endian header length, then the JSON header
-        if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
-            raise CheckpointError(f"{p}: this is a pickle file, not safetensors. {_PICKLE_HINT}")
-        if head[:4] == b"PK\x03\x04":
-            raise CheckpointError(f"{p}: this is a zip archive (a torch.save file?), not safetensors. {_PICKLE_HINT}")
-        if len(head) < 9:
-            raise CheckpointError(f"{p}: truncated: {len(head)} bytes, too short for a safetensors header")
-        raise CheckpointError(f"{p}: not a safetensors file (it does not start with a safetensors header)")
-    return p
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, tuple[str, list[int]]]]:
@@ -66,14 +79,21 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, tupl
         (metadata, {tensor name: (dtype, shape)}).
 
     Raises:
-        CheckpointError: missing, pickled, truncated or corrupted file.
+        CheckpointError: missing, not safetensors, truncated or corrupted file.
 
     Example:
         >>> meta, tensors = read_header("model.safetensors")
         >>> tensors["head.weight"]
         ('F32', [10, 784])
     """
-    p = check_readable(path)
+    from .formats import resolve, sniff
+
+    p = resolve(path)
+    if sniff(p) != "safetensors":
+        with open(p, "rb") as f:
+            short = len(f.read(9)) < 9
+        why = "truncated: too short for a safetensors header" if short else "it does not start with a safetensors header"
+        raise CheckpointError(f"{p}: not a safetensors file ({why})")
     try:
         with safe_open(str(p), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -81,8 +101,6 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, tupl
             for name in f.keys():
                 sl = f.get_slice(name)
                 tensors[name] = (sl.get_dtype(), list(sl.get_shape()))
-    except CheckpointError:
-        raise
     except Exception as e:  # safetensors raises its own error types (and OSError) for every malformed file
         raise CheckpointError(f"{p}: not a valid safetensors file ({_short(e)}); is it truncated or corrupted?") from None
     return metadata, tensors
@@ -94,7 +112,7 @@ def _short(e: Exception) -> str:
 
 def load_tensors(path: str | os.PathLike, names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Load some or all tensors of a safetensors file (validated like `read_header`)."""
-    p = check_readable(path)
+    p = Path(path)
     try:
         with safe_open(str(p), framework="pt") as f:
             return {name: f.get_tensor(name) for name in (names if names is not None else f.keys())}
@@ -102,96 +120,261 @@ def load_tensors(path: str | os.PathLike, names: list[str] | None = None) -> dic
         raise CheckpointError(f"{p}: could not read tensors ({_short(e)}); is the file truncated or corrupted?") from None
 
 
-def native_info(path: str | os.PathLike) -> tuple[dict, dict, dict[str, tuple[str, list[int]]]]:
-    """(spec, meta, tensor header) of a native checkpoint, loading no tensor.
+@dataclass
+class Opened:
+    """A checkpoint, opened: what `load`, `skeleton` and `summary` need, whatever the file's format.
+
+    Attributes:
+        path: the file read. spec, meta: the native spec and meta. header: native tensor name -> (dtype, shape).
+        native: a native file (its tensors are read from it lazily); else `state` holds the converted tensors.
+        found: for a converted file, what was found and inferred (format, library, prefix, each argument's
+            source), for `moe-prune info`.
+    """
+
+    path: Path
+    spec: dict
+    meta: dict
+    header: dict[str, tuple[str, list[int]]]
+    native: bool
+    state: dict[str, torch.Tensor] | None = None
+    found: dict = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return load_tensors(self.path) if self.native else dict(self.state)
+
+
+def open_checkpoint(src) -> Opened:
+    """Open any checkpoint: a native file (header only), or a library's state dict in any format, converted.
 
     Raises:
-        CheckpointError: not a native checkpoint (the message says which converter fits, if one does).
+        CheckpointError: unreadable, damaged, unknown layout, or tensors that do not fit their config.
+        ConfigError: bad keyword arguments.
+
+    Example:
+        >>> opened = open_checkpoint(CheckpointFile("last.ckpt"))
+        >>> opened.found["library"], opened.spec["family"]
+        ('soft-moe (bwconrad)', 'vit')
     """
-    metadata, tensors = read_header(path)
-    if NATIVE_KEY not in metadata:
-        source = detect_source(tensors)
-        hint = {
-            "bwconrad": f"it looks like a soft-moe (bwconrad) checkpoint: `moe-prune convert {path} --from bwconrad "
-            "--kwargs '{...the SoftMoEVisionTransformer arguments...}' --out model.safetensors`",
-            "lucidrains": f"it looks like a soft-moe-pytorch (lucidrains) checkpoint: `moe-prune convert {path} "
-            "--from lucidrains --kwargs '{\"dim\": ..., \"num_experts\": ...}' --out model.safetensors`",
-        }.get(source, "it has no moe-prune architecture metadata and no known layout")
-        raise CheckpointError(f"{path}: not a moe-prune checkpoint; {hint}")
+    from .formats import resolve, sniff
+
+    f = as_file(src)
+    p = resolve(f)
+    if sniff(p) == "safetensors":
+        metadata, header = read_header(p)
+        if NATIVE_KEY in metadata:
+            if f.kwargs or f.ema or f.library != "auto":
+                raise ConfigError(f"{p}: a moe-prune checkpoint carries its architecture; --kwargs, --ema and --from "
+                                  "apply to other libraries' files only")
+            spec, meta = _native_record(p, metadata, header)
+            return Opened(p, spec, meta, header, True)
+    return _open_foreign(f, p)
+
+
+def _native_record(p: Path, metadata: dict, header: dict) -> tuple[dict, dict]:
     try:
         record = json.loads(metadata[NATIVE_KEY])
         spec, meta = record["spec"], record.get("meta", {})
         version = record.get("format_version")
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: the moe-prune metadata is not valid JSON with a 'spec' ({_short(e)})") from None
+        raise CheckpointError(f"{p}: the moe-prune metadata is not valid JSON with a 'spec' ({_short(e)})") from None
     if type(version) is not int or version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {version!r}; this moe-prune reads version {FORMAT_VERSION}")
+        raise CheckpointError(f"{p}: format version {version!r}; this moe-prune reads version {FORMAT_VERSION}")
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: the moe-prune metadata's 'meta' is not a JSON object; the file is damaged")
+        raise CheckpointError(f"{p}: the moe-prune metadata's 'meta' is not a JSON object; the file is damaged")
+    if isinstance(spec, dict) and spec.get("family") == "module":
+        return _module_spec(p, spec, header), meta
     config = spec.get("config") if isinstance(spec, dict) else None
     depth = config.get("depth") if isinstance(config, dict) else None
-    if isinstance(depth, int) and depth > len(tensors):  # every block holds tensors; building 10**9 of them would hang
-        raise CheckpointError(f"{path}: its architecture config is invalid: depth {depth}, but the file holds {len(tensors)} tensors")
+    if isinstance(depth, int) and depth > len(header):  # every block holds tensors; building 10**9 of them would hang
+        raise CheckpointError(f"{p}: its architecture config is invalid: depth {depth}, but the file holds {len(header)} tensors")
     try:  # a damaged spec fails in many ways (wrong types, huge sizes); building it on the meta device checks all
         with torch.device("meta"):
             skeleton = build(spec)
             spec = model_spec(skeleton)
     except Exception as e:
-        raise CheckpointError(f"{path}: its architecture config is invalid: {e if isinstance(e, ConfigError) else _short(e)}") from None
+        raise CheckpointError(f"{p}: its architecture config is invalid: {e if isinstance(e, ConfigError) else _short(e)}") from None
     # The header against the spec, as `load` checks it: `info` and `compress` never describe a file `load` refuses.
-    _check_layout(skeleton, tensors, path)
-    return spec, meta, tensors
+    _check_layout(skeleton, header, p)
+    return spec, meta
 
 
-def skeleton(path: str | os.PathLike) -> nn.Module:
-    """The model a native checkpoint describes, on the meta device (no tensor read), with its `checkpoint_meta`:
-    enough to know what input it takes before minutes of work (see data.check_inputs).
+def _module_spec(p: Path, spec: dict, header: dict) -> dict:
+    """A checkpoint of a user's own model class: its Soft MoE layers' configs are checked, the rest is theirs."""
+    from .layers import SoftMoEConfig
+
+    moe = spec.get("moe")
+    if not isinstance(moe, dict) or not moe:
+        raise CheckpointError(f"{p}: its architecture config is invalid: a model of your own class lists no Soft MoE layers")
+    try:
+        for name, cfg in moe.items():
+            with torch.device("meta"):
+                layer = SoftMoE(SoftMoEConfig.from_dict(cfg))
+            prefix = f"{name}." if name else ""
+            _check_layout(layer, {k[len(prefix):]: v for k, v in header.items() if k.startswith(prefix)}, p,
+                          allow_extra=False)
+    except ConfigError as e:
+        raise CheckpointError(f"{p}: its architecture config is invalid: {e}") from None
+    return spec
+
+
+def _open_foreign(f: CheckpointFile, p: Path) -> Opened:
+    from .formats import read_state_file
+    from .libraries import convert_state
+
+    sf = read_state_file(p, ema=f.ema)
+    converted = convert_state(sf.tensors, given=f.kwargs, hparams=sf.hyper_parameters, library=f.library,
+                              ema=f.ema and not sf.ema, where=str(p))
+    state = converted.state
+    try:
+        with torch.device("meta"):
+            skeleton = build(converted.spec)
+    except ConfigError as e:
+        raise CheckpointError(f"{p}: {e}") from None
+    header = {k: (str(v.dtype).replace("torch.", ""), list(v.shape)) for k, v in state.items()}
+    _check_layout(skeleton, header, p)
+    found = {
+        "file_format": sf.format, "entry": sf.entry, "library": converted.library, "model": converted.model,
+        "prefix": converted.prefix, "ignored_tensors": converted.ignored, "ema": sf.ema or _is_ema_prefix(converted.prefix),
+        "other_ema_entries": sf.ema_entries, "not_used": sf.notes, "kwargs": converted.kwargs,
+        "sources": converted.sources, "defaulted": converted.defaulted(), "notes": converted.notes,
+    }
+    if converted.defaulted():
+        import warnings
+
+        shown = ", ".join(f"{k}={converted.kwargs[k]!r}" for k in converted.defaulted())
+        warnings.warn(f"{p}: {shown}: not in the file, the library's default for this model; if it was trained with "
+                      f"other values, pass them (--kwargs '{{\"{converted.defaulted()[0]}\": ...}}')",
+                      DefaultedWarning, stacklevel=3)
+    meta = {"converted_from": f"{converted.library} {converted.model}", "source_kwargs": converted.kwargs,
+            "source": {"file": p.name, "format": sf.format, "prefix": converted.prefix, "sources": converted.sources}}
+    return Opened(p, converted.spec, meta, header, False, state, found)
+
+
+def _is_ema_prefix(prefix: str) -> bool:
+    return any("ema" in part.lower() for part in prefix.split(".") if part)
+
+
+def native_info(path) -> tuple[dict, dict, dict[str, tuple[str, list[int]]]]:
+    """(spec, meta, tensor header) of a checkpoint (a native one reads no tensor).
+
+    Raises:
+        CheckpointError: unreadable, damaged, or not convertible.
+    """
+    opened = open_checkpoint(path)
+    return opened.spec, opened.meta, opened.header
+
+
+def skeleton(path) -> nn.Module:
+    """The model a checkpoint describes, on the meta device (no tensor read for a native file), with its
+    `checkpoint_meta`: enough to know what input it takes before minutes of work (see data.check_inputs).
+
+    Raises:
+        CheckpointError: see `open_checkpoint`; or a model of the user's own class (only they can build it).
 
     Example:
         >>> data.check_inputs(skeleton("model.safetensors"), images, "calib.npy")
     """
-    spec, meta, _ = native_info(path)
+    opened = open_checkpoint(path)
+    _refuse_module(opened)
     with torch.device("meta"):
-        model = build(spec)
-    model.checkpoint_meta = meta
+        model = build(opened.spec)
+    model.checkpoint_meta = opened.meta
     return model
 
 
-def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a native checkpoint as a model in eval mode.
+def _refuse_module(opened: Opened) -> None:
+    if opened.spec.get("family") == "module":
+        raise CheckpointError(
+            f"{opened.path}: holds a model of your own class {opened.spec.get('class', '?')}; build it in Python and "
+            "load the file into it: moe_prune.load(path, model=YourModel(...))"
+        )
+
+
+def _dtype(value) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    name = str(value).replace("torch.", "")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16}.get(name)
+    dtype = dtype or getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"dtype {value!r}: choose float32, float16 or bfloat16")
+    return dtype
+
+
+def checkpoint_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype a checkpoint's model computes in: its floating tensors' one dtype, or float32 when they mix
+    (every float dtype converts to float32 exactly)."""
+    kinds = {t.dtype for t in state.values() if t.is_floating_point()}
+    return kinds.pop() if len(kinds) == 1 else torch.float32
+
+
+def file_dtype(opened: Opened) -> torch.dtype:
+    """`checkpoint_dtype` of an opened checkpoint, from its header (no tensor read)."""
+    names = {_dtype_name(dt) for dt, _ in opened.header.values()}
+    floats = {getattr(torch, n) for n in names if isinstance(getattr(torch, n, None), torch.dtype)
+              and getattr(torch, n).is_floating_point}
+    return floats.pop() if len(floats) == 1 else torch.float32
+
+
+def load(path, *, device: str | torch.device = "cpu", dtype=None, model: nn.Module | None = None) -> nn.Module:
+    """Load a checkpoint (native, or a soft-moe / soft-moe-pytorch file of any format) as a model in eval mode.
 
     Args:
-        path: a native .safetensors checkpoint (see `save`).
+        path: a file path or a CheckpointFile (to pass the source library's kwargs, --ema, the library).
         device: where the weights go.
+        dtype: the model's dtype; None keeps the checkpoint's (float32 when it mixes dtypes).
+        model: for a checkpoint of a model of your own class (saved by `save` after `moe_prune.convert`): a fresh
+            instance of that class; its Soft MoE layers are converted to the file's (compressed) ones and the
+            file's weights loaded into it, in place.
 
     Returns:
-        The model (MnistSoftMoE, SoftMoEViT or SoftMoE), with `model.checkpoint_meta` set to the file's meta.
+        The model (MnistSoftMoE, SoftMoEViT, SoftMoE, or `model`), with `model.checkpoint_meta` set.
 
     Raises:
-        CheckpointError: missing, pickled, corrupted, not native, tensors that do not fit the config,
-            or non-finite weights.
+        CheckpointError: missing, needs full unpickling, corrupted, unknown layout, tensors that do not fit the
+            config, or non-finite weights.
 
     Example:
-        >>> model = moe_prune.load("model.safetensors")
-        >>> logits = model(images)  # images [B, 1, 28, 28] in [0, 1]
+        >>> model = moe_prune.load("last.ckpt")          # a soft-moe ViT, architecture from its shapes
+        >>> logits = model(images)
     """
-    spec, meta, header = native_info(path)
+    opened = open_checkpoint(path)
+    dtype = _dtype(dtype)
+    if model is not None:
+        return _load_into(opened, model, device, dtype)
+    _refuse_module(opened)
     try:
         with torch.device("meta"):
-            model = build(spec)
+            built = build(opened.spec)
     except ConfigError as e:
-        raise CheckpointError(f"{path}: its architecture config is invalid: {e}") from None
-    _check_layout(model, header, path)
-    assign_weights(model, load_tensors(path), path, device)
-    model.checkpoint_meta = meta
+        raise CheckpointError(f"{opened.path}: its architecture config is invalid: {e}") from None
+    _check_layout(built, opened.header, opened.path)
+    assign_weights(built, opened.tensors(), opened.path, device, dtype)
+    built.checkpoint_meta = opened.meta
+    return built.eval()
+
+
+def _load_into(opened: Opened, model: nn.Module, device, dtype) -> nn.Module:
+    from .convert import convert
+    from .layers import SoftMoEConfig
+
+    spec = opened.spec
+    if spec.get("family") != "module":
+        raise CheckpointError(f"{opened.path}: holds a moe-prune {spec.get('family')} model; load it without model=")
+    configs = {name: SoftMoEConfig.from_dict(cfg) for name, cfg in spec["moe"].items()}
+    convert(model, configs=configs)
+    state = opened.tensors()
+    _check_layout(model, {k: ("", list(v.shape)) for k, v in state.items()}, opened.path)
+    assign_weights(model, state, opened.path, device, dtype)
+    model.checkpoint_meta = opened.meta
     return model.eval()
 
 
-def _check_layout(model: nn.Module, header: dict[str, tuple[str, list[int]]], where) -> None:
+def _check_layout(model: nn.Module, header: dict[str, tuple[str, list[int]]], where, allow_extra: bool = False) -> None:
     """Missing, unexpected and misshapen tensors against the model the config describes, in one message."""
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(header))
-    extra = sorted(set(header) - set(expected))
+    extra = [] if allow_extra else sorted(set(header) - set(expected))
     wrong = [f"{k} is {header[k][1]}, the config implies {expected[k]}" for k in expected if k in header and header[k][1] != expected[k]]
     problems = []
     if missing:
@@ -204,8 +387,11 @@ def _check_layout(model: nn.Module, header: dict[str, tuple[str, list[int]]], wh
         raise CheckpointError(f"{where}: the tensors do not match the architecture config: {' | '.join(problems)}")
 
 
-def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], where, device) -> None:
-    """Put checked tensors into `model` (every name, strictly), as float32 on `device`.
+def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], where, device, dtype=None) -> None:
+    """Put checked tensors into `model` (every name, strictly), on `device`, floats as `dtype`.
+
+    Args:
+        dtype: the floating dtype of every weight; None: `checkpoint_dtype(state)` (the file's own).
 
     Raises:
         CheckpointError: non-float weights or NaN/Inf values, naming `where` (the file or the model).
@@ -216,42 +402,85 @@ def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], where, devi
             raise CheckpointError(f"{where}: tensor {name} is {t.dtype}; the model needs floating-point weights")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{where}: tensor {name} holds NaN or Inf values; the checkpoint is damaged")
-    # One float dtype for the whole model: half-precision or mixed checkpoints load as float32 (inputs are float32).
-    state = {k: v.to(device, torch.float32) if v.is_floating_point() else v.to(device) for k, v in state.items()}
+    # One float dtype for the whole model (its matmuls need one): the file's, unless told.
+    dtype = dtype or checkpoint_dtype(state)
+    state = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a model's floating weights (float32 for a model without any)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 # -- writing -------------------------------------------------------------------------------------------------
 
 
-def save(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None, inputs: tuple = ()) -> Path:
+def save(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None, inputs: tuple = (),
+         dtype=None) -> Path:
     """Write a model as a native checkpoint, atomically (a temporary file, then a rename).
 
+    A model of your own class with moe-prune Soft MoE layers in it (after `moe_prune.convert`) is written too:
+    its layers' configs go into the metadata, and `load(path, model=YourModel(...))` reads it back.
+
     Args:
-        model: a moe-prune model (MnistSoftMoE, SoftMoEViT or SoftMoE).
+        model: a moe-prune model (MnistSoftMoE, SoftMoEViT or SoftMoE), or any model holding moe-prune layers.
         path: the output .safetensors file.
         meta: JSON-able facts stored with it (accuracy, command, ...); defaults to `model.checkpoint_meta`.
         inputs: paths the output must not overwrite (e.g. the checkpoint the model came from).
+        dtype: write floating weights in this dtype (None: as the model holds them).
 
     Returns:
         The output path.
 
     Raises:
-        ConfigError: not a moe-prune model. OutputError: the path cannot be written safely.
+        ConfigError: no Soft MoE layer in the model. OutputError: the path cannot be written safely.
 
     Example:
         >>> moe_prune.save(model, "model.safetensors", meta={"test_accuracy": 0.91})
     """
-    spec = model_spec(model)
+    spec = any_spec(model)
     if meta is None:
         meta = getattr(model, "checkpoint_meta", {})
+    dtype = _dtype(dtype)
     record = {"format_version": FORMAT_VERSION, "spec": spec, "meta": meta}
     metadata = {"format": "pt", NATIVE_KEY: json.dumps(record, sort_keys=True)}
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    _untie(state)
     with atomic_output(path, inputs=inputs, suffix=".safetensors") as tmp:
         save_file(state, str(tmp), metadata=metadata)
         _sort_metadata(tmp)
     return Path(path)
+
+
+def _untie(state: dict[str, torch.Tensor]) -> None:
+    """safetensors refuses tensors that share memory (tied weights of a user's model): give each its own copy."""
+    seen = set()
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
+        if key is not None and key in seen:
+            state[k] = v.clone()
+        seen.add(key)
+
+
+def any_spec(model: nn.Module) -> dict:
+    """`model_spec` for moe-prune's families; for a model of the user's own class holding moe-prune Soft MoE
+    layers, {"family": "module", "class": its import path, "moe": {layer name: config}}.
+
+    Raises:
+        ConfigError: a model with no moe-prune Soft MoE layer in it.
+    """
+    try:
+        return model_spec(model)
+    except ConfigError:
+        layers = moe_layers(model)
+        if not layers:
+            raise ConfigError(f"{type(model).__name__} holds no moe-prune Soft MoE layer; convert it first "
+                              "(moe_prune.convert(model))") from None
+        cls = type(model)
+        return {"family": "module", "class": f"{cls.__module__}.{cls.__qualname__}",
+                "moe": {name: layer.config.to_dict() for name, layer in layers.items()}}
 
 
 def _sort_metadata(path: Path) -> None:
@@ -269,41 +498,50 @@ def _sort_metadata(path: Path) -> None:
             f.write(text + b" " * (n - len(text)))
 
 
-# -- the public libraries ------------------------------------------------------------------------------------
+# -- the public libraries, in Python -------------------------------------------------------------------------
 
 
-def detect_source(names) -> str | None:
-    """'bwconrad', 'lucidrains' or None, from tensor names alone."""
-    names = list(names)
-    if any(".mlp.experts.0.fc1.weight" in n for n in names) and "patch_embed.proj.weight" in names:
-        return "bwconrad"
-    if any(n.endswith("experts.experts.0.0.weight") for n in names) and any(n.endswith("slot_embeds") for n in names):
-        return "lucidrains"
-    return None
+def _library_state(src, what: str, kind: str, kwargs: dict):
+    """(converted, where) for from_bwconrad / from_lucidrains: a state dict in memory or any checkpoint file."""
+    from .formats import read_state_file
+    from .libraries import bwconrad_vit, find_layout, lucidrains_layer, strip
 
-
-def _state_dict(src, what: str) -> tuple[dict[str, torch.Tensor], str]:
     if isinstance(src, dict):
         bad = [k for k, v in src.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise CheckpointError(f"{what}: state dict entries {bad[:3]} are not tensors")
-        return dict(src), what
-    return load_tensors(src), str(src)
+        state, where, hparams = dict(src), what, None
+    else:
+        sf = read_state_file(src)
+        state, where, hparams = sf.tensors, str(src), sf.hyper_parameters
+    found = find_layout(state, where=where)
+    if found is not None and found[0] == kind:
+        state, _ = strip(state, found[1])
+    if kind == "vit":
+        if "patch_embed.proj.weight" not in state:
+            raise CheckpointError(f"{where}: no patch_embed.proj.weight: not a soft-moe SoftMoEVisionTransformer")
+        return bwconrad_vit(state, kwargs, hparams, where), where
+    return lucidrains_layer(state, kwargs, where), where
 
 
-_BWCONRAD_CALLABLES = ("embed_layer", "norm_layer", "act_layer", "block_fn", "mlp_layer")
+def _from_library(src, kind: str, kwargs: dict, what: str) -> nn.Module:
+    converted, where = _library_state(src, what, kind, kwargs)
+    with torch.device("meta"):
+        model = build(converted.spec)
+    _check_layout(model, {k: ("", list(v.shape)) for k, v in converted.state.items()}, where)
+    assign_weights(model, converted.state, where, "cpu")
+    model.checkpoint_meta = {"converted_from": f"{converted.library} {converted.model}", "source_kwargs": converted.kwargs}
+    return model.eval()
 
 
 def from_bwconrad(path_or_state_dict, **kwargs) -> SoftMoEViT:
     """Load a `soft_moe.SoftMoEVisionTransformer` checkpoint (PyPI soft-moe 0.0.1, bwconrad) as a native model.
 
     Args:
-        path_or_state_dict: its state_dict(), or a safetensors file of it.
-        **kwargs: exactly the keyword arguments the model was built with (num_experts, slots_per_expert,
-            moe_layer_index, img_size, patch_size, in_chans, num_classes, global_pool, embed_dim, depth,
-            num_heads, mlp_ratio, qkv_bias, qk_norm, init_values, class_token, no_embed_class, pre_norm,
-            fc_norm, the dropout rates, weight_init). The callables (embed_layer, norm_layer, act_layer,
-            block_fn, mlp_layer) can only be their defaults.
+        path_or_state_dict: its state_dict(), or a checkpoint file of it (any format `load` reads).
+        **kwargs: constructor arguments the tensor shapes cannot tell (num_heads, global_pool); any other given
+            is checked against the tensors. The callables (embed_layer, norm_layer, act_layer, block_fn,
+            mlp_layer) can only be their defaults.
 
     Returns:
         SoftMoEViT in eval mode; its outputs equal the source model's.
@@ -313,53 +551,9 @@ def from_bwconrad(path_or_state_dict, **kwargs) -> SoftMoEViT:
         CheckpointError: unreadable file, or tensors that do not fit the arguments.
 
     Example:
-        >>> model = moe_prune.from_bwconrad("vit.safetensors", num_experts=16, moe_layer_index=2, img_size=28,
-        ...                                 patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4)
+        >>> model = moe_prune.from_bwconrad("vit.safetensors", num_heads=4)
     """
-    custom = [k for k in _BWCONRAD_CALLABLES if kwargs.get(k) is not None]
-    if custom:
-        raise ConfigError(f"from_bwconrad: custom {custom} are not supported; only soft-moe's default layers convert")
-    for k in _BWCONRAD_CALLABLES:
-        kwargs.pop(k, None)
-    known = set(ViTConfig.__dataclass_fields__) - {"moe_mlp_ratio", "moe_dispatch_input"}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise ConfigError(f"from_bwconrad: unknown keyword arguments {unknown}; SoftMoEVisionTransformer takes {sorted(known)}")
-    state, where = _state_dict(path_or_state_dict, "from_bwconrad")
-    config = ViTConfig(**kwargs)
-    with torch.device("meta"):
-        model = SoftMoEViT(config)
-    native = {}
-    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    for name, t in state.items():
-        parts = name.split(".")
-        # blocks.{i}.mlp.experts.{e}.{fc1|fc2}.{weight|bias} -> blocks.{i}.mlp.experts.{w1|b1|w2|b2}[e]
-        if len(parts) == 7 and parts[0] == "blocks" and parts[2:4] == ["mlp", "experts"] and parts[4].isdigit():
-            key = {("fc1", "weight"): "w1", ("fc1", "bias"): "b1", ("fc2", "weight"): "w2", ("fc2", "bias"): "b2"}.get(
-                (parts[5], parts[6])
-            )
-            if key is None:
-                raise CheckpointError(f"{where}: unexpected expert tensor {name}")
-            experts.setdefault((".".join(parts[:4]), key), {})[int(parts[4])] = t.t() if key[0] == "w" else t
-        else:
-            native[name] = t
-    for (prefix, key), per_expert in experts.items():
-        if sorted(per_expert) != list(range(len(per_expert))):
-            raise CheckpointError(f"{where}: {prefix} has experts {sorted(per_expert)}; expected 0..{len(per_expert) - 1}")
-        shapes = {tuple(v.shape) for v in per_expert.values()}
-        if len(shapes) != 1:
-            raise CheckpointError(f"{where}: the experts of {prefix} have different {key} shapes {sorted(shapes)}")
-        native[f"{prefix}.{key}"] = torch.stack([per_expert[e] for e in range(len(per_expert))])
-    _check_layout(model, {k: ("", list(v.shape)) for k, v in native.items()}, where)
-    assign_weights(model, native, where, "cpu")
-    model.checkpoint_meta = {"converted_from": "soft-moe (bwconrad) SoftMoEVisionTransformer", "source_kwargs": kwargs}
-    return model.eval()
-
-
-_LUCIDRAINS_KWARGS = (
-    "dim", "seq_len", "num_experts", "num_slots", "expert_mult", "dropout", "geglu", "is_distributed",
-    "offload_unused_experts_to_cpu", "use_layernorm",
-)
+    return _from_library(path_or_state_dict, "vit", kwargs, "from_bwconrad")
 
 
 def from_lucidrains(path_or_state_dict, **kwargs) -> SoftMoE:
@@ -370,10 +564,10 @@ def from_lucidrains(path_or_state_dict, **kwargs) -> SoftMoE:
     Difference: padded tokens (mask False) get output 0 here; the library gives them a uniform mix of all slots.
 
     Args:
-        path_or_state_dict: the layer's state_dict(), or a safetensors file of it.
-        **kwargs: the layer's keyword arguments: dim (required), seq_len or num_slots (exactly one),
-            num_experts=4, expert_mult=4, geglu=False, use_layernorm=False; dropout, is_distributed and
-            offload_unused_experts_to_cpu are accepted and do not affect inference.
+        path_or_state_dict: the layer's state_dict(), or a checkpoint file of it.
+        **kwargs: optional, checked against the tensors: dim, seq_len or num_slots, num_experts, expert_mult,
+            geglu, use_layernorm; dropout, is_distributed and offload_unused_experts_to_cpu are accepted and do
+            not affect inference. Every one of them follows from the tensors.
 
     Returns:
         SoftMoE in eval mode; for an input x [B, N, D] its output equals the library's.
@@ -382,81 +576,35 @@ def from_lucidrains(path_or_state_dict, **kwargs) -> SoftMoE:
         ConfigError: unknown or inconsistent keyword arguments. CheckpointError: unreadable or misfit tensors.
 
     Example:
-        >>> layer = moe_prune.from_lucidrains("layer.safetensors", dim=64, seq_len=64, num_experts=8)
+        >>> layer = moe_prune.from_lucidrains("layer.safetensors")
         >>> y = layer(torch.randn(3, 64, 64))
     """
-    unknown = sorted(set(kwargs) - set(_LUCIDRAINS_KWARGS))
-    if unknown:
-        raise ConfigError(f"from_lucidrains: unknown keyword arguments {unknown}; SoftMoE takes {list(_LUCIDRAINS_KWARGS)}")
-    if "dim" not in kwargs:
-        raise ConfigError("from_lucidrains: `dim` is required")
-    dim, E = kwargs["dim"], kwargs.get("num_experts", 4)
-    seq_len, num_slots = kwargs.get("seq_len"), kwargs.get("num_slots")
-    if (seq_len is None) == (num_slots is None):
-        raise ConfigError("from_lucidrains: pass exactly one of seq_len and num_slots, as soft_moe_pytorch.SoftMoE requires")
-    S = num_slots if num_slots is not None else seq_len // E
-    if S < 1:
-        raise ConfigError(f"from_lucidrains: seq_len {seq_len} // num_experts {E} gives no slots")
-    mult, geglu, layernorm = kwargs.get("expert_mult", 4), kwargs.get("geglu", False), kwargs.get("use_layernorm", False)
-    hidden = int(dim * mult * 2 / 3) if geglu else int(dim * mult)
-    config = SoftMoEConfig(
-        dim=dim, num_experts=E, slots_per_expert=S, hidden=hidden, expert="geglu" if geglu else "gelu_mlp",
-        token_norm="layer" if layernorm else "l2", token_gain=True, phi_norm=False,
-        # the library's F.normalize floor (1e-12) or F.layer_norm's default epsilon (1e-5)
-        eps=1e-5 if layernorm else 1e-12,
-    )
-    state, where = _state_dict(path_or_state_dict, "from_lucidrains")
-    expected_src = {"norm.gamma", "slot_norm.gamma", "slot_embeds"} | {
-        f"experts.experts.{e}.{i}.{w}" for e in range(E) for i in (0, 3) for w in ("weight", "bias")
-    }
-    if layernorm:
-        expected_src |= {"norm.beta", "slot_norm.beta"}
-    missing, extra = sorted(expected_src - set(state)), sorted(set(state) - expected_src - {"norm.beta", "slot_norm.beta"})
-    if missing or extra:
-        raise CheckpointError(
-            f"{where}: does not fit soft_moe_pytorch.SoftMoE({', '.join(f'{k}={v}' for k, v in kwargs.items())}): "
-            f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}"
-        )
-    if list(state["slot_embeds"].shape) != [E, S, dim]:
-        raise CheckpointError(f"{where}: slot_embeds is {list(state['slot_embeds'].shape)}, the arguments imply {[E, S, dim]}")
-    gamma, slot_gamma, slots = state["norm.gamma"], state["slot_norm.gamma"], state["slot_embeds"]
-    if layernorm:
-        if any(bool(state[k].any()) for k in ("norm.beta", "slot_norm.beta") if k in state):
-            raise CheckpointError(f"{where}: nonzero LayerNorm beta; soft-moe-pytorch keeps it at zero, so the file is not from it")
-        gain = gamma
-        phi = torch.nn.functional.layer_norm(slots, (dim,), eps=1e-5) * slot_gamma  # [E, S, D]
-    else:
-        gain = gamma * math.sqrt(dim)
-        phi = torch.nn.functional.normalize(slots, dim=-1) * math.sqrt(dim) * slot_gamma  # [E, S, D]
-    native = {"phi": phi.permute(2, 0, 1).contiguous(), "norm_weight": gain}
-    for key, (idx, w) in {"w1": (0, "weight"), "b1": (0, "bias"), "w2": (3, "weight"), "b2": (3, "bias")}.items():
-        ts = [state[f"experts.experts.{e}.{idx}.{w}"] for e in range(E)]
-        native[f"experts.{key}"] = torch.stack([t.t() if w == "weight" else t for t in ts])
-    with torch.device("meta"):
-        layer = SoftMoE(config)
-    _check_layout(layer, {k: ("", list(v.shape)) for k, v in native.items()}, where)
-    assign_weights(layer, native, where, "cpu")
-    layer.checkpoint_meta = {"converted_from": "soft-moe-pytorch (lucidrains) SoftMoE", "source_kwargs": kwargs}
-    return layer.eval()
+    return _from_library(path_or_state_dict, "lucidrains", kwargs, "from_lucidrains")
 
 
-def summary(path: str | os.PathLike) -> dict:
-    """Architecture, Soft MoE layers and parameter counts of a native checkpoint, loading no tensor.
+def summary(path) -> dict:
+    """Architecture, Soft MoE layers and parameter counts of a checkpoint (a native one loads no tensor).
 
     Returns:
-        A JSON-able dict: path, bytes, family, config, parameters, expert_parameters, moe_layers (per layer:
-        name, experts in the router, experts held, slots, hidden, kind, original ids of the held experts,
-        parameters) and meta.
+        A JSON-able dict: path, bytes, family, config, dtype, parameters, expert_parameters, moe_layers (per
+        layer: name, experts in the router, experts held, slots, hidden, kind, original ids of the held experts,
+        parameters), meta, and for another library's file `found` (format, library, prefix, each argument's
+        source: see `open_checkpoint`).
 
     Example:
         >>> s = summary("model.safetensors")
         >>> s["moe_layers"][0]["experts_held"]
         16
     """
-    spec, meta, header = native_info(path)
+    opened = open_checkpoint(path)
+    spec, meta, header = opened.spec, opened.meta, opened.header
     count = {name: math.prod(shape) for name, (_, shape) in header.items()}
+    dtypes = Counter()
+    for name, (dt, shape) in header.items():
+        dtypes[_dtype_name(dt)] += math.prod(shape)
     layers = []
-    for name, cfg in (spec.get("moe") or {"": spec["config"]}).items():
+    moe = spec.get("moe") if spec["family"] != "layer" else {"": spec["config"]}
+    for name, cfg in moe.items():
         prefix = f"{name}." if name else ""
         held = len(cfg["present"]) if cfg.get("present") else cfg["num_experts"]
         origin = cfg.get("origin") or cfg.get("present")
@@ -467,40 +615,58 @@ def summary(path: str | os.PathLike) -> dict:
             "parameters": sum(n for k, n in count.items() if k.startswith(prefix)),
             "expert_parameters": sum(n for k, n in count.items() if k.startswith(prefix + "experts.")),
         })
-    return {
-        "path": str(path), "bytes": os.path.getsize(path), "family": spec["family"], "config": spec["config"],
+    out = {
+        "path": str(path), "bytes": _size(opened.path), "family": spec["family"], "config": spec.get("config", {}),
+        "dtype": ", ".join(d for d, _ in dtypes.most_common()),
         "parameters": sum(count.values()), "expert_parameters": sum(layer["expert_parameters"] for layer in layers),
         "moe_layers": layers, "meta": meta,
     }
+    if spec["family"] == "module":
+        out["class"] = spec.get("class")
+    if opened.found:
+        out["found"] = opened.found
+    return out
 
 
-def convert(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "auto", kwargs: dict | None = None):
-    """Convert a soft-moe or soft-moe-pytorch safetensors state dict to a native checkpoint.
+def _size(p: Path) -> int:
+    """Bytes on disk: the file, or for a sharded index the index and every shard."""
+    if p.name.endswith(".index.json"):
+        try:
+            shards = set(json.loads(p.read_text())["weight_map"].values())
+            return p.stat().st_size + sum((p.parent / s).stat().st_size for s in shards)
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+    return p.stat().st_size
+
+
+def _dtype_name(dt: str) -> str:
+    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}.get(dt, dt.lower())
+
+
+def convert_file(source, out: str | os.PathLike, fmt: str = "auto", kwargs: dict | None = None,
+                 ema: bool = False) -> tuple[nn.Module, dict]:
+    """Convert a soft-moe or soft-moe-pytorch checkpoint (any format) to a native checkpoint, keeping its dtype.
 
     Args:
-        source: the library's state dict as .safetensors.
+        source: the library's checkpoint (.safetensors, sharded, .pt/.pth/.bin, Lightning .ckpt).
         out: the native checkpoint to write (atomically; never the source).
         fmt: "bwconrad", "lucidrains" or "auto" (detected from tensor names).
-        kwargs: the library model's constructor keyword arguments.
+        kwargs: constructor arguments the shapes cannot tell (see `libraries`); optional.
+        ema: take the EMA weights.
 
     Returns:
-        (model, detected format).
+        (model, found: what was read and inferred, see `summary`).
 
     Raises:
         CheckpointError: unreadable source or unknown layout. ConfigError: bad kwargs. OutputError: bad output.
 
     Example:
-        >>> convert("vit.safetensors", "native.safetensors", "bwconrad", {"num_experts": 16, ...})
+        >>> model, found = convert_file("last.ckpt", "native.safetensors", kwargs={"num_heads": 6})
     """
-    _, header = read_header(source)
-    if fmt == "auto":
-        fmt = detect_source(header)
-        if fmt is None:
-            raise CheckpointError(f"{source}: the tensor names match neither soft-moe (bwconrad) nor soft-moe-pytorch "
-                                  "(lucidrains); pass --from if you know which it is")
-    loader = {"bwconrad": from_bwconrad, "lucidrains": from_lucidrains}.get(fmt)
-    if loader is None:
-        raise ConfigError(f"unknown source format {fmt!r}: choose bwconrad or lucidrains")
-    model = loader(source, **(kwargs or {}))
-    save(model, out, inputs=(source,))
-    return model, fmt
+    src = CheckpointFile(os.fspath(source), kwargs=kwargs or None, ema=ema, library=fmt)
+    opened = open_checkpoint(src)
+    if opened.native:
+        raise CheckpointError(f"{source}: is already a moe-prune checkpoint; nothing to convert")
+    model = load(src)
+    save(model, out, inputs=(opened.path,))
+    return model, opened.found

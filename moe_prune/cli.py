@@ -39,23 +39,39 @@ def _json_arg(text: str) -> dict:
     return obj.get("kwargs", obj) if isinstance(obj.get("kwargs"), dict) else obj
 
 
+def _source(args, path):
+    """A checkpoint argument with the options that say how to read another library's file."""
+    from .checkpoint import CheckpointFile
+
+    kwargs = _json_arg(args.kwargs) if getattr(args, "kwargs", None) else None
+    return CheckpointFile(path, kwargs=kwargs, ema=getattr(args, "ema", False),
+                          library=getattr(args, "source_format", "auto"))
+
+
 def cmd_info(args) -> None:
+    import warnings
+
     from .checkpoint import summary
     from .reports import format_summary
 
-    s = summary(args.checkpoint)
+    with warnings.catch_warnings():  # `info` says which values are defaults in its own lines
+        warnings.simplefilter("ignore")
+        s = summary(_source(args, args.checkpoint))
     print(json.dumps(s, indent=2) if args.json else format_summary(s))
 
 
 def cmd_convert(args) -> None:
-    from .checkpoint import convert
+    from .checkpoint import convert_file
     from .files import resolve_out
+    from .reports import format_found
 
-    kwargs = _json_arg(args.kwargs)
-    out = resolve_out(args.out, ".safetensors", f"{Path(args.source).stem}.native.safetensors")
+    kwargs = _json_arg(args.kwargs) if args.kwargs else None
+    stem = Path(args.source).name.split(".")[0]
+    out = resolve_out(args.out, ".safetensors", f"{stem}.native.safetensors")
     with _folder_for(out, args.out):
-        model, source = convert(args.source, out, args.source_format, kwargs)
-    print(f"converted {args.source} ({source}) -> {out}")
+        model, found = convert_file(args.source, out, args.source_format, kwargs, ema=args.ema)
+    print("\n".join(format_found(found)))
+    print(f"converted {args.source} -> {out}")
 
 
 def _folder_form(out: Path, given: str) -> bool:
@@ -110,7 +126,7 @@ def cmd_eval(args) -> None:
 
     config = StudyConfig(keeps=tuple(args.keep), modes=tuple(args.modes), batch_sizes=tuple(args.batch_sizes),
                          random_seeds=args.random_seeds)
-    r = eval_checkpoints(args.checkpoints, data=args.data, calib=args.calib, calib_limit=args.calib_limit,
+    r = eval_checkpoints([_source(args, c) for c in args.checkpoints], data=args.data, calib=args.calib, calib_limit=args.calib_limit,
                          config=config, out_dir=args.out_dir, command=_command(args))
     if not r["plotted"]:
         _no_plot_note(r["plot"])
@@ -122,7 +138,7 @@ def cmd_demo(args) -> None:
     from .pipeline import DemoConfig, run_demo
     from .reports import format_demo
 
-    config = DemoConfig(checkpoint=args.checkpoint, out_dir=args.out_dir, keep=args.keep, mode=args.mode,
+    config = DemoConfig(checkpoint=_source(args, args.checkpoint) if args.checkpoint else None, out_dir=args.out_dir, keep=args.keep, mode=args.mode,
                         export=not args.no_export, bench=not args.no_bench,
                         heal_steps=None if args.heal_steps == 0 else args.heal_steps)
     print(format_demo(run_demo(config)))
@@ -133,7 +149,7 @@ def cmd_bench(args) -> None:
     from .timing import BenchConfig
 
     config = BenchConfig(batch_sizes=tuple(args.batch_sizes), threads=args.threads, min_seconds=args.min_seconds)
-    r = bench_checkpoint(args.checkpoint, compressed=args.compressed, keep=args.keep, mode=args.mode,
+    r = bench_checkpoint(_source(args, args.checkpoint), compressed=args.compressed, keep=args.keep, mode=args.mode,
                          provider=args.provider, layers_alone=not args.no_layer, config=config,
                          out_dir=args.out_dir, command=_command(args))
     if not r["plotted"]:
@@ -148,14 +164,14 @@ def cmd_compress(args) -> None:
     from .reports import human_bytes, human_count
 
     src = Path(args.checkpoint)
-    out = resolve_out(args.out, ".safetensors", f"{src.stem}.keep{args.keep.replace('/', 'of')}.{args.mode}.safetensors")
+    out = resolve_out(args.out, ".safetensors", f"{src.name.split('.')[0]}.keep{args.keep.replace('/', 'of')}.{args.mode}.safetensors")
     heal = None
     if args.heal:
         from .healing import HealConfig
 
         heal = HealConfig(steps=args.heal_steps, lr=args.heal_lr, temperature=args.heal_temperature,
                           parts=args.heal_parts, seed=args.heal_seed)
-    r = compress_from_data(src, out, args.keep, args.calib, calib_limit=args.calib_limit, batch_size=args.batch_size,
+    r = compress_from_data(_source(args, src), out, args.keep, args.calib, calib_limit=args.calib_limit, batch_size=args.batch_size,
                            mode=args.mode, rule=args.rule, heal=heal, create_folder=_folder_form(out, args.out),
                            meta={"command": _command(args)})
     if r is None:  # a torchrun rank other than 0: rank 0 reports
@@ -185,17 +201,17 @@ def cmd_export(args) -> None:
     if args.format == "triton-repo":
         from .serve import export_triton_repo
 
-        root = export_triton_repo(args.checkpoint, args.out, args.name, keep=args.keep, dynamic=args.dynamic,
+        root = export_triton_repo(_source(args, args.checkpoint), args.out, args.name, keep=args.keep, dynamic=args.dynamic,
                                   per=args.per, mode=args.mode, atol=args.atol, kind=args.instance_kind,
                                   max_batch_size=args.max_batch_size, opset=args.opset,
                                   validate=not args.no_validate)
         print(f"wrote the Triton model repository {args.out}: {root / 'config.pbtxt'}, {root / '1' / 'model.onnx'}")
         print(f"serve it with: tritonserver --model-repository {Path(args.out).resolve()}")
         return
-    out = resolve_out(args.out, ".onnx", f"{Path(args.checkpoint).stem}.onnx")
+    out = resolve_out(args.out, ".onnx", f"{Path(args.checkpoint).name.split('.')[0]}.onnx")
     with _folder_for(out, args.out):
         path, report = export_checkpoint(
-            args.checkpoint, out, keep=args.keep, dynamic=args.dynamic, per=args.per, mode=args.mode, opset=args.opset,
+            _source(args, args.checkpoint), out, keep=args.keep, dynamic=args.dynamic, per=args.per, mode=args.mode, opset=args.opset,
             dynamo=args.exporter == "dynamo", atol=args.atol, validate=not args.no_validate,
             keep_invalid=args.keep_invalid,
         )
@@ -272,18 +288,29 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback of an error (for bug reports)")
+    # How to read a checkpoint saved by another library: every command that takes a checkpoint has these.
+    source = _Parser(add_help=False)
+    source.add_argument("--kwargs", help="for a soft-moe / soft-moe-pytorch checkpoint: constructor arguments its "
+                        "tensor shapes cannot tell, as inline JSON or a JSON file (a soft-moe ViT's num_heads and "
+                        "global_pool); everything else is read from the file, see `moe-prune info`")
+    source.add_argument("--ema", action="store_true", help="take the checkpoint's EMA weights (an EMA entry such as "
+                        "state_dict_ema, or names under a prefix such as model_ema.)")
+    source.add_argument("--from", dest="source_format", choices=["auto", "bwconrad", "lucidrains"], default="auto",
+                        help="which library saved a checkpoint that is not moe-prune's: bwconrad (soft-moe), "
+                        "lucidrains (soft-moe-pytorch), or auto (from its tensor names)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    def command(name, **kw):
-        return sub.add_parser(name, parents=[common], formatter_class=_Help, **kw)
+    def command(name, checkpoint: bool = False, **kw):
+        return sub.add_parser(name, parents=[common, source] if checkpoint else [common], formatter_class=_Help, **kw)
 
-    s = command("demo", help="the whole flow on the bundled checkpoint: select 1/8, compress, export, measure",
+    s = command("demo", checkpoint=True, help="the whole flow on the bundled checkpoint: select 1/8, compress, export, measure",
                 description="Load a checkpoint (default: the small Fashion-MNIST model shipped with moe-prune), "
                 "calibrate on half of the bundled sample and keep the top experts of every Soft MoE layer, write "
                 "the compressed checkpoint, measure accuracy kept on the other half (beside random subsets and "
                 "no experts), export full and reduced models to ONNX, validate them and benchmark them. The model "
                 "must take 28x28 one-channel images.")
-    s.add_argument("--checkpoint", help="a native checkpoint of a 28x28 Fashion-MNIST classifier (default: the bundled one)")
+    s.add_argument("--checkpoint", help="a checkpoint of a 28x28 one-channel image classifier, moe-prune's or "
+                   "another library's (default: the bundled one)")
     s.add_argument("--keep", default="1/8", help="fraction or count of experts to keep")
     s.add_argument("--mode", choices=["drop", "renorm"], default="drop", help="drop (the paper) or renorm")
     s.add_argument("--out-dir", default="demo-output", help="the folder the outputs go to")
@@ -293,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distillation steps for the healed checkpoint (0: no healing)")
     s.set_defaults(func=cmd_demo)
 
-    s = command("compress", help="calibrate, keep the best experts of every Soft MoE layer, write a smaller checkpoint",
+    s = command("compress", checkpoint=True, help="calibrate, keep the best experts of every Soft MoE layer, write a smaller checkpoint",
                 description="Choose every Soft MoE layer's experts on calibration data by a rule (see --rule; "
                 "layers in order, each on the inputs it sees after the earlier ones are pruned), optionally recover the lost accuracy by "
                 "distillation from the full model on the same unlabeled images (--heal: only the kept experts "
@@ -303,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "input is never modified; the output is written atomically. Under torchrun the calibration is sharded "
                 "over the processes (torchrun --nproc-per-node N --no-python moe-prune compress ...); with --rule mass "
                 "the result equals one process's exactly, and rank 0 alone heals.")
-    s.add_argument("checkpoint", help="a native checkpoint")
+    s.add_argument("checkpoint", help="the checkpoint (moe-prune's .safetensors, or a soft-moe / soft-moe-pytorch checkpoint: .safetensors, sharded index, .pt/.pth/.bin, Lightning .ckpt)")
     s.add_argument("--keep", default="1/8", help="fraction ('1/8', 0.125) or count (16) of experts to keep")
     s.add_argument("--calib", required=True, help="calibration data: 'fashion-mnist' or 'mnist' (train split), 'sample' "
                    "(the bundled images), an IDX folder (train split), or a .npy/.npz of model inputs (images "
@@ -329,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         suffix="safetensors", name="NAME.keepKofN.MODE.safetensors"))
     s.set_defaults(func=cmd_compress)
 
-    s = command("bench", help="latency of the full, compressed, Algorithm 2 and Algorithm 1 models side by side, against the bounds",
+    s = command("bench", checkpoint=True, help="latency of the full, compressed, Algorithm 2 and Algorithm 1 models side by side, against the bounds",
                 description="Export the full model, its reduced version (a compressed checkpoint, or one made "
                 "here by calibrating on the bundled sample), the Algorithm 2 (per batch) and the Algorithm 1 (per input) "
                 "models to ONNX, validate them, "
@@ -339,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "bandwidth, whole model and the Soft MoE layer alone). "
                 "A bare Soft MoE layer is timed on random tokens [B, 16, D]. "
                 "Writes bench.json, bench.md and bench.png (with matplotlib) to --out-dir.")
-    s.add_argument("checkpoint", help="the full native checkpoint")
+    s.add_argument("checkpoint", help="the full checkpoint (moe-prune's .safetensors, or a soft-moe / soft-moe-pytorch checkpoint: .safetensors, sharded index, .pt/.pth/.bin, Lightning .ckpt)")
     s.add_argument("--compressed", help="its compressed checkpoint (checked to come from CHECKPOINT; default: made "
                    "here, see above)")
     s.add_argument("--keep", default="1/8", help="experts kept")
@@ -353,24 +380,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", default="bench-output", help="the folder the outputs go to")
     s.set_defaults(func=cmd_bench)
 
-    s = command("info", help="print a checkpoint's architecture, Soft MoE layers, experts and parameters",
-                description="Print a native checkpoint's architecture, its Soft MoE layers (experts, slots, "
+    s = command("info", checkpoint=True, help="print a checkpoint's architecture, Soft MoE layers, experts and parameters",
+                description="Print a checkpoint's architecture, its Soft MoE layers (experts, slots, "
                 "hidden width, kept experts of a compressed checkpoint) and parameter counts. The header is "
-                "checked against the architecture as `load` checks it.")
-    s.add_argument("checkpoint", help="a native .safetensors checkpoint")
+                "checked against the architecture as `load` checks it. For a soft-moe or soft-moe-pytorch "
+                "checkpoint (any format: .safetensors, sharded, .pt/.pth/.bin read with torch.load(weights_only=True), "
+                "Lightning .ckpt), also what was found: the file's format, the library, the prefix its names carry, "
+                "and each constructor argument with its source (the tensor shapes, the checkpoint's "
+                "hyper_parameters, --kwargs, or the library's default).")
+    s.add_argument("checkpoint", help="a checkpoint (moe-prune's .safetensors, or a soft-moe / soft-moe-pytorch checkpoint: .safetensors, sharded index, .pt/.pth/.bin, Lightning .ckpt)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=cmd_info)
 
-    s = command("convert", help="convert a soft-moe / soft-moe-pytorch checkpoint to the native format",
-                description="Convert a safetensors state dict saved from soft_moe.SoftMoEVisionTransformer "
+    s = command("convert", checkpoint=True, help="convert a soft-moe / soft-moe-pytorch checkpoint to the native format",
+                description="Convert a checkpoint of soft_moe.SoftMoEVisionTransformer or SoftMoELayerWrapper "
                 "(bwconrad) or soft_moe_pytorch.SoftMoE (lucidrains) to a native checkpoint, which carries "
-                "its architecture. The source library's constructor arguments are needed: pass them with --kwargs.")
-    s.add_argument("source", help="the library's state dict as .safetensors")
-    s.add_argument("--from", dest="source_format", choices=["auto", "bwconrad", "lucidrains"], default="auto",
-                   help="which library saved it (auto: detect from the tensor names)")
-    s.add_argument("--kwargs", required=True,
-                   help="the model's constructor keyword arguments: inline JSON ('{\"num_experts\": 16, ...}') or a "
-                   "JSON file (an object, or {\"kwargs\": {...}} as in shared/fixtures/*/config.json)")
+                "its architecture and keeps the file's dtype. Every command reads such checkpoints directly; "
+                "converting saves re-reading them. The architecture comes from the tensor shapes; what they "
+                "cannot tell (a ViT's num_heads, global_pool) from the checkpoint's hyper_parameters, --kwargs, "
+                "or the library's default, and the output says which.")
+    s.add_argument("source", help="the library's checkpoint: .safetensors (or a sharded index), .pt/.pth/.bin, or a "
+                   "Lightning .ckpt")
     s.add_argument("--out", required=True, help="the output: " + OUT_RULE.format(
         suffix="safetensors", name="SOURCE.native.safetensors"))
     s.set_defaults(func=cmd_convert)
@@ -396,13 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", default="runs", help="the folder the checkpoints go to")
     s.set_defaults(func=cmd_train)
 
-    s = command("eval", help="the paper's accuracy study: Algorithms 1 and 2, static and random subsets, k = 0",
+    s = command("eval", checkpoint=True, help="the paper's accuracy study: Algorithms 1 and 2, static and random subsets, k = 0",
                 description="For each checkpoint and each k: accuracy with Algorithm 1 (per-input top k), "
                 "Algorithm 2 (per-batch top k, at several batch sizes), the static subset calibrated on --calib, "
                 "and random subsets (mean ± std over seeds), in drop and renorm modes; beside the full model "
                 "and the no-experts baseline (k = 0). For models with at most 16 experts every k from 1 to n-1. "
                 "Writes eval.json, eval.md and eval.png (with matplotlib) to --out-dir.")
-    s.add_argument("checkpoints", nargs="+", help="native checkpoints of image classifiers")
+    s.add_argument("checkpoints", nargs="+", help="checkpoints of image classifiers (moe-prune's .safetensors, or a soft-moe / soft-moe-pytorch checkpoint: .safetensors, sharded index, .pt/.pth/.bin, Lightning .ckpt)")
     s.add_argument("--data", default="fashion-mnist", help="test data: 'fashion-mnist', 'mnist', 'sample' or an IDX folder")
     s.add_argument("--calib", help="calibration data for the static subset: a data set name or folder (its train "
                    "split; 'sample' uses the sample's images), or a .npy/.npz of inputs (default: --data)")
@@ -414,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", default="eval", help="the folder eval.json, eval.md and eval.png go to")
     s.set_defaults(func=cmd_eval)
 
-    s = command("export", help="export a checkpoint to ONNX (full, compressed, or Algorithm 1 or 2 in the graph) and validate it",
+    s = command("export", checkpoint=True, help="export a checkpoint to ONNX (full, compressed, or Algorithm 1 or 2 in the graph) and validate it",
                 description="Export a native checkpoint (full or compressed) to ONNX with a dynamic batch axis "
                 "(input 'input', output 'output'), then check it: the ONNX checker, and ONNX Runtime against "
                 "PyTorch on random batches of two batch sizes. With --keep and --dynamic the graph runs "
@@ -423,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "also outputs the chosen expert ids of each layer ('experts.<layer>'). A large model's weights "
                 "go to OUT.data beside it. The model appears at --out only when it passed validation (see "
                 "--keep-invalid); exit status 2 if validation fails.")
-    s.add_argument("checkpoint", help="a native .safetensors checkpoint (full or compressed)")
+    s.add_argument("checkpoint", help="a checkpoint, full or compressed (moe-prune's .safetensors, or a soft-moe / soft-moe-pytorch checkpoint: .safetensors, sharded index, .pt/.pth/.bin, Lightning .ckpt)")
     s.add_argument("--out", required=True, help="onnx: " + OUT_RULE.format(suffix="onnx", name="NAME.onnx")
                    + "; triton-repo: the repository folder")
     s.add_argument("--keep", help="with --dynamic: experts to keep per batch in every layer, a fraction (1/8) or a count")
@@ -477,13 +507,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """moe-prune's own warnings as one line on stderr, like its errors; others as Python prints them."""
+    import warnings
+
+    from .errors import DefaultedWarning
+
+    if issubclass(category, DefaultedWarning):
+        print(f"moe-prune: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv  # what the records say this run was (see _command), not sys.argv of whoever called main
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            args.func(args)
     except MoePruneError as e:
         if args.traceback:
             raise

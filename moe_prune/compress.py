@@ -18,10 +18,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .checkpoint import assign_weights, load, native_info, save
+from .checkpoint import as_file, assign_weights, file_dtype, load, native_info, open_checkpoint, save
 from .errors import CheckpointError, SelectionError
-from .layers import MODES, SoftMoEConfig
-from .models import build, model_spec, moe_layers
+from .layers import MODES, SoftMoE, SoftMoEConfig
+from .models import build, moe_layers
 from .calibration import DEFAULT_RULE, choose_subsets
 from .selection import calibrate, keep_per_layer, static_from_sums
 
@@ -65,16 +65,47 @@ def _reduce(name: str, tensor_name: str, get, plan) -> torch.Tensor:
     return get(None, None)
 
 
+def compress_layer(layer: SoftMoE, kept, mode: str = "drop", name: str = "") -> SoftMoE:
+    """A new Soft MoE layer holding only the `kept` experts of `layer` (router ids), on its device, in its dtype.
+
+    Raises:
+        SelectionError: ids out of range or repeated, bad mode.
+
+    Example:
+        >>> small = compress_layer(model.moe, [2, 5])
+    """
+    from .checkpoint import model_dtype
+
+    plan = _plan(layer.config, kept, mode, name)
+    new = {}
+    for key, t in layer.state_dict().items():
+        def get(rows, cols, t=t):
+            if rows is not None:
+                return t.index_select(0, torch.tensor(rows, device=t.device))
+            return t.index_select(1, torch.tensor(cols, device=t.device)) if cols is not None else t
+
+        new[key] = _reduce("", key, get, plan).clone()  # never shared with the source: healing trains the copy
+    with torch.device("meta"):
+        out = SoftMoE(plan[0])
+    param = next(layer.parameters())
+    assign_weights(out, new, "compressed model", param.device, model_dtype(layer))
+    out.use_triton = layer.use_triton
+    out.experts.use_triton = layer.experts.use_triton
+    return out.train(layer.training)
+
+
 def compress_model(model: nn.Module, subsets: dict, mode: str = "drop") -> nn.Module:
     """A new model holding only the given experts of each Soft MoE layer (the input model is unchanged).
 
     Args:
-        model: a native model (also one converted from soft-moe or soft-moe-pytorch).
+        model: a native model, one converted from soft-moe or soft-moe-pytorch, or any model of your own whose
+            Soft MoE layers are moe-prune's (see `moe_prune.convert`).
         subsets: {layer name: router expert ids to keep}, every Soft MoE layer named (see `moe_layers`).
         mode: "drop" (router keeps all of Phi) or "renorm" (router keeps the kept columns only).
 
     Returns:
-        The compressed model; its outputs equal `with_experts(model, subsets, mode)`.
+        The compressed model, on the model's device and in its dtype; its outputs equal
+        `with_experts(model, subsets, mode)`. Its other weights are copies, never shared with `model`.
 
     Raises:
         SelectionError: unknown or missing layers, ids out of range or repeated, bad mode.
@@ -83,26 +114,16 @@ def compress_model(model: nn.Module, subsets: dict, mode: str = "drop") -> nn.Mo
         >>> small = compress_model(model, {"moe": torch.tensor([2, 5])})
         >>> moe_prune.save(small, "small.safetensors")
     """
+    import copy
+
     layers = moe_layers(model)
     _check_subsets(layers, subsets)
-    plans = {name: _plan(layer.config, subsets[name], mode, name) for name, layer in layers.items()}
-    state = model.state_dict()
-    new = {}
-    for key, t in state.items():
-        name = _owner(key, plans)
-        if name is None:
-            new[key] = t.clone()  # never shared with the source: healing trains the copy (the head, say)
-            continue
-
-        def get(rows, cols, t=t):
-            if rows is not None:
-                return t.index_select(0, torch.tensor(rows))
-            return t.index_select(1, torch.tensor(cols)) if cols is not None else t
-
-        new[key] = _reduce(name, key, get, plans[name]).clone()
-    with torch.device("meta"):
-        out = build(_new_spec(model_spec(model), plans))
-    assign_weights(out, new, "compressed model", next(model.parameters()).device)
+    if isinstance(model, SoftMoE):
+        out = compress_layer(model, subsets[""], mode)
+    else:
+        # deepcopy with the compressed layers in its memo: they take the full layers' places, which are never copied
+        memo = {id(layer): compress_layer(layer, subsets[name], mode, name) for name, layer in layers.items()}
+        out = copy.deepcopy(model, memo)
     out.checkpoint_meta = dict(getattr(model, "checkpoint_meta", {}))
     return out.eval()
 
@@ -116,8 +137,11 @@ def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike,
                   meta: dict | None = None) -> Path:
     """Write a compressed checkpoint from a native one, reading only the kept experts' tensors.
 
+    A checkpoint of another library (see `checkpoint.open_checkpoint`) is converted in memory first. The output
+    keeps the source's dtypes.
+
     Args:
-        src: a native checkpoint (never modified).
+        src: a checkpoint (never modified): a path or a checkpoint.CheckpointFile.
         subsets: {layer name: router expert ids to keep} for every Soft MoE layer.
         out: the output .safetensors (written atomically: a temporary file, then a rename).
         mode: "drop" or "renorm".
@@ -132,7 +156,14 @@ def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike,
     Example:
         >>> compress_file("model.safetensors", {"moe": [3, 9]}, "small.safetensors")
     """
-    spec, src_meta, header = native_info(src)
+    opened = open_checkpoint(src)
+    if not opened.native:
+        model = load(src)
+        small = compress_model(model, subsets, mode)
+        record = {**(meta or {}), "source_meta": opened.meta, "mode": mode, "kept_experts": kept_record(small)}
+        return save(small, out, meta=record, inputs=(opened.path,))
+    spec, src_meta, header = opened.spec, opened.meta, opened.header
+    src = opened.path
     names = list(spec["moe"]) if spec["family"] != "layer" else [""]
     _check_subsets(names, subsets)
     configs = spec["moe"] if spec["family"] != "layer" else {"": spec["config"]}
@@ -162,7 +193,7 @@ def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike,
         raise
     except Exception as e:
         raise CheckpointError(f"{src}: could not read tensors ({e}); is the file truncated or corrupted?") from None
-    assign_weights(target, state, src, "cpu")
+    assign_weights(target, state, src, "cpu")  # in the source's dtype (float32 if it mixes dtypes), as `load` does
     record = {**(meta or {}), "source_meta": src_meta, "mode": mode,
               "kept_experts": kept_record(target)}
     return save(target, out, meta=record, inputs=(src,))
@@ -252,20 +283,26 @@ def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progr
     """
     import torch.distributed as dist
 
-    model = load(src)
+    # Calibration and healing compute in float32 (half-precision matmuls on a CPU are slow and coarse); the output
+    # keeps the checkpoint's own dtype.
+    opened = open_checkpoint(src)
+    model = load(src, dtype=torch.float32)
     keep_per_layer(model, keep)  # a bad `keep` is an error before the calibration runs
     subsets, calibration = choose_subsets(model, calib_batches, keep, rule=rule, mode=mode, progress=progress)
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return None, subsets  # under torchrun every rank has the same subsets; rank 0 writes
     record = {**(meta or {}), "keep": str(keep), **calibration}  # the rule and its scores or output errors
-    if heal is None:
+    if heal is None and opened.native:  # assembled from slices of the file: the dropped experts are never read again
         del model
         return compress_file(src, subsets, out, mode=mode, meta=record), subsets
+    if heal is None:  # another library's file was converted in memory: compress what is loaded
+        small = compress_model(model, subsets, mode)
+        record = {**record, "source_meta": opened.meta, "mode": mode, "kept_experts": kept_record(small)}
+        return save(small, out, meta=record, inputs=(opened.path,), dtype=file_dtype(opened)), subsets
     small, healed = compress_and_heal(model, subsets, calib_batches, mode=mode, config=heal, check=check,
                                       progress=progress)
-    _, src_meta, _ = native_info(src)
-    record = {**record, "heal": healed, "source_meta": src_meta, "mode": mode, "kept_experts": kept_record(small)}
-    return save(small, out, meta=record, inputs=(src,)), subsets
+    record = {**record, "heal": healed, "source_meta": opened.meta, "mode": mode, "kept_experts": kept_record(small)}
+    return save(small, out, meta=record, inputs=(opened.path,), dtype=file_dtype(opened)), subsets
 
 
 def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, keep, calib, *,
@@ -307,7 +344,7 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
 
     if rule not in RULES:
         raise SelectionError(f"rule={rule!r}: choose one of {', '.join(RULES)}")
-    src, out = Path(checkpoint), Path(out)
+    src, out = as_file(checkpoint), Path(out)
     model = skeleton(src)  # what the checkpoint takes, read from its header: the checks below come first
     keep_per_layer(model, keep)
     if out.parent.exists():

@@ -38,6 +38,11 @@ class ServeError(MoePruneError):
     """A model cannot be served (not an ONNX model, no batch axis, ...) or the inference server did not start."""
 
 
+class DefaultedWarning(UserWarning):
+    """A checkpoint's architecture used a library default for a value that changes the outputs (a ViT's
+    num_heads): nothing in the file said otherwise, and no check can tell whether it is right."""
+
+
 def first_line(e: BaseException) -> str:
     """The root cause of a third-party error in one line, for a typed error's message (torch.export and onnx
     wrap the cause in pages of advice).

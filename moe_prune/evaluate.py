@@ -263,7 +263,7 @@ def eval_checkpoints(checkpoints: list, *, data: str = "fashion-mnist", calib: s
     reports = []
     with output_folder(out_dir) as out:  # a failed run leaves no output behind
         for i, path in enumerate(checkpoints, 1):
-            model = load(path)
+            model = load(path, dtype=torch.float32)  # the study computes in float32, whatever the file holds
             check_labels(model, *test_set, where=data)
             print(f"[eval {i}/{len(checkpoints)}] {path}: calibrating on {len(calib_x)} inputs of {calib_src}, "
                   f"then the study on {len(test_set[0])} test images", file=sys.stderr, flush=True)

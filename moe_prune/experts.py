@@ -31,6 +31,12 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def default_bias(kind: ExpertKind) -> bool:
+    """Whether experts of this kind have biases unless told: timm's and soft-moe-pytorch's MLPs do, Chung et al.'s
+    ReLU experts do not."""
+    return kind != "relu_mlp"
+
+
 def expert_activation(kind: ExpertKind, h: torch.Tensor) -> torch.Tensor:
     """The nonlinearity between an expert's two matmuls: GELU, ReLU, or GEGLU (value * gelu(gate), halving H)."""
     if kind == "gelu_mlp":
@@ -124,16 +130,16 @@ class StackedExperts(nn.Module):
     """E experts of one kind with their weights stacked, computed with batched matmuls (no loop over experts).
 
     Weights: w1 [E, D, H] (GEGLU: [E, D, 2H], value half first, then gate), w2 [E, H, D_out]; biases b1, b2
-    unless the kind is "relu_mlp".
+    when `bias` (None: the kind's default, all but "relu_mlp").
     """
 
-    def __init__(self, kind: ExpertKind, num: int, dim: int, hidden: int, out_dim: int):
+    def __init__(self, kind: ExpertKind, num: int, dim: int, hidden: int, out_dim: int, bias: bool | None = None):
         super().__init__()
         self.kind = kind
         h1 = 2 * hidden if kind == "geglu" else hidden
         self.w1 = nn.Parameter(torch.empty(num, dim, h1))
         self.w2 = nn.Parameter(torch.empty(num, hidden, out_dim))
-        if kind != "relu_mlp":
+        if default_bias(kind) if bias is None else bias:
             self.b1 = nn.Parameter(torch.zeros(num, h1))
             self.b2 = nn.Parameter(torch.zeros(num, out_dim))
         else:

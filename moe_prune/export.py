@@ -367,7 +367,7 @@ def load_for_export(checkpoint: str | os.PathLike, *, keep=None, dynamic: bool =
     Example:
         >>> fast = load_for_export("mnist-e128.safetensors", keep="1/8", dynamic=True, per="input")
     """
-    model = load(checkpoint)
+    model = load(checkpoint, dtype=torch.float32)  # ONNX models are float32, whatever the file holds
     if dynamic:
         model = with_selection(model, keep, per=per, mode=mode or "drop")
     return model

@@ -58,7 +58,7 @@ def expert_flops_per_slot(layer: SoftMoE) -> float:
 def expert_params(layer: SoftMoE) -> float:
     c = layer.config
     h1 = 2 * c.hidden if c.expert == "geglu" else c.hidden
-    bias = 0 if c.expert == "relu_mlp" else h1 + c.out_features
+    bias = h1 + c.out_features if c.has_bias else 0
     return c.dim * h1 + c.hidden * c.out_features + bias
 
 

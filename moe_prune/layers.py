@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .experts import EXPERT_KINDS, ExpertKind, StackedExperts, expert_activation, in_graph, triton_available
+from .experts import (EXPERT_KINDS, ExpertKind, StackedExperts, default_bias, expert_activation, in_graph,
+                      triton_available)
 
 __all__ = ["SoftMoEConfig", "SoftMoE", "Routing", "StackedExperts", "expert_activation", "in_graph", "routing_ref",
            "normalize_tokens", "router_weight", "EXPERT_KINDS", "MODES"]
@@ -47,6 +48,7 @@ class SoftMoEConfig:
         hidden: H, each expert's hidden width (for GEGLU, the width after gating).
         expert: "gelu_mlp" (timm Mlp: Linear+GELU+Linear, biases; soft-moe, soft-moe-pytorch),
             "relu_mlp" (Linear+ReLU+Linear, no biases; Chung et al.'s MNIST model), "geglu" (soft-moe-pytorch).
+        expert_bias: whether the experts' Linear layers have biases; None: the kind's default (above).
         token_norm: how tokens are normalized for routing: "l2" over D (the Soft MoE paper), "layer"
             (LayerNorm without affine; soft-moe-pytorch's use_layernorm) or "none".
         token_gain: a learned per-channel gain after token_norm (soft-moe-pytorch's RMSNorm gamma times sqrt(D)).
@@ -71,6 +73,7 @@ class SoftMoEConfig:
     slots_per_expert: int
     hidden: int
     expert: ExpertKind = "gelu_mlp"
+    expert_bias: bool | None = None
     token_norm: TokenNorm = "l2"
     token_gain: bool = False
     phi_norm: bool = True
@@ -87,6 +90,8 @@ class SoftMoEConfig:
                 raise ConfigError(f"Soft MoE config: {name} must be a positive integer, got {value!r}")
         if self.expert not in EXPERT_KINDS:
             raise ConfigError(f"Soft MoE config: expert must be one of {EXPERT_KINDS}, got {self.expert!r}")
+        if self.expert_bias is not None and not isinstance(self.expert_bias, bool):
+            raise ConfigError(f"Soft MoE config: expert_bias must be true, false or null, got {self.expert_bias!r}")
         if self.token_norm not in ("l2", "layer", "none"):
             raise ConfigError(f"Soft MoE config: token_norm must be 'l2', 'layer' or 'none', got {self.token_norm!r}")
         if self.dispatch_input not in ("normalized", "raw"):
@@ -121,6 +126,11 @@ class SoftMoEConfig:
         return self.num_experts if self.present is None else len(self.present)
 
     @property
+    def has_bias(self) -> bool:
+        """Whether the experts have biases (b1, b2)."""
+        return default_bias(self.expert) if self.expert_bias is None else self.expert_bias
+
+    @property
     def out_features(self) -> int:
         return self.dim if self.out_dim is None else self.out_dim
 
@@ -129,6 +139,8 @@ class SoftMoEConfig:
         for key in ("present", "origin"):
             if d[key] is not None:
                 d[key] = list(d[key])
+        if d["expert_bias"] is None:  # the kind's default: specs written before the field existed stay as they were
+            del d["expert_bias"]
         return d
 
     @classmethod
@@ -310,7 +322,7 @@ class SoftMoE(nn.Module):
         self.phi = nn.Parameter(torch.randn(c.dim, c.num_experts, c.slots_per_expert) / math.sqrt(c.dim))
         self.scale = nn.Parameter(torch.ones(1)) if c.phi_norm else None
         self.norm_weight = nn.Parameter(torch.ones(c.dim)) if c.token_gain else None
-        self.experts = StackedExperts(c.expert, c.num_held, c.dim, c.hidden, c.out_features)
+        self.experts = StackedExperts(c.expert, c.num_held, c.dim, c.hidden, c.out_features, c.has_bias)
         # None: the Triton kernel for CUDA inference when triton is installed, else torch. True/False forces one.
         self.use_triton: bool | None = None
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -29,7 +30,7 @@ def default_checkpoint() -> Path:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    checkpoint: str | None = None  # None: the bundled default
+    checkpoint: str | os.PathLike | None = None  # a path or checkpoint.CheckpointFile; None: the bundled default
     out_dir: str = "demo-output"
     keep: str = "1/8"
     mode: str = "drop"
@@ -53,7 +54,9 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
         from .errors import ConfigError
 
         raise ConfigError(f"random_seeds={config.random_seeds}: give at least 1")
-    ckpt = Path(config.checkpoint) if config.checkpoint else default_checkpoint()
+    from .checkpoint import as_file
+
+    ckpt = as_file(config.checkpoint if config.checkpoint else default_checkpoint())
     _check_demo_model(ckpt)  # before any output exists
     with output_folder(config.out_dir) as out:  # a failed demo leaves no output behind
         result = _demo(config, ckpt, out)
@@ -61,7 +64,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     return result
 
 
-def _check_demo_model(ckpt: Path) -> None:
+def _check_demo_model(ckpt) -> None:
     """The demo measures accuracy on the bundled Fashion-MNIST images: refuse other models in one line."""
     from .checkpoint import skeleton
     from .data import check_inputs, describe_input, load_images, model_input
@@ -76,7 +79,7 @@ def _check_demo_model(ckpt: Path) -> None:
                         "INPUTS.npy` and `moe-prune bench`") from None
 
 
-def _demo(config: DemoConfig, ckpt: Path, out: Path) -> dict:
+def _demo(config: DemoConfig, ckpt, out: Path) -> dict:
     from .calibration import DEFAULT_RULE, choose_subsets
     from .checkpoint import load, save, summary
     from .compress import compress_and_heal, compress_file, static_subsets
@@ -88,7 +91,7 @@ def _demo(config: DemoConfig, ckpt: Path, out: Path) -> dict:
 
     t0 = time.perf_counter()
     say("1/5 load", str(ckpt))
-    model = load(ckpt)
+    model = load(ckpt, dtype=torch.float32)  # the demo computes in float32; its compressed file keeps the source's dtype
     info = summary(ckpt)
     layers = moe_layers(model)
     images, labels = load_images("sample", split="test")
@@ -99,7 +102,7 @@ def _demo(config: DemoConfig, ckpt: Path, out: Path) -> dict:
     batches = [x for x, _ in iterate_batches(calib[0], None, 250)]
     subsets, _ = choose_subsets(model, batches, config.keep, rule=DEFAULT_RULE, mode=config.mode)
     by_mass, _ = static_subsets(model, batches, config.keep)
-    stem = f"{ckpt.stem}.keep{config.keep.replace('/', 'of')}.{config.mode}"
+    stem = f"{Path(ckpt).name.split('.')[0]}.keep{config.keep.replace('/', 'of')}.{config.mode}"
     small_path = out / f"{stem}.safetensors"
     say("3/5 compress", str(small_path))
     compress_file(ckpt, subsets, small_path, mode=config.mode,

@@ -47,11 +47,14 @@ def format_summary(s: dict) -> str:
     elif s["family"] == "mnist":
         arch = (f"Chung et al. MNIST model: {(cfg['img_size'] // cfg['patch_size']) ** 2} tokens of "
                 f"{cfg['in_chans'] * cfg['patch_size'] ** 2}, one Soft MoE layer, {cfg['num_classes']} classes")
+    elif s["family"] == "module":
+        arch = f"your own model class {s.get('class')} with {len(s['moe_layers'])} moe-prune Soft MoE layer(s)"
     else:
         arch = f"a single Soft MoE layer of width {cfg['dim']}"
     lines = [
         f"{s['path']}  ({human_bytes(s['bytes'])})",
         f"  architecture: {arch}",
+        f"  dtype:        {s.get('dtype', '?')}",
         f"  parameters:   {s['parameters']:,} ({human_count(s['parameters'])}), of which experts "
         f"{s['expert_parameters']:,} ({100 * s['expert_parameters'] / max(1, s['parameters']):.1f}%)",
         "",
@@ -66,12 +69,49 @@ def format_summary(s: dict) -> str:
             "all" if kept is None else ",".join(map(str, kept)) if len(kept) <= 16 else f"{len(kept)} ids (see --json)",
         ])
     lines.append(table(rows, ["Soft MoE layer", "router E", "held", "slots", "hidden", "kind", "params", "kept (original ids)"]))
-    meta = {k: v for k, v in s["meta"].items() if k not in ("source_kwargs", "history", "source_meta")}
+    if "found" in s:
+        lines += ["", *format_found(s["found"])]
+    meta = {k: v for k, v in s["meta"].items() if k not in ("source_kwargs", "history", "source_meta", "source")}
     if meta:
         shown = lambda v: v if isinstance(v, str) else json.dumps(v)  # noqa: E731
         clip = lambda t: t if len(t) <= 100 else t[:97] + "... (see --json)"  # noqa: E731
         lines += ["", "  metadata:"] + [f"    {k}: {clip(shown(v))}" for k, v in sorted(meta.items())]
     return "\n".join(lines)
+
+
+def format_found(found: dict) -> list[str]:
+    """What `info` says about another library's checkpoint: the file, the library, and where each constructor
+    argument came from (the tensor shapes, the checkpoint's hyper-parameters, --kwargs, or a default)."""
+    where = found["file_format"] + (f", entry '{found['entry']}'" if found.get("entry") else "")
+    if found.get("prefix"):
+        where += f", names under '{found['prefix']}'"
+        if found.get("ignored_tensors"):
+            where += f" ({found['ignored_tensors']} other tensor(s) not used)"
+    if found.get("ema"):
+        where += ", EMA weights"
+    lines = [f"  read from:    {where}", f"  library:      {found['library']} {found['model']}"]
+    for item in found.get("not_used", []):
+        lines.append(f"  not used:     {item}")
+    if found.get("other_ema_entries"):
+        lines.append(f"  not used:     EMA weights in {', '.join(found['other_ema_entries'])} (take them with --ema)")
+    groups: dict[str, list[str]] = {}
+    for name, value in found["kwargs"].items():
+        source = found["sources"].get(name, "default")
+        if source == "default (training only)":
+            continue
+        groups.setdefault(source, []).append(f"{name}={json.dumps(value)}")
+    labels = {"tensors": "from the tensor shapes", "hyper_parameters": "from the checkpoint's hyper_parameters",
+              "given": "from --kwargs", "default": "library defaults (not in the file)"}
+    lines.append(f"  arguments ({found['model']}):")
+    for source in ("tensors", "hyper_parameters", "given", "default"):
+        if groups.get(source):
+            lines.append(f"    {labels[source]}: {', '.join(groups[source])}")
+    for name in found.get("defaulted", []):
+        lines.append(f"  warning:      {name} is the library's default, not read from the file: pass --kwargs "
+                     f"'{{\"{name}\": ...}}' if the model was trained with another")
+    for note in found.get("notes", []):
+        lines.append(f"  note:         {note}")
+    return lines
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import moe_prune
-from moe_prune.checkpoint import convert
+from moe_prune.checkpoint import convert_file as _convert_file
 from moe_prune.errors import CheckpointError, ConfigError, OutputError
 from moe_prune.models import MnistConfig, MnistSoftMoE
 
@@ -51,8 +51,8 @@ def test_fixture_reproduces_library_output(name, loader):
 def test_convert_then_load_reproduces(name, tmp_path):
     path, kwargs, x, y = fixture(name)
     out = tmp_path / "native.safetensors"
-    _, fmt = convert(path, out, "auto", kwargs)
-    assert fmt == name.split("_")[0]
+    _, found = _convert_file(path, out, "auto", kwargs)
+    assert found["library"].endswith(f"({name.split('_')[0]})")
     model = moe_prune.load(out)
     assert (run(model, x) - y).abs().max() <= 1e-4
     s = moe_prune.summary(out)
@@ -66,8 +66,11 @@ def test_convert_cli(tmp_path, capsys):
     src = FIXTURES / "bwconrad_vit_mnist"
     out = tmp_path / "vit.safetensors"
     assert main(["convert", str(src / "model.safetensors"), "--kwargs", str(src / "config.json"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[-1] == f"converted {src / 'model.safetensors'} -> {out}"
+    assert "from --kwargs: num_experts=16" in printed  # every argument the user gave is listed with its source
     assert main(["info", str(out), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    info = json.loads(capsys.readouterr().out)
     assert [layer["name"] for layer in info["moe_layers"]] == ["blocks.2.mlp", "blocks.3.mlp"]
     assert info["parameters"] == 1199756
 
@@ -92,8 +95,8 @@ def test_lucidrains_kwargs_that_contradict_the_tensors():
         moe_prune.from_lucidrains(path, **{**kwargs, "num_experts": 4})
     with pytest.raises(CheckpointError):
         moe_prune.from_lucidrains(path, **{**kwargs, "geglu": True})
-    with pytest.raises(ConfigError, match="exactly one"):
-        moe_prune.from_lucidrains(path, dim=64, num_experts=8)
+    with pytest.raises(ConfigError, match="at most one"):
+        moe_prune.from_lucidrains(path, dim=64, num_experts=8, seq_len=64, num_slots=8)
 
 
 def small_model():

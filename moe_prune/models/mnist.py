@@ -99,4 +99,5 @@ class MnistSoftMoE(nn.Module):
         return x.reshape(B, g * g, c.in_chans * p * p)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.head.weight.dtype)  # float32 images into a half-precision model
         return self.head(self.moe(self.tokens(images)).flatten(1))  # [B, num_classes]

@@ -231,7 +231,7 @@ class SoftMoEViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """images [B, C, H, W] -> tokens [B, M, D] after the final norm."""
-        x = self.patch_embed(x)  # [B, N, D]
+        x = self.patch_embed(x.to(self.pos_embed.dtype))  # [B, N, D]; float32 images into a half-precision model
         if self.config.no_embed_class:
             x = x + self.pos_embed
             if self.cls_token is not None:

@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	# soft-moe's layer module for the tests, without its timm dependency (see pyproject's dev extra)
+	$(BIN)/python -m pip install --quiet --no-deps "soft-moe==0.0.1"
 	touch $@
 
 install: $(VENV)/.installed

@@ -225,7 +225,7 @@ def _unwrap(p: Path, obj, ema: bool) -> StateFile:
                               f"has {', '.join(map(str, list(obj)[:8]))}")
     hparams = next((obj[k] for k in _HPARAM_ENTRIES if isinstance(obj.get(k), dict)), None)
     top = entry.split(".")[0]
-    notes = [f"{k} ({_describe(v)}) not used" for k, v in obj.items()
+    notes = [f"{k} ({_describe(v)})" for k, v in obj.items()
              if k != top and k not in _HPARAM_ENTRIES and isinstance(v, (dict, list, tuple)) and v]
     return StateFile(p, fmt, dict(state), hyper_parameters=hparams, entry=entry, notes=notes,
                      ema_entries=[k for k in ema_found if k != top], ema=top in EMA_ENTRIES)

@@ -35,6 +35,8 @@ _TRAINING_ONLY = {"drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_ra
                   "drop_path_rate", "weight_init"}
 # What a wrong guess silently changes: the outputs (not a shape, so no check can catch it).
 OUTPUT_AFFECTING_DEFAULTS = ("num_heads", "global_pool")
+# Read off the shapes by assuming a square grid of patches: where the hyper-parameters say otherwise, they win.
+_GUESSED = ("img_size", "no_embed_class")
 _BWCONRAD_CALLABLES = ("embed_layer", "norm_layer", "act_layer", "block_fn", "mlp_layer")
 _VIT_KWARGS = tuple(f.name for f in fields(ViTConfig) if f.name not in ("moe_mlp_ratio", "moe_dispatch_input"))
 _LUCIDRAINS_KWARGS = (
@@ -210,16 +212,16 @@ def infer_vit(state: dict[str, torch.Tensor], given: dict | None = None, hparams
     L = int(pos.shape[1])
     prefix_tokens = 1 if t["class_token"] else 0
     no_embed_class = given.get("no_embed_class", from_hp.get("no_embed_class"))
-    if "img_size" not in given and "img_size" not in from_hp:
-        options = [False, True] if no_embed_class is None else [bool(no_embed_class)]
-        for nec in options:
-            side = _square(L - (0 if nec else prefix_tokens))
-            if side:
-                t["img_size"] = side * ph if ph == pw else [side * ph, side * pw]
-                if no_embed_class is None and prefix_tokens:
-                    t["no_embed_class"] = nec
-                break
-        else:
+    told = given.get("img_size", from_hp.get("img_size"))
+    for nec in ([False, True] if no_embed_class is None else [bool(no_embed_class)]):
+        side = _square(L - (0 if nec else prefix_tokens))
+        if side:  # a square grid of patches (a non-square image's size must be told)
+            t["img_size"] = side * ph if ph == pw else [side * ph, side * pw]
+            if no_embed_class is None and prefix_tokens:
+                t["no_embed_class"] = nec
+            break
+    else:
+        if told is None:
             raise CheckpointError(
                 f"{where}: the position embedding has {L} entries, not a square grid of patches; pass the image "
                 "size, e.g. --kwargs '{\"img_size\": [H, W]}'"
@@ -229,6 +231,9 @@ def infer_vit(state: dict[str, torch.Tensor], given: dict | None = None, hparams
     for name in _VIT_KWARGS:
         if name in given:
             kwargs[name], sources[name] = given[name], "given"
+        elif name in _GUESSED and name in from_hp and name in t and _differs(from_hp[name], t[name]):
+            # the shapes only fit a square image; the hyper-parameters know the real one (checked by the shapes)
+            kwargs[name], sources[name] = from_hp[name], "hyper_parameters"
         elif name in t:
             kwargs[name], sources[name] = t[name], "tensors"
             if name in from_hp and _differs(from_hp[name], t[name]):

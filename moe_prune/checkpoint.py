@@ -586,7 +586,8 @@ def summary(path) -> dict:
     """Architecture, Soft MoE layers and parameter counts of a checkpoint (a native one loads no tensor).
 
     Returns:
-        A JSON-able dict: path, bytes, family, config, dtype, parameters, expert_parameters, moe_layers (per
+        A JSON-able dict: path, bytes (the file's), weight_bytes (its tensors'), native, family, config, dtype,
+        parameters, expert_parameters, moe_layers (per
         layer: name, experts in the router, experts held, slots, hidden, kind, original ids of the held experts,
         parameters), meta, and for another library's file `found` (format, library, prefix, each argument's
         source: see `open_checkpoint`).
@@ -599,6 +600,7 @@ def summary(path) -> dict:
     opened = open_checkpoint(path)
     spec, meta, header = opened.spec, opened.meta, opened.header
     count = {name: math.prod(shape) for name, (_, shape) in header.items()}
+    weight_bytes = sum(n * _itemsize(header[name][0]) for name, n in count.items())
     dtypes = Counter()
     for name, (dt, shape) in header.items():
         dtypes[_dtype_name(dt)] += math.prod(shape)
@@ -616,7 +618,8 @@ def summary(path) -> dict:
             "expert_parameters": sum(n for k, n in count.items() if k.startswith(prefix + "experts.")),
         })
     out = {
-        "path": str(path), "bytes": _size(opened.path), "family": spec["family"], "config": spec.get("config", {}),
+        "path": str(path), "bytes": _size(opened.path), "weight_bytes": weight_bytes, "native": opened.native,
+        "family": spec["family"], "config": spec.get("config", {}),
         "dtype": ", ".join(d for d, _ in dtypes.most_common()),
         "parameters": sum(count.values()), "expert_parameters": sum(layer["expert_parameters"] for layer in layers),
         "moe_layers": layers, "meta": meta,
@@ -637,6 +640,12 @@ def _size(p: Path) -> int:
         except (OSError, ValueError, KeyError, AttributeError):
             pass
     return p.stat().st_size
+
+
+def _itemsize(dt: str) -> int:
+    name = _dtype_name(dt)
+    dtype = getattr(torch, name, None)
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else 4
 
 
 def _dtype_name(dt: str) -> str:

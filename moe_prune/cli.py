@@ -190,7 +190,10 @@ def cmd_compress(args) -> None:
         print(line)
     for key, label in (("parameters", "parameters"), ("expert_parameters", "expert parameters")):
         print(f"  {label:<18} {human_count(before[key]):>9} -> {human_count(after[key]):>9}  ({before[key] / after[key]:.2f}x smaller)")
-    print(f"  {'file size':<18} {human_bytes(before['bytes']):>9} -> {human_bytes(after['bytes']):>9}  ({before['bytes'] / after['bytes']:.2f}x smaller)")
+    print(f"  {'weights':<18} {human_bytes(before['weight_bytes']):>9} -> {human_bytes(after['weight_bytes']):>9}  "
+          f"({before['weight_bytes'] / after['weight_bytes']:.2f}x smaller, {after['dtype']})")
+    if before["native"]:  # another library's file also holds what is not weights (optimizer state, ...)
+        print(f"  {'file size':<18} {human_bytes(before['bytes']):>9} -> {human_bytes(after['bytes']):>9}  ({before['bytes'] / after['bytes']:.2f}x smaller)")
     print(f"wrote {r['path']}")
 
 

@@ -193,9 +193,9 @@ def _nested_state(obj):
 
 def _describe(value) -> str:
     if isinstance(value, dict):
-        return f"{len(value)} entries"
+        return f"{len(value)} entr{'y' if len(value) == 1 else 'ies'}"
     if isinstance(value, (list, tuple)):
-        return f"{len(value)} items"
+        return f"{len(value)} item{'' if len(value) == 1 else 's'}"
     return type(value).__name__
 
 

@@ -36,6 +36,7 @@ from torch import nn
 from .errors import SelectionError
 from .layers import SoftMoE
 from .models import moe_layers
+from .datasets import as_batches
 from .selection import TappedLayer, calibrate, keep_per_layer, replace_layers, select_experts, static_from_sums
 
 RULES = ("mass", "output", "reconstruct", "loss")
@@ -253,8 +254,8 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
         return reconstruct_subsets(model, batches, keep, progress=progress)
     layers = moe_layers(model)
     ks = keep_per_layer(model, keep)
-    x = torch.cat([torch.as_tensor(b) for b in batches])[:limit]
-    chunks = [x[i:i + chunk] for i in range(0, len(x), chunk)]
+    # The first `limit` inputs, decoded once and kept if they fit the data's cache budget, else read again per pass.
+    chunks = as_batches(batches).head(limit, chunk).cached()
     with torch.no_grad():
         teacher = [model(c).float().log_softmax(-1) for c in chunks]
     runs: dict[str, TappedLayer] = {}
@@ -271,7 +272,7 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
         for n, ids in subset_of_layer.items():
             runs[n].experts = ids
         with torch.no_grad():
-            return sum(float(_kl(pruned(c).float().log_softmax(-1), t)) for c, t in zip(chunks, teacher)) / len(x)
+            return sum(float(_kl(pruned(c).float().log_softmax(-1), t)) for c, t in zip(chunks, teacher)) / chunks.num_inputs
 
     subsets: dict[str, torch.Tensor] = {}
     record = {}

@@ -626,6 +626,14 @@ def summary(path) -> dict:
     }
     if spec["family"] == "module":
         out["class"] = spec.get("class")
+    else:
+        from .preprocess import for_model
+
+        with torch.device("meta"):
+            probe = build(spec)
+        probe.checkpoint_meta = meta
+        pre = for_model(probe)
+        out["preprocess"] = None if pre is None else {**pre.to_dict(), "text": pre.describe()}
     if opened.found:
         out["found"] = opened.found
     return out
@@ -653,7 +661,7 @@ def _dtype_name(dt: str) -> str:
 
 
 def convert_file(source, out: str | os.PathLike, fmt: str = "auto", kwargs: dict | None = None,
-                 ema: bool = False) -> tuple[nn.Module, dict]:
+                 ema: bool = False, preprocess: dict | None = None) -> tuple[nn.Module, dict]:
     """Convert a soft-moe or soft-moe-pytorch checkpoint (any format) to a native checkpoint, keeping its dtype.
 
     Args:
@@ -662,6 +670,8 @@ def convert_file(source, out: str | os.PathLike, fmt: str = "auto", kwargs: dict
         fmt: "bwconrad", "lucidrains" or "auto" (detected from tensor names).
         kwargs: constructor arguments the shapes cannot tell (see `libraries`); optional.
         ema: take the EMA weights.
+        preprocess: overrides of the model's input preprocessing (interpolation, crop_pct, mean, std; see
+            moe_prune.preprocess), recorded with the defaults in the output's metadata.
 
     Returns:
         (model, found: what was read and inferred, see `summary`).
@@ -676,6 +686,11 @@ def convert_file(source, out: str | os.PathLike, fmt: str = "auto", kwargs: dict
     opened = open_checkpoint(src)
     if opened.native:
         raise CheckpointError(f"{source}: is already a moe-prune checkpoint; nothing to convert")
+    from .preprocess import for_model
+
     model = load(src)
+    pre = for_model(model, **(preprocess or {}))
+    if pre is not None:  # recorded, so that every later command (and `info`) sees it
+        model.checkpoint_meta = {**model.checkpoint_meta, "preprocess": pre.to_dict()}
     save(model, out, inputs=(opened.path,))
     return model, opened.found

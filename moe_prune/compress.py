@@ -239,7 +239,8 @@ def compress_and_heal(model: nn.Module, subsets: dict, calib_batches, mode: str 
         model: the full model (the teacher; unchanged). subsets, mode: see `compress_model`.
         calib_batches: the unlabeled calibration inputs (a list of batches) the student is trained on.
         config: a `healing.HealConfig` (None: the defaults).
-        check: optional held-out (images, labels) to measure accuracy before and after (reported, never used).
+        check: optional held-out (images, labels) or datasets.Examples with labels, to measure accuracy before and
+            after (reported, never used).
         progress: a progress bar.
 
     Returns:
@@ -255,11 +256,12 @@ def compress_and_heal(model: nn.Module, subsets: dict, calib_batches, mode: str 
 
     config = config or HealConfig()
     small = compress_model(model, subsets, mode=mode)
-    before = accuracy(small, *check) if check is not None else None
+    acc = lambda m: accuracy(m, *check) if isinstance(check, tuple) else accuracy(m, check)  # noqa: E731
+    before = acc(small) if check is not None else None
     result = heal(small, model, calib_batches, config, progress=progress)
     record = {k: result[k] for k in ("config", "loss_before", "loss_after", "seconds", "trained")}
     if check is not None:
-        record.update(accuracy_full=accuracy(model, *check), accuracy_before=before, accuracy_after=accuracy(small, *check))
+        record.update(accuracy_full=acc(model), accuracy_before=before, accuracy_after=acc(small))
     return small, record
 
 
@@ -308,7 +310,7 @@ def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progr
 def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, keep, calib, *,
                        calib_limit: int | None = 10000, batch_size: int = 256, mode: str = "drop",
                        rule: str = DEFAULT_RULE, heal=None, create_folder: bool = False,
-                       meta: dict | None = None) -> dict | None:
+                       meta: dict | None = None, options=None) -> dict | None:
     """Check everything, calibrate on `calib`, write the compressed checkpoint (the `moe-prune compress` command).
 
     `keep` and the calibration inputs are checked against the checkpoint's header before the model is loaded;
@@ -324,6 +326,8 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
             out: reported in the metadata, never used to choose or train).
         create_folder: create out's folder for the run (removed again if it fails).
         meta: extra metadata for the checkpoint (the calibration's source and limit are added).
+        options: a datasets.DataOptions: decoding workers, --skip-bad, the cache budget, and preprocessing
+            overrides (mean, std, interpolation, crop_pct), which the output checkpoint records.
 
     Returns:
         {"path", "subsets" {layer name: ids}, "before" and "after" (checkpoint.summary of both), "heal" (the
@@ -340,7 +344,9 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
     from .calibration import RULES
     from .checkpoint import skeleton, summary
     from .data import calibration_batches
+    from .datasets import DataOptions, report_skipped
     from .files import check_output, output_folder
+    from .preprocess import for_model
 
     if rule not in RULES:
         raise SelectionError(f"rule={rule!r}: choose one of {', '.join(RULES)}")
@@ -349,31 +355,43 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
     keep_per_layer(model, keep)
     if out.parent.exists():
         check_output(out, inputs=(src,))
-    batches = calibration_batches(calib, limit=calib_limit, batch_size=batch_size, model=model)
-    check = _held_out(calib, model) if heal is not None else None
+    options = options or DataOptions()
+    pre = for_model(model, **options.preprocess_overrides())
+    batches = calibration_batches(calib, limit=calib_limit, batch_size=batch_size, model=model, options=options)
+    check = _held_out(calib, model, options) if heal is not None else None
     folder = output_folder(out.parent) if create_folder else contextlib.nullcontext()
-    record = {**(meta or {}), "calibration": {"data": calib, "limit": calib_limit}}
+    record = {**(meta or {}), "calibration": {"data": str(calib), "limit": calib_limit, "inputs": batches.num_inputs}}
+    if pre is not None:
+        record["preprocess"] = pre.to_dict()  # what the data was given as; every later command reads it
     if check is not None:
-        record["held_out"] = f"{calib} test split (accuracy before and after healing only)"
+        record["held_out"] = f"{check.where} (accuracy before and after healing only)"
     with process_group_from_env() as rank, folder:
         path, subsets = compress_checkpoint(src, out, keep, batches, mode=mode, progress=rank == 0, meta=record,
                                             rule=rule, heal=heal, check=check)
+    report_skipped(batches.examples)
     if rank != 0:
         return None
     healed = native_info(path)[1].get("heal")
     return {"path": path, "subsets": subsets, "before": summary(src), "after": summary(path), "heal": healed}
 
 
-def _held_out(calib, model) -> tuple | None:
-    """The test split of a calibration data set (a name or IDX folder), checked against the model; else None."""
-    from .data import check_inputs, load_images
+def _held_out(calib, model, options=None):
+    """The held-out split of a calibration source, as labelled datasets.Examples checked against the model: a
+    data set's test split, an image folder's val/ (or test/) beside its train/; else None."""
+    from .data import check_examples
+    from .datasets import DataOptions, open_data, split_folder
+    from .preprocess import for_model
 
+    options = options or DataOptions()
     text = str(calib)
-    if text.endswith((".npy", ".npz")) or text == "sample":
+    path = Path(text)
+    if text.endswith((".npy", ".npz", ".txt")) or text == "sample":
         return None
-    images, labels = load_images(calib, split="test")
-    check_inputs(model, images, f"{calib} (test split)")
-    return images, labels
+    if path.is_dir() and not any(path.glob("*-idx3-ubyte*")) and split_folder(path, "train") == path:
+        return None  # one folder of images: nothing held out
+    examples = open_data(calib, "test", for_model(model, **options.preprocess_overrides()), options, labelled=True)
+    check_examples(model, examples, f"{calib} (held-out split)")
+    return examples
 
 
 @contextlib.contextmanager

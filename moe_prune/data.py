@@ -354,8 +354,9 @@ def _load_array(path) -> tuple[np.ndarray, str]:
 
 
 def calibration_inputs(source: str | os.PathLike, limit: int | None = None):
-    """Calibration inputs (labels are never used): a .npy/.npz of inputs, the train split of a data set name or
-    IDX folder, or "sample" (the bundled sample's images). At most `limit` inputs, from the start.
+    """Calibration inputs as one array (labels are never used): a .npy/.npz of inputs, the train split of a data
+    set name or IDX folder, or "sample" (the bundled sample's images). At most `limit` inputs, from the start.
+    For image folders and streaming, see `calibration_batches`.
 
     Returns:
         uint8 images [N, 28, 28] or float inputs [N, ...].
@@ -379,14 +380,74 @@ def calibration_inputs(source: str | os.PathLike, limit: int | None = None):
     return x[:limit] if limit is not None else x
 
 
-def calibration_batches(source: str | os.PathLike, limit: int | None = None, batch_size: int = 256, model=None):
-    """`calibration_inputs` as float32 batches (see iterate_batches); a list, so it can be iterated twice.
+def calibration_batches(source: str | os.PathLike, limit: int | None = None, batch_size: int = 256, model=None,
+                        options=None):
+    """The calibration inputs of `source` as a sequence of float32 batches, read per batch (see datasets.py).
 
-    With `model`, the inputs are first checked against what it takes (`check_inputs`)."""
-    x = calibration_inputs(source, limit)
+    Any data source: a folder of images (its train/ if it has one), a .txt list of images, a .npy/.npz, an IDX
+    data set, "sample". Images go through the model's own preprocessing (`preprocess.for_model`, with the
+    overrides in `options`); the set stays decoded in memory only when it fits `options.cache_mb`, else each
+    pass decodes it again (memory: one batch). With `limit`, the first `limit` inputs of an array or IDX data
+    set, or `limit` images spread evenly over a folder (which is sorted by class).
+
+    Args:
+        source: the data source. limit: at most this many inputs. batch_size: inputs per batch.
+        model: the model (or its skeleton) the inputs are for: checked against it, preprocessed for it. Without
+            one, uint8 images are pixels / 255 at their own size.
+        options: a datasets.DataOptions (workers, skip_bad, cache_mb, preprocessing overrides).
+
+    Returns:
+        A datasets.Batches (a sequence of tensors: len, indexing, iteration; `rows(idx)` for random access).
+
+    Raises:
+        DataError: a missing or unreadable source, inputs the model cannot take, a limit below 1.
+
+    Example:
+        >>> batches = calibration_batches("photos/", limit=5000, model=skeleton("vit.safetensors"))
+        >>> len(batches), batches.num_inputs
+        (20, 5000)
+    """
+    from .datasets import ArrayExamples, Batches, DataOptions, open_data, spread
+    from .preprocess import Preprocess, for_model
+
+    options = options or DataOptions()
+    if limit is not None and limit < 1:
+        raise DataError(f"calibration limit {limit} must be at least 1")
+    pre = for_model(model, **options.preprocess_overrides()) if model is not None else None
+    if model is None and not str(source).endswith((".npy", ".npz")):
+        first = calibration_inputs(source, limit)  # the old meaning: uint8 pixels / 255 at their own size
+        pre = Preprocess(size=first.shape[-2:], channels=1, crop_pct=1.0, interpolation="bilinear") \
+            if first.dtype == np.uint8 else None
+        return Batches(ArrayExamples(first, None, pre, str(source)), batch_size).cached(options.cache_mb)
+    examples = open_data(source, "train", pre, options)
     if model is not None:
-        check_inputs(model, x, source)
-    return [b for b, _ in iterate_batches(x, None, batch_size)]
+        check_examples(model, examples, source)
+    if limit is not None and limit < len(examples):
+        from .datasets import FileExamples
+
+        idx = spread(len(examples), limit) if isinstance(examples, FileExamples) else np.arange(limit)
+        examples = examples.subset(idx)
+    files = type(examples).__name__ != "ArrayExamples"
+    return Batches(examples, batch_size, progress="reading calibration images" if files else None).cached(options.cache_mb)
+
+
+def check_examples(model, examples, src) -> None:
+    """`check_inputs` for a data source: float arrays are checked as they are; images are preprocessed into the
+    model's input shape, so only a model that takes tokens can refuse them."""
+    from .datasets import ArrayExamples
+    from .preprocess import _as_nhwc
+
+    want = model_input(model)
+    if isinstance(examples, ArrayExamples) and examples.array.dtype != np.uint8:
+        check_inputs(model, examples.array, src)
+    elif want["kind"] == "tokens":
+        raise DataError(f"{src}: images, but the model takes {describe_input(want)}")
+    elif isinstance(examples, ArrayExamples):
+        try:
+            _as_nhwc(examples.array[:1])
+        except DataError:
+            raise DataError(f"{src}: inputs are uint8 {list(examples.array.shape)}, but the model takes "
+                            f"{describe_input(want)}; save images as [N, H, W], [N, H, W, C] or [N, C, H, W]") from None
 
 
 def model_input(model) -> dict:
@@ -406,7 +467,9 @@ def model_input(model) -> dict:
         return {"kind": "tokens", "shape": [None, native.config.dim]}
     c = native.config
     size = (c.img_size, c.img_size) if isinstance(c.img_size, int) else tuple(c.img_size)
-    converted = "converted_from" in getattr(native, "checkpoint_meta", {})
+    from .preprocess import recorded_fact
+
+    converted = recorded_fact(getattr(native, "checkpoint_meta", {}), "converted_from") is not None
     return {"kind": "images", "shape": [c.in_chans, *size], "range": None if converted else (0.0, 1.0)}
 
 
@@ -419,8 +482,7 @@ def describe_input(want: dict) -> str:
     extra = []
     if want.get("range"):
         extra.append(f"float in [{want['range'][0]:g}, {want['range'][1]:g}]")
-    if c == 1:
-        extra.append(f"or uint8 [N, {h}, {w}]")
+    extra.append("or uint8 images of any size through its preprocessing")
     return text + (f" ({', '.join(extra)})" if extra else "")
 
 

@@ -21,41 +21,109 @@ from .models import moe_layers
 from .selection import keep_per_layer, parse_keep, random_subsets, static_from_sums, with_experts, with_selection
 
 
+def as_examples(model: nn.Module, images, labels=None):
+    """A test set as datasets.Examples: Examples or Batches as they are; arrays (uint8 images through the model's
+    preprocessing, float inputs as they are) with their labels."""
+    import numpy as np
+
+    from .datasets import ArrayExamples, Batches, Examples
+    from .preprocess import Preprocess, for_model
+
+    if isinstance(images, Batches):
+        return images.examples
+    if isinstance(images, Examples):
+        return images
+    arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    pre = None
+    if arr.dtype == np.uint8:
+        pre = for_model(model) or Preprocess(size=arr.shape[-2:], channels=1, crop_pct=1.0, interpolation="bilinear")
+    y = None if labels is None else (labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels))
+    return ArrayExamples(arr, y, pre)
+
+
+@torch.no_grad()
+def measure(model: nn.Module, images, labels=None, batch_size: int = 256) -> dict:
+    """Top-1 and top-5 accuracy and per-class accuracy of a classifier, one batch in memory at a time.
+
+    Args:
+        model: a classifier. images: datasets.Examples or Batches (with labels), or an array of inputs with
+            `labels`. batch_size: the batch size (Algorithm 2's choices depend on it).
+
+    Returns:
+        {"top1", "top5" (top-k of min(5, classes)), "per_class" (accuracy of each label 0..C-1 present, None for
+        an absent one), "n"}.
+
+    Example:
+        >>> measure(model, open_data("photos/", "test", for_model(model), labelled=True))["top5"]
+    """
+    from .datasets import Batches
+
+    examples = as_examples(model, images, labels)
+    if examples.labels is None:
+        from .errors import DataError
+
+        raise DataError(f"{examples.where}: no labels to measure accuracy with")
+    was_training = model.training
+    model.eval()
+    top1 = top5 = n = 0
+    hits = torch.zeros(0, dtype=torch.long)
+    counts = torch.zeros(0, dtype=torch.long)
+    for x, y in Batches(examples, batch_size).labelled():
+        logits = model(x).float()
+        k = min(5, logits.shape[-1])
+        right = logits.argmax(-1) == y  # argmax: ties go to the lower class, as they always have here
+        best = logits.topk(k, dim=-1).indices  # [b, k]; its order among ties is torch's
+        top1 += int(right.sum())
+        top5 += int(((best == y[:, None]).any(-1) | right).sum())
+        n += len(y)
+        size = max(len(counts), int(y.max()) + 1, logits.shape[-1])
+        hits = torch.cat([hits, torch.zeros(size - len(hits), dtype=torch.long)])
+        counts = torch.cat([counts, torch.zeros(size - len(counts), dtype=torch.long)])
+        hits.index_add_(0, y, right.long())
+        counts.index_add_(0, y, torch.ones_like(y))
+    model.train(was_training)
+    per_class = [None if c == 0 else h / c for h, c in zip(hits.tolist(), counts.tolist())]
+    return {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1), "per_class": per_class, "n": n}
+
+
 @torch.no_grad()
 def predict(model: nn.Module, images, batch_size: int = 256) -> torch.Tensor:
-    """Class predictions [N] for images (uint8 [N, 28, 28] or float model inputs [N, ...])."""
-    from .data import iterate_batches
+    """Class predictions [N] for images (uint8 images through the model's preprocessing, float model inputs, or
+    datasets.Examples)."""
+    from .datasets import Batches
 
     was_training = model.training
     model.eval()
-    preds = [model(x).argmax(-1) for x, _ in iterate_batches(images, None, batch_size)]
+    preds = [model(x).argmax(-1) for x, _ in Batches(as_examples(model, images), batch_size).labelled()]
     model.train(was_training)
     return torch.cat(preds)
 
 
-def check_labels(model: nn.Module, images, labels, where: str = "the data") -> None:
+def check_labels(model: nn.Module, images, labels=None, where: str = "the data") -> None:
     """Raise DataError when the labels do not fit the classifier's outputs (e.g. 10 classes, a 5-class head)."""
-    from .data import iterate_batches
+    import numpy as np
+
     from .errors import DataError
 
-    x, _ = next(iterate_batches(images[:1], None, 1))
+    examples = as_examples(model, images, labels)
+    x, _ = examples.batch(np.arange(1))
     with torch.no_grad():
         classes = model.eval()(x).shape[-1]
-    top = int(torch.as_tensor(labels).max())
+    top = int(np.max(examples.labels))
     if top >= classes:
-        raise DataError(f"{where}: labels go up to {top}, but the model has {classes} classes; evaluate it on data "
-                        "with its own classes")
+        names = f" ({len(examples.classes)} class folders)" if examples.classes else ""
+        raise DataError(f"{where}: labels go up to {top}{names}, but the model has {classes} classes; evaluate it on "
+                        "data with its own classes (a classes.txt in the folder maps folder names to the model's classes)")
 
 
-def accuracy(model: nn.Module, images, labels, batch_size: int = 256) -> float:
-    """Top-1 accuracy of a classifier.
+def accuracy(model: nn.Module, images, labels=None, batch_size: int = 256) -> float:
+    """Top-1 accuracy of a classifier (see `measure`).
 
     Example:
         >>> accuracy(model, *load_images("sample", split="test"))
         0.871
     """
-    preds = predict(model, images, batch_size)
-    return (preds == torch.as_tensor(labels).long()).float().mean().item()
+    return measure(model, images, labels, batch_size)["top1"]
 
 
 def random_accuracies(model: nn.Module, images, labels, k, seeds: int, mode: str = "drop",
@@ -156,63 +224,73 @@ def _ks(n: int, config: StudyConfig) -> list[int]:
     return sorted(k for k in ks if k < n) or [n]
 
 
-def study(model: nn.Module, test_set: tuple, calib_sums: dict, config: StudyConfig = StudyConfig(),
-          progress: bool = True) -> dict:
+def study(model: nn.Module, test_set, calib_sums: dict, config: StudyConfig = StudyConfig(),
+          progress: bool = True, cache_mb: float = 1024.0) -> dict:
     """Accuracy of expert subsets chosen by Algorithms 1 and 2, static calibration and at random.
 
     Args:
         model: the full model.
-        test_set: (images, labels).
+        test_set: (images, labels), or datasets.Examples with labels (an image folder: decoded per batch).
         calib_sums: {layer name: score sums [E]} from `calibrate` (defines the static subsets).
         config: what to measure.
         progress: show a progress bar.
+        cache_mb: keep the test set decoded in memory when it fits (it is read once per row).
 
     Returns:
-        {"experts": n, "full": acc, "no_experts": acc, "rows": [{"k", "fraction", "mode", "method",
-        "batch_size", "accuracy", "std"}], "config": ...}. Methods: "alg1" (per input), "alg2" (per batch),
-        "static", "random" (mean over seeds, with std).
+        {"experts": n, "full": top-1, "no_experts": top-1, "full_top5", "no_experts_top5", "per_class" (the full
+        model's), "rows": [{"k", "fraction", "mode", "method", "batch_size", "accuracy" (top-1), "top5", "std",
+        "per_class"}], "config": ...}. Methods: "alg1" (per input), "alg2" (per batch), "static", "random" (mean
+        over seeds, with std; no per-class).
 
     Example:
         >>> sums = calibrate(model, calib_batches)
         >>> report = study(model, load_images("sample", split="test"), sums)
     """
+    from .datasets import Batches
     from .reports import progress as progress_bar
 
-    images, labels = test_set
-    check_labels(model, images, labels)
+    examples = as_examples(model, *test_set) if isinstance(test_set, tuple) else as_examples(model, test_set)
+    check_labels(model, examples, where=examples.where)
+    examples = Batches(examples, config.eval_batch_size, progress=None).cached(cache_mb).examples
     layers = moe_layers(model)
     n = min(layer.config.num_held for layer in layers.values())
     ks = _ks(n, config)
-    acc = lambda m, bs=config.eval_batch_size: accuracy(m, images, labels, bs)  # noqa: E731
     empty = {name: torch.zeros(0, dtype=torch.long) for name in layers}
     jobs = [(k, mode) for k in ks for mode in config.modes]
     steps = len(jobs) * (1 + len(config.batch_sizes) + 1 + config.random_seeds) + 2
     bar = progress_bar(enabled=progress, total=steps, desc=f"study (n={n})")
 
-    def measured(value):
+    def measured(m, bs=config.eval_batch_size):
+        out = measure(m, examples, batch_size=bs)
         bar.update()
-        return value
+        return out
 
-    report = {"experts": n, "full": measured(acc(model)), "no_experts": measured(acc(with_experts(model, empty))),
-              "rows": [], "config": asdict(config)}
+    full, none = measured(model), measured(with_experts(model, empty))
+    report = {"experts": n, "full": full["top1"], "no_experts": none["top1"], "full_top5": full["top5"],
+              "no_experts_top5": none["top5"], "per_class": full["per_class"], "rows": [], "config": asdict(config)}
+    if examples.classes:
+        report["classes"] = list(examples.classes)
     for k, mode in jobs:
-        row = lambda method, value, bs=None, std=None: report["rows"].append(  # noqa: E731
-            {"k": k, "fraction": k / n, "mode": mode, "method": method, "batch_size": bs, "accuracy": value, "std": std})
-        row("alg1", measured(acc(with_selection(model, k, per="input", mode=mode))))
+        def row(method, m=None, bs=None, std=None, top1=None, top5=None):
+            report["rows"].append({"k": k, "fraction": k / n, "mode": mode, "method": method, "batch_size": bs,
+                                   "accuracy": m["top1"] if m else top1, "top5": m["top5"] if m else top5,
+                                   "std": std, "per_class": m["per_class"] if m else None})
+
+        row("alg1", measured(with_selection(model, k, per="input", mode=mode)))
         for bs in config.batch_sizes:
-            row("alg2", measured(acc(with_selection(model, k, per="batch", mode=mode), bs)), bs=bs)
-        row("static", measured(acc(with_experts(model, static_from_sums(model, calib_sums, k), mode=mode))))
-        rand = [measured(a) for a in random_accuracies(model, images, labels, k, config.random_seeds, mode,
-                                                        config.eval_batch_size)]
-        mean, std = mean_std(rand)
-        row("random", mean, std=std)
+            row("alg2", measured(with_selection(model, k, per="batch", mode=mode), bs), bs=bs)
+        row("static", measured(with_experts(model, static_from_sums(model, calib_sums, k), mode=mode)))
+        rand = [measured(with_experts(model, random_subsets(model, k, torch.Generator().manual_seed(seed)), mode=mode))
+                for seed in range(config.random_seeds)]
+        mean, std = mean_std([r["top1"] for r in rand])
+        row("random", std=std, top1=mean, top5=mean_std([r["top5"] for r in rand])[0])
     bar.close()
     return report
 
 
 def eval_checkpoints(checkpoints: list, *, data: str = "fashion-mnist", calib: str | None = None,
                      calib_limit: int = 10000, config: StudyConfig = StudyConfig(), out_dir: str = "eval",
-                     command: str = "") -> dict:
+                     command: str = "", options=None) -> dict:
     """The paper's accuracy study of several checkpoints, written to files (the `moe-prune eval` command).
 
     Every input is checked against every model first (before minutes of work); then each checkpoint is
@@ -220,14 +298,16 @@ def eval_checkpoints(checkpoints: list, *, data: str = "fashion-mnist", calib: s
     command, versions), eval.md (the table) and eval.png (with matplotlib); a failed run leaves no output.
 
     Args:
-        checkpoints: native checkpoints of image classifiers.
-        data: the test data: a data set name ("fashion-mnist", "mnist", "sample") or an IDX folder.
-        calib: calibration data for the static subsets (a data set's train split, "sample", or a .npy/.npz of
-            inputs); None: `data`.
+        checkpoints: checkpoints of image classifiers (paths or checkpoint.CheckpointFile).
+        data: the test data: a folder of images in class folders (its val/ or test/ if it has one), a data set
+            name ("fashion-mnist", "mnist", "sample"), an IDX folder, or an .npz with `labels`.
+        calib: calibration data for the static subsets (see `data.calibration_batches`; a folder's train/);
+            None: `data`.
         calib_limit: at most this many calibration inputs.
         config: what the study measures.
         out_dir: the folder the files go to.
         command: the command line, recorded in eval.json and eval.md.
+        options: a datasets.DataOptions (workers, skip_bad, cache, preprocessing overrides).
 
     Returns:
         {"reports": [one `study` report per checkpoint], "markdown": the table, "files": [paths written],
@@ -242,38 +322,47 @@ def eval_checkpoints(checkpoints: list, *, data: str = "fashion-mnist", calib: s
         >>> print(r["markdown"])
     """
     from .checkpoint import load, skeleton
-    from .data import calibration_inputs, check_inputs, iterate_batches, load_images
+    from .data import calibration_batches, check_examples
+    from .datasets import DataOptions, open_data, report_skipped
     from .errors import ConfigError
     from .files import output_folder
+    from .preprocess import for_model
     from .reports import study_markdown, study_plot, write_json, write_text
     from .selection import calibrate
 
+    options = options or DataOptions()
     if calib_limit < 1:
         raise ConfigError(f"--calib-limit {calib_limit}: give at least 1")
-    test_set = load_images(data, split="test")
     calib_src = calib or data
-    calib_x = calibration_inputs(calib_src, limit=calib_limit)
+    prepared = []
     for path in checkpoints:  # every input checked against every model before minutes of work
         model = skeleton(path)
-        check_inputs(model, test_set[0], data)
-        check_inputs(model, calib_x, calib_src)
+        pre = for_model(model, **options.preprocess_overrides())
+        test = open_data(data, "test", pre, options, labelled=True)
+        check_examples(model, test, data)
+        batches = calibration_batches(calib_src, limit=calib_limit, batch_size=256, model=model, options=options)
         for keep in config.keeps:
             keep_per_layer(model, keep)
-    batches = [x for x, _ in iterate_batches(calib_x, None, 256)]
+        prepared.append((path, test, batches, pre))
+    if any(test.where == batches.examples.where for _, test, batches, _ in prepared):
+        print(f"moe-prune: note: calibrating and measuring on the same data ({data}); pass --calib with other "
+              "images for a static subset chosen on data it is not scored on", file=sys.stderr)
     reports = []
     with output_folder(out_dir) as out:  # a failed run leaves no output behind
-        for i, path in enumerate(checkpoints, 1):
+        for i, (path, test, batches, pre) in enumerate(prepared, 1):
             model = load(path, dtype=torch.float32)  # the study computes in float32, whatever the file holds
-            check_labels(model, *test_set, where=data)
-            print(f"[eval {i}/{len(checkpoints)}] {path}: calibrating on {len(calib_x)} inputs of {calib_src}, "
-                  f"then the study on {len(test_set[0])} test images", file=sys.stderr, flush=True)
+            print(f"[eval {i}/{len(checkpoints)}] {path}: calibrating on {batches.num_inputs} inputs of {calib_src}, "
+                  f"then the study on {len(test)} test inputs of {test.where}", file=sys.stderr, flush=True)
             sums = calibrate(model, batches, progress=True)
-            report = study(model, test_set, sums, config)
-            report.update(name=Path(path).name, checkpoint=str(path), data=data, calib=calib_src,
-                          calib_limit=calib_limit)
+            report = study(model, test, sums, config, cache_mb=options.cache_mb)
+            report.update(name=Path(path).name, checkpoint=str(path), data=str(data), calib=str(calib_src),
+                          calib_limit=calib_limit, test_set=test.where,
+                          preprocess=None if pre is None else pre.to_dict())
+            for ex in (test, batches.examples):
+                report_skipped(ex)
             reports.append(report)
-            print(f"{path}: n={report['experts']} full {report['full']:.4f}, no experts {report['no_experts']:.4f}",
-                  file=sys.stderr)
+            print(f"{path}: n={report['experts']} full {report['full']:.4f} (top-5 {report['full_top5']:.4f}), "
+                  f"no experts {report['no_experts']:.4f}", file=sys.stderr)
         record = {"command": command, "reports": reports, **_versions()}
         write_json(out / "eval.json", record)
         md = study_markdown(reports)

@@ -95,11 +95,20 @@ def _loss(student_out: torch.Tensor, teacher_out: torch.Tensor, temperature: flo
                     reduction="batchmean") * t * t
 
 
+def _stream(inputs, batch_size: int):
+    """The inputs (a tensor, a list of batches, datasets.Batches or Examples) in order, batch_size at a time."""
+    from .datasets import Batches, Examples, as_batches
+
+    examples = inputs if isinstance(inputs, Examples) else as_batches(inputs).examples
+    return Batches(examples, batch_size)
+
+
 @torch.no_grad()
-def distillation_loss(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, temperature: float = 2.0,
+def distillation_loss(student: nn.Module, teacher: nn.Module, inputs, temperature: float = 2.0,
                       batch_size: int = 256, targets: torch.Tensor | None = None) -> float:
     """The distillation loss of `student` against `teacher` over all `inputs` (mean over inputs).
 
+    `inputs`: a tensor [N, ...], a list of batches, or datasets.Batches / Examples (read a batch at a time).
     `targets`: the teacher's outputs on `inputs`, if already computed (then the teacher is not run).
 
     Example:
@@ -107,21 +116,20 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, inputs: torch.Tens
     """
     bare = isinstance(teacher, SoftMoE)
     total, n = 0.0, 0
-    for i in range(0, len(inputs), batch_size):
-        x = inputs[i:i + batch_size]
-        t = targets[i:i + batch_size] if targets is not None else teacher(x)
+    for x in _stream(inputs, batch_size):
+        t = targets[n:n + len(x)] if targets is not None else teacher(x)
         total += float(_loss(student(x), t, temperature, bare)) * len(x)  # a bare layer: per-batch relative error
         n += len(x)
     return total / max(n, 1)
 
 
 @torch.no_grad()
-def _teacher_logits(teacher: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor | None:
+def _teacher_logits(teacher: nn.Module, inputs, batch_size: int = 256) -> torch.Tensor | None:
     """A classifier's logits on every input, computed once ([N, classes]: small); None for a bare layer, whose
     outputs are as large as its inputs and are computed batch by batch instead."""
     if isinstance(teacher, SoftMoE):
         return None
-    return torch.cat([teacher(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
+    return torch.cat([teacher(x) for x in _stream(inputs, batch_size)])
 
 
 def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = HealConfig(),
@@ -131,7 +139,8 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
     Args:
         student: the compressed model (or bare layer); its kept experts (see `trainable`) are trained in place.
         teacher: the full model it was compressed from (never modified).
-        inputs: the calibration inputs, a tensor [N, ...] or a list of batches (concatenated).
+        inputs: the calibration inputs: a tensor [N, ...], a list of batches, or datasets.Batches (an image folder,
+            decoded per step unless it fits its cache budget: memory stays one batch plus N x classes logits).
         config: see HealConfig.
         progress: a progress bar with the running loss.
 
@@ -148,7 +157,12 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
     """
     from .reports import progress as progress_bar
 
-    x_all = torch.cat(list(inputs)) if isinstance(inputs, (list, tuple)) else torch.as_tensor(inputs)
+    from .datasets import as_batches
+
+    # The inputs are read a batch at a time (an image folder is decoded per step unless it fit the cache budget);
+    # only the teacher's logits, N x classes, are kept for the whole set.
+    data = as_batches(inputs)
+    x_all = data.examples
     if len(x_all) == 0:
         raise ConfigError("heal: no calibration inputs")
     params = trainable(student, config.parts)
@@ -180,9 +194,9 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
             if pos + config.batch_size > len(order):
                 order, pos = torch.randperm(len(x_all), generator=gen), 0
             rows = order[pos:pos + config.batch_size]
-            x = x_all[rows]
+            x = data.rows(rows.numpy())
             pos += config.batch_size
-            if cached is not None:
+            if cached is not None and len(x) == len(rows):  # (a batch with skipped unreadable images runs the teacher)
                 target = cached[rows]
             else:
                 with torch.no_grad():

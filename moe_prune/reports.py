@@ -55,6 +55,7 @@ def format_summary(s: dict) -> str:
         f"{s['path']}  ({human_bytes(s['bytes'])})",
         f"  architecture: {arch}",
         f"  dtype:        {s.get('dtype', '?')}",
+        *([f"  preprocess:   {s['preprocess']['text']}"] if s.get("preprocess") else []),
         f"  parameters:   {s['parameters']:,} ({human_count(s['parameters'])}), of which experts "
         f"{s['expert_parameters']:,} ({100 * s['expert_parameters'] / max(1, s['parameters']):.1f}%)",
         "",
@@ -71,7 +72,7 @@ def format_summary(s: dict) -> str:
     lines.append(table(rows, ["Soft MoE layer", "router E", "held", "slots", "hidden", "kind", "params", "kept (original ids)"]))
     if "found" in s:
         lines += ["", *format_found(s["found"])]
-    meta = {k: v for k, v in s["meta"].items() if k not in ("source_kwargs", "history", "source_meta", "source")}
+    meta = {k: v for k, v in s["meta"].items() if k not in ("source_kwargs", "history", "source_meta", "source", "preprocess")}
     if meta:
         shown = lambda v: v if isinstance(v, str) else json.dumps(v)  # noqa: E731
         clip = lambda t: t if len(t) <= 100 else t[:97] + "... (see --json)"  # noqa: E731
@@ -155,11 +156,15 @@ def study_markdown(reports: list[dict]) -> str:
                 sel = [x for x in r["rows"] if x["k"] == k and x["mode"] == mode]
                 get = lambda m, bs=None: next(x for x in sel if x["method"] == m and (bs is None or x["batch_size"] == bs))  # noqa: E731
                 rd = get("random")
+                top5 = lambda x: _pct(x["top5"]) if x.get("top5") is not None else ""  # noqa: E731
                 rows.append([f"{k}/{r['experts']}", mode, _pct(get("alg1")["accuracy"])]
                             + [_pct(get("alg2", bs)["accuracy"]) for bs in bss]
-                            + [_pct(get("static")["accuracy"]), f"{_pct(rd['accuracy'])} ± {_pct(rd['std'])}"])
-        out += [f"### {r.get('name', 'model')}: n = {r['experts']}, full {_pct(r['full'])}%, no experts (k=0) {_pct(r['no_experts'])}%",
-                "", table(rows, ["k/n", "mode", "alg1"] + [f"alg2 b={bs}" for bs in bss] + ["static", "random"], markdown=True), ""]
+                            + [_pct(get("static")["accuracy"]), f"{_pct(rd['accuracy'])} ± {_pct(rd['std'])}",
+                               top5(get("alg1")), top5(get("static"))])
+        five = (f" (top-5 {_pct(r['full_top5'])}%)" if r.get("full_top5") is not None else "")
+        out += [f"### {r.get('name', 'model')}: n = {r['experts']}, full {_pct(r['full'])}%{five}, no experts (k=0) {_pct(r['no_experts'])}%",
+                "", table(rows, ["k/n", "mode", "alg1"] + [f"alg2 b={bs}" for bs in bss]
+                          + ["static", "random", "alg1 top-5", "static top-5"], markdown=True), ""]
     return "\n".join(out)
 
 

@@ -178,7 +178,11 @@ def train(
     model.eval()
     result = {"test_accuracy": history[-1]["test_accuracy"], "history": history}
     if out is not None:
-        save(model, out, meta={**(meta or {}), **result, "train_config": asdict(config)})
+        from .preprocess import for_model
+
+        pre = for_model(model)  # what the training images were: pixels / 255 at 28x28
+        save(model, out, meta={**(meta or {}), **result, "train_config": asdict(config),
+                               **({"preprocess": pre.to_dict()} if pre is not None else {})})
         if resume is not None:
             resume.unlink(missing_ok=True)
     return result

@@ -157,3 +157,22 @@ class UserNet(nn.Module):
         for block in self.blocks:
             t = t + block["moe"](block["norm"](t))
         return self.head(t.mean(1))
+
+
+def soft_moe_vit_state(model) -> dict[str, torch.Tensor]:
+    """A moe-prune SoftMoEViT's weights in soft-moe's own layout (each expert a timm Mlp: fc1 [H, D], fc2 [D, H]):
+    the state dict soft_moe.SoftMoEVisionTransformer would have saved for these weights."""
+    from moe_prune.models import moe_layers
+
+    state = {}
+    moe = moe_layers(model)
+    for name, t in model.state_dict().items():
+        owner = next((n for n in moe if name.startswith(n + ".experts.")), None)
+        if owner is None:
+            state[name] = t.clone()
+            continue
+        key = name.rsplit(".", 1)[1]
+        fc, part = {"w1": ("fc1", "weight"), "b1": ("fc1", "bias"), "w2": ("fc2", "weight"), "b2": ("fc2", "bias")}[key]
+        for e in range(t.shape[0]):
+            state[f"{owner}.experts.{e}.{fc}.{part}"] = (t[e].T if part == "weight" else t[e]).clone()
+    return state

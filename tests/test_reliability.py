@@ -565,7 +565,7 @@ def workspace(tmp_path_factory):
     moe_prune.save(MnistSoftMoE(MnistConfig(num_experts=4)), ws / "m4.safetensors")
     rng = np.random.default_rng(0)
     arrays = {
-        "c32.npy": (rng.random((12, 32, 32)) * 255).astype(np.uint8),  # [N, 32, 32]
+        "c5.npy": (rng.random((12, 5, 7, 7)) * 255).astype(np.uint8),  # uint8 with no channel axis of 1, 3 or 4
         "c3.npy": rng.random((12, 3, 28, 28)).astype(np.float32),  # [N, 3, 28, 28]
         "c784.npy": rng.random((12, 784)).astype(np.float32),  # [N, 784]
         "cfloat.npy": rng.random((12, 28, 28)).astype(np.float32),  # float [N, 28, 28]: no channel axis
@@ -617,10 +617,10 @@ _B = ["bench", "m.safetensors", "--batch-sizes", "1", "--min-seconds", "0", "--n
 SHAPE = "takes images [N, 1, 28, 28]"
 MISTAKES = {  # name: (argv, words the one line must hold, patch or None)
     **{f"compress_calib_{c}": ([*_C, "--calib", f"{c}.npy"], [f"{c}.npy", found, SHAPE], None)
-       for c, found in (("c32", "[12, 32, 32]"), ("c3", "[12, 3, 28, 28]"), ("c784", "[12, 784]"),
+       for c, found in (("c5", "[12, 5, 7, 7]"), ("c3", "[12, 3, 28, 28]"), ("c784", "[12, 784]"),
                         ("cfloat", "float32 [12, 28, 28]"), ("c1d", "[12]"))},
     **{f"eval_calib_{c}": ([*_E, "--calib", f"{c}.npy"], [f"{c}.npy", found, SHAPE], None)
-       for c, found in (("c32", "[12, 32, 32]"), ("c3", "[12, 3, 28, 28]"), ("c784", "[12, 784]"),
+       for c, found in (("c5", "[12, 5, 7, 7]"), ("c3", "[12, 3, 28, 28]"), ("c784", "[12, 784]"),
                         ("cfloat", "float32 [12, 28, 28]"), ("c1d", "[12]"))},
     "compress_calib_0_255_floats": ([*_C, "--calib", "c255.npy"], ["c255.npy", "[0, 1]", "255"], None),
     "eval_calib_0_255_floats": ([*_E, "--calib", "c255.npy"], ["c255.npy", "[0, 1]"], None),

@@ -51,19 +51,42 @@ def _bar(batches, desc, progress):
     return progress_bar(batches, desc=desc, unit="batch")
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's weights are (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _own(batches, model: nn.Module, desc: str, progress: bool):
+    """This process's calibration batches, on the model's device: all of them, or under torchrun every
+    world-th (only those are read)."""
+    data = as_batches(batches, device=device_of(model))
+    rank, world = _shard()
+    mine = data if world == 1 else (data[i] for i in range(rank, len(data), world))
+    return _bar(mine, desc, progress)
+
+
 def _all_reduce(tensors: dict) -> dict:
     """Sum float64 tensors over torch.distributed ranks (each rank saw every world-th batch)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return tensors
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    device = collective_device()
     out = {}
     for name, t in tensors.items():
         t = t.to(device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         out[name] = t.cpu()
     return out
+
+
+def collective_device() -> torch.device:
+    """The device torch.distributed's collectives take: this rank's GPU under NCCL (torchrun set it), else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _shard():
@@ -90,8 +113,8 @@ def _gram(combine: torch.Tensor, y: torch.Tensor, S: int, target: torch.Tensor, 
     """
     B, M, KS = combine.shape
     K = KS // S
-    G = torch.zeros(K, K, dtype=torch.float64)
-    b = torch.zeros(K, dtype=torch.float64)
+    G = torch.zeros(K, K, dtype=torch.float64, device=combine.device)
+    b = torch.zeros(K, dtype=torch.float64, device=combine.device)
     for i in range(0, B, chunk):
         c, v, t = combine[i:i + chunk].float(), y[i:i + chunk].float(), target[i:i + chunk].float()
         g = ((c.transpose(1, 2) @ c) * (v @ v.transpose(1, 2))).sum(0)  # [KS, KS]
@@ -99,7 +122,7 @@ def _gram(combine: torch.Tensor, y: torch.Tensor, S: int, target: torch.Tensor, 
         # <T, Z_(e,s)> = sum_m C[m, (e,s)] <T_m, y_(e,s)>
         tb = (c * (t @ v.transpose(1, 2))).sum(dim=(0, 1))  # [KS]
         b += tb.double().reshape(K, S).sum(-1)
-    return G, b, float(target.double().pow(2).sum())
+    return G, b, target.double().pow(2).sum()
 
 
 def subset_error(G: torch.Tensor, b: torch.Tensor, t2: float, subset: Sequence[int]) -> float:
@@ -153,23 +176,23 @@ def greedy_subset(G: torch.Tensor, b: torch.Tensor, k: int, max_swaps: int = 100
 def output_sums(model: nn.Module, batches, progress: bool = False) -> dict[str, torch.Tensor]:
     """The `output` rule's scores: {layer name: [E] sums of C * |y|}, 0 for experts a layer does not hold."""
     layers = moe_layers(model)
-    sums = {name: torch.zeros(layer.config.num_experts, dtype=torch.float64) for name, layer in layers.items()}
+    dev = device_of(model)
+    sums = {name: torch.zeros(layer.config.num_experts, dtype=torch.float64, device=dev) for name, layer in layers.items()}
 
     def record(name):
         def fn(layer, routing, out):
             combine, y = layer.slot_outputs(routing)
-            part = _shares_norm(combine, y, layer.config.slots_per_expert)
-            if not bool(torch.isfinite(part).all()):
-                raise SelectionError(f"calibration scores of {name!r} are NaN or Inf (non-finite inputs or weights?)")
-            sums[name][layer.held_experts()] += part
+            sums[name][layer.held_experts(dev)] += _shares_norm(combine, y, layer.config.slots_per_expert)
         return fn
 
     tapped = replace_layers(model, lambda name, layer: TappedLayer(layer, record=record(name)))
-    rank, world = _shard()
-    for i, x in enumerate(_bar(batches, "calibrating (output)", progress)):
-        if i % world == rank:
-            tapped(x)
-    return _all_reduce(sums)
+    for x in _own(batches, model, "calibrating (output)", progress):
+        tapped(x)
+    sums = {name: s.cpu() for name, s in _all_reduce(sums).items()}
+    bad = [name for name, s in sums.items() if not bool(torch.isfinite(s).all())]  # checked once, not per batch
+    if bad:
+        raise SelectionError(f"calibration scores of {bad[0]!r} are NaN or Inf (non-finite inputs or weights?)")
+    return sums
 
 
 @torch.no_grad()
@@ -185,7 +208,7 @@ def reconstruct_subsets(model: nn.Module, batches: Sequence, keep, progress: boo
     names = list(layers)
     subsets: dict[str, torch.Tensor] = {}
     record = {}
-    rank, world = _shard()
+    dev = device_of(model)
     for li, name in enumerate(names):
         target_layer = layers[name]
         full_out: list[torch.Tensor] = []
@@ -199,23 +222,22 @@ def reconstruct_subsets(model: nn.Module, batches: Sequence, keep, progress: boo
             G, b, t2 = _gram(combine, y, layer.config.slots_per_expert, target)
             acc["G"] += G
             acc["b"] += b
-            acc["t2"] += torch.tensor([t2], dtype=torch.float64)
-            acc["mass"] += routing.scores.double().sum(0)[layer.held_experts()]
+            acc["t2"] += t2
+            acc["mass"] += routing.scores.double().sum(0)[layer.held_experts(dev)]
 
         K = target_layer.config.num_held
-        acc = {"G": torch.zeros(K, K, dtype=torch.float64), "b": torch.zeros(K, dtype=torch.float64),
-               "t2": torch.zeros(1, dtype=torch.float64), "mass": torch.zeros(K, dtype=torch.float64)}
+        acc = {"G": torch.zeros(K, K, dtype=torch.float64, device=dev), "b": torch.zeros(K, dtype=torch.float64, device=dev),
+               "t2": torch.zeros((), dtype=torch.float64, device=dev), "mass": torch.zeros(K, dtype=torch.float64, device=dev)}
         # The full model gives the target; the model with the earlier layers pruned gives this layer's inputs
         # (for the first layer they are the same run).
         full = replace_layers(model, lambda n, layer: TappedLayer(layer, record=keep_target if n == name else None))
         tapped = replace_layers(model, lambda n, layer: TappedLayer(layer, subsets.get(n), accumulate if n == name else None))
         desc = f"calibrating (reconstruct, layer {li + 1}/{len(names)})"
-        for i, x in enumerate(_bar(batches, desc, progress)):
-            if i % world == rank:
-                if li > 0:
-                    full(x)
-                tapped(x)
-        acc = _all_reduce(acc)
+        for x in _own(batches, model, desc, progress):
+            if li > 0:
+                full(x)
+            tapped(x)
+        acc = {k: v.cpu() for k, v in _all_reduce(acc).items()}  # the search runs on the host: E x E is small
         G, b, t2 = acc["G"], acc["b"], float(acc["t2"])
         if not (torch.isfinite(G).all() and torch.isfinite(b).all()):
             raise SelectionError(f"calibration of {name!r} gave NaN or Inf (non-finite inputs or weights?)")
@@ -255,7 +277,8 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
     layers = moe_layers(model)
     ks = keep_per_layer(model, keep)
     # The first `limit` inputs, decoded once and kept if they fit the data's cache budget, else read again per pass.
-    chunks = as_batches(batches).head(limit, chunk).cached()
+    dev = device_of(model)
+    chunks = as_batches(batches, device=dev).head(limit, chunk).cached()
     with torch.no_grad():
         teacher = [model(c).float().log_softmax(-1) for c in chunks]
     runs: dict[str, TappedLayer] = {}
@@ -277,12 +300,12 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
     subsets: dict[str, torch.Tensor] = {}
     record = {}
     for name, layer in layers.items():
-        held = layer.held_experts()
+        held = layer.held_experts(dev)
         K, S = len(held), layer.config.slots_per_expert
         chosen: list[int] = []  # stack positions
         for _ in range(ks[name]):
             # 1. rank every unchosen expert by the first-order change of the loss from adding it
-            predicted = torch.zeros(K, dtype=torch.float64)
+            predicted = torch.zeros(K, dtype=torch.float64, device=dev)
             current = held[torch.tensor(sorted(chosen), dtype=torch.long)]
             for n in layers:
                 runs[n].experts = subsets.get(n, current if n == name else None)
@@ -317,7 +340,7 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
         kl_greedy, kl_mass = kl_of({**others, name: greedy}), kl_of({**others, name: by_mass})
         # Greedy addition can miss (brute force on 6 experts, k = 2: 2 seeds of 12); the combine-mass top k is
         # already at hand, so the rule never returns a subset worse than it on the calibration inputs.
-        subsets[name] = by_mass if kl_mass < kl_greedy else greedy
+        subsets[name] = (by_mass if kl_mass < kl_greedy else greedy).cpu()  # ids on the host, as every rule gives them
         record[name] = {"kl": min(kl_greedy, kl_mass), "kl_mass": kl_mass, "kl_greedy": kl_greedy,
                         "chosen_by": "mass" if kl_mass < kl_greedy else "greedy"}
         runs[name].experts = subsets[name]
@@ -329,7 +352,7 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
 @torch.no_grad()
 def _mass_top(pruned, runs, name, layer, chunks, k, subsets) -> torch.Tensor:
     """The combine-mass top k of `name` on the inputs it sees with the earlier layers pruned (for the record)."""
-    mass = torch.zeros(layer.config.num_experts, dtype=torch.float64)
+    mass = torch.zeros(layer.config.num_experts, dtype=torch.float64, device=device_of(layer))
 
     def tap(lay, routing, out):
         mass.add_(routing.scores.double().sum(0))
@@ -340,7 +363,7 @@ def _mass_top(pruned, runs, name, layer, chunks, k, subsets) -> torch.Tensor:
     for c in chunks:
         pruned(c)
     runs[name].record = None
-    held = layer.held_experts()
+    held = layer.held_experts(mass.device)
     return held[select_experts(mass[held], k, per="batch")]
 
 

@@ -219,11 +219,21 @@ class Batches(Sequence):
         >>> sums = calibrate(model, batches)   # streamed: one batch in memory
     """
 
-    def __init__(self, examples: Examples, batch_size: int, *, progress: str | None = None, cache_mb: float = 1024.0):
+    def __init__(self, examples: Examples, batch_size: int, *, progress: str | None = None, cache_mb: float = 1024.0,
+                 device: torch.device | str | None = None):
         if int(batch_size) < 1:
             raise DataError(f"batch size {batch_size} is not positive; use a batch size of at least 1")
         self.examples, self.batch_size, self.progress = examples, int(batch_size), progress
         self.cache_mb = cache_mb  # what later readers (the loss rule, healing) may keep decoded
+        self.device = device  # where batches are handed out (the model's device); decoded and cached on the host
+
+    def on(self, device) -> "Batches":
+        """These batches handed out on `device` (the data stays where it is until a batch is read)."""
+        out = Batches(self.examples, self.batch_size, progress=self.progress, cache_mb=self.cache_mb, device=device)
+        return out
+
+    def _to(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.device is None or x.device == torch.device(self.device) else x.to(self.device)
 
     def __len__(self) -> int:
         return math.ceil(len(self.examples) / self.batch_size)
@@ -240,7 +250,7 @@ class Batches(Sequence):
             return [self[j] for j in range(*i.indices(len(self)))]
         if not -len(self) <= i < len(self):
             raise IndexError(i)
-        return self.examples.batch(self._idx(i % len(self)))[0]
+        return self._to(self.examples.batch(self._idx(i % len(self)))[0])
 
     def labelled(self):
         """(inputs float32 [b, ...], labels int64 [b] or None) per batch, prefetched."""
@@ -257,7 +267,8 @@ class Batches(Sequence):
                 if bar is not None:
                     bar.update(len(self._idx(i)))
                 if len(x):
-                    yield x, None if y is None else torch.from_numpy(np.asarray(y))
+                    labels = None if y is None else torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+                    yield self._to(x), None if labels is None else self._to(labels)
         if bar is not None:
             bar.close()
 
@@ -272,42 +283,66 @@ class Batches(Sequence):
         """These batches decoded once and kept in memory, if they take at most `budget_mb` MB (default: this
         one's cache_mb); else self."""
         budget_mb = self.cache_mb if budget_mb is None else budget_mb
-        if isinstance(self.examples, ArrayExamples) and self.examples.array.dtype != np.uint8 and \
-                not isinstance(self.examples.array, np.memmap):
+        if isinstance(self.examples, TensorExamples) or (isinstance(self.examples, ArrayExamples)
+                                                         and self.examples.array.dtype != np.uint8
+                                                         and not isinstance(self.examples.array, np.memmap)):
             return self  # float inputs in memory already
         if self.input_bytes() > budget_mb * 1e6:
             return self
         xs, ys = [], []
-        for x, y in self.labelled():
-            xs.append(x.numpy())
-            ys.append(None if y is None else y.numpy())
+        for x, y in self.on(None).labelled():  # decoded where the examples are (the host for files)
+            xs.append(x)
+            ys.append(None if y is None else y.cpu().numpy())
         labels = None if self.examples.labels is None or any(y is None for y in ys) else np.concatenate(ys)
-        arr = np.concatenate(xs) if xs else np.zeros((0, *self.examples.input_shape()), np.float32)
-        decoded = ArrayExamples(arr, labels, None, self.examples.where, self.examples.classes)
+        x = torch.cat(xs) if xs else torch.zeros((0, *self.examples.input_shape()))
+        decoded = TensorExamples(x, labels, self.examples.where, self.examples.classes)
         decoded.carried_skips = tuple(self.examples.skipped)
-        return Batches(decoded, self.batch_size, progress=self.progress, cache_mb=self.cache_mb)
+        return Batches(decoded, self.batch_size, progress=self.progress, cache_mb=self.cache_mb, device=self.device)
 
     def head(self, n: int, batch_size: int | None = None) -> "Batches":
         """The first n inputs, in batches of batch_size (default: this one's)."""
         return Batches(self.examples.subset(np.arange(min(n, len(self.examples)))), batch_size or self.batch_size,
-                       progress=None, cache_mb=self.cache_mb)
+                       progress=None, cache_mb=self.cache_mb, device=self.device)
 
     def rows(self, idx) -> torch.Tensor:
         """The inputs at positions idx (random access, e.g. healing's shuffled batches)."""
-        return self.examples.batch(np.asarray(idx))[0]
+        return self._to(self.examples.batch(np.asarray(idx))[0])
 
 
-def as_batches(inputs, batch_size: int = 256) -> Batches:
-    """Batches as they are; a list of batch tensors or one tensor [N, ...] of model inputs as Batches."""
+def as_batches(inputs, batch_size: int = 256, device=None) -> Batches:
+    """Batches as they are; a list of batch tensors or one tensor [N, ...] of model inputs (on any device) as
+    Batches; handed out on `device` when given (the model's)."""
     if isinstance(inputs, Batches):
-        return inputs
+        return inputs if device is None else inputs.on(device)
     if isinstance(inputs, (list, tuple)):
         sizes = [len(b) for b in inputs]
         x = torch.cat([torch.as_tensor(b) for b in inputs]) if inputs else torch.zeros(0)
         batch_size = max(sizes) if sizes else batch_size
     else:
         x = torch.as_tensor(inputs)
-    return Batches(ArrayExamples(x.detach().float().numpy(), where="the inputs"), batch_size)
+    return Batches(TensorExamples(x.detach()), batch_size, device=device)
+
+
+class TensorExamples(Examples):
+    """Model inputs already in a tensor (on any device), e.g. batches a caller made."""
+
+    def __init__(self, x: torch.Tensor, labels=None, where: str = "the inputs", classes=None):
+        self.x, self.where, self.classes = x, where, classes
+        self.labels = None if labels is None else np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+
+    def __len__(self):
+        return len(self.x)
+
+    def batch(self, idx):
+        idx = np.asarray(idx, dtype=np.int64)
+        if len(idx) and idx[-1] - idx[0] + 1 == len(idx) and np.all(np.diff(idx) == 1):
+            rows = self.x[int(idx[0]):int(idx[-1]) + 1]  # a run of positions: a view, no copy
+        else:
+            rows = self.x[torch.as_tensor(idx)]
+        return rows, None if self.labels is None else self.labels[idx]
+
+    def input_shape(self):
+        return tuple(self.x.shape[1:])
 
 
 # -- finding the data --------------------------------------------------------------------------------------

@@ -68,8 +68,11 @@ def measure(model: nn.Module, images, labels=None, batch_size: int = 256) -> dic
     top1 = top5 = n = 0
     hits = torch.zeros(0, dtype=torch.long)
     counts = torch.zeros(0, dtype=torch.long)
-    for x, y in Batches(examples, batch_size).labelled():
-        logits = model(x).float()
+    from .calibration import device_of
+
+    for x, y in Batches(examples, batch_size, device=device_of(model)).labelled():
+        logits = model(x).float().cpu()  # counted on the host: one [b, classes] copy per batch
+        y = y.cpu()
         k = min(5, logits.shape[-1])
         right = logits.argmax(-1) == y  # argmax: ties go to the lower class, as they always have here
         best = logits.topk(k, dim=-1).indices  # [b, k]; its order among ties is torch's
@@ -94,7 +97,10 @@ def predict(model: nn.Module, images, batch_size: int = 256) -> torch.Tensor:
 
     was_training = model.training
     model.eval()
-    preds = [model(x).argmax(-1) for x, _ in Batches(as_examples(model, images), batch_size).labelled()]
+    from .calibration import device_of
+
+    preds = [model(x).argmax(-1).cpu() for x, _ in
+             Batches(as_examples(model, images), batch_size, device=device_of(model)).labelled()]
     model.train(was_training)
     return torch.cat(preds)
 
@@ -105,10 +111,12 @@ def check_labels(model: nn.Module, images, labels=None, where: str = "the data")
 
     from .errors import DataError
 
+    from .calibration import device_of
+
     examples = as_examples(model, images, labels)
     x, _ = examples.batch(np.arange(1))
     with torch.no_grad():
-        classes = model.eval()(x).shape[-1]
+        classes = model.eval()(x.to(device_of(model))).shape[-1]
     top = int(np.max(examples.labels))
     if top >= classes:
         names = f" ({len(examples.classes)} class folders)" if examples.classes else ""

@@ -95,12 +95,14 @@ def _loss(student_out: torch.Tensor, teacher_out: torch.Tensor, temperature: flo
                     reduction="batchmean") * t * t
 
 
-def _stream(inputs, batch_size: int):
-    """The inputs (a tensor, a list of batches, datasets.Batches or Examples) in order, batch_size at a time."""
+def _stream(inputs, batch_size: int, model: nn.Module):
+    """The inputs (a tensor, a list of batches, datasets.Batches or Examples) in order, batch_size at a time, on
+    the model's device."""
+    from .calibration import device_of
     from .datasets import Batches, Examples, as_batches
 
     examples = inputs if isinstance(inputs, Examples) else as_batches(inputs).examples
-    return Batches(examples, batch_size)
+    return Batches(examples, batch_size, device=device_of(model))
 
 
 @torch.no_grad()
@@ -116,7 +118,7 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, inputs, temperatur
     """
     bare = isinstance(teacher, SoftMoE)
     total, n = 0.0, 0
-    for x in _stream(inputs, batch_size):
+    for x in _stream(inputs, batch_size, student):
         t = targets[n:n + len(x)] if targets is not None else teacher(x)
         total += float(_loss(student(x), t, temperature, bare)) * len(x)  # a bare layer: per-batch relative error
         n += len(x)
@@ -129,7 +131,7 @@ def _teacher_logits(teacher: nn.Module, inputs, batch_size: int = 256) -> torch.
     outputs are as large as its inputs and are computed batch by batch instead."""
     if isinstance(teacher, SoftMoE):
         return None
-    return torch.cat([teacher(x) for x in _stream(inputs, batch_size)])
+    return torch.cat([teacher(x) for x in _stream(inputs, batch_size, teacher)])
 
 
 def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = HealConfig(),
@@ -161,14 +163,18 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
 
     # The inputs are read a batch at a time (an image folder is decoded per step unless it fit the cache budget);
     # only the teacher's logits, N x classes, are kept for the whole set.
-    data = as_batches(inputs)
+    from .calibration import device_of
+
+    data = as_batches(inputs, device=device_of(teacher))
     x_all = data.examples
     if len(x_all) == 0:
         raise ConfigError("heal: no calibration inputs")
     params = trainable(student, config.parts)
     if not params:
         raise ConfigError("heal: the model has no Soft MoE expert weights to train")
-    shared = {p.data_ptr() for p in teacher.parameters()} & {p.data_ptr() for p in params.values()}
+    teacher_params = list(teacher.parameters())
+    shared = any(p is q or (p.data_ptr() != 0 and p.data_ptr() == q.data_ptr())
+                 for p in params.values() for q in teacher_params)
     if shared:
         raise ConfigError("heal: the student shares trained tensors with the teacher (make it with compress_model)")
     bare = isinstance(teacher, SoftMoE)

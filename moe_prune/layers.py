@@ -415,6 +415,8 @@ class SoftMoE(nn.Module):
         """
         if mode not in MODES:
             raise ValueError(f"mode must be 'drop' or 'renorm', got {mode!r}")
+        if experts is not None and experts.device != routing.x.device:
+            experts = experts.to(routing.x.device)  # ids chosen on the host (calibration) index device tensors
         present = self.config.present
         if experts is None and present is None:
             return self._mix(routing, routing.dispatch_weights, routing.combine_weights, None)

@@ -381,33 +381,27 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], progress: bool 
     """
     import torch.distributed as dist
 
+    from .calibration import _all_reduce, _own, device_of
+
     layers = moe_layers(model)
     if not layers:
         raise SelectionError(f"{type(model).__name__} has no Soft MoE layer to calibrate")
-    sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
-    sums = {name: torch.zeros(layer.config.num_experts, dtype=torch.int64) for name, layer in layers.items()}
+    dev = device_of(model)
+    sums = {name: torch.zeros(layer.config.num_experts, dtype=torch.int64, device=dev) for name, layer in layers.items()}
+    finite = {name: torch.ones((), dtype=torch.bool, device=dev) for name in layers}
 
-    def record(name, scores):  # scores [B, E], from the routing the layer then mixes with
-        if not bool(torch.isfinite(scores).all()):
-            raise SelectionError(f"calibration scores of {name!r} are NaN or Inf (non-finite inputs or weights?)")
-        sums[name] += torch.round(scores.double() * _FIXED_POINT).long().sum(dim=0).cpu()
+    def record(name, scores):  # scores [B, E], from the routing the layer then mixes with; no host sync per batch
+        finite[name] &= torch.isfinite(scores).all()
+        sums[name] += torch.round(scores.double().nan_to_num() * _FIXED_POINT).long().sum(dim=0)
 
     scoring = replace_layers(model, lambda name, layer: TappedLayer(
         layer, record=lambda lay, routing, out, name=name: record(name, routing.scores)))
-    if progress:
-        from .reports import progress as progress_bar
-
-        batches = progress_bar(batches, desc="calibrating", unit="batch")
-    for i, x in enumerate(batches):
-        if i % world == rank:
-            scoring(x)
-    if sharded:
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        for name in sums:
-            t = sums[name].to(device)
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            sums[name] = t.cpu()
+    for x in _own(batches, model, "calibrating", progress):
+        scoring(x)
+    bad = [name for name, ok in finite.items() if not bool(ok)]
+    if bad:
+        raise SelectionError(f"calibration scores of {bad[0]!r} are NaN or Inf (non-finite inputs or weights?)")
+    sums = _all_reduce({name: s.cpu() for name, s in sums.items()})
     return {name: s.double() / _FIXED_POINT for name, s in sums.items()}
 
 

@@ -13,7 +13,7 @@ import torch
 import moe_prune
 from moe_prune import CheckpointFile
 from moe_prune.cli import main
-from moe_prune.datasets import ArrayExamples, DataOptions, FileExamples, open_data
+from moe_prune.datasets import DataOptions, FileExamples, TensorExamples, open_data
 from moe_prune.errors import DataError
 from moe_prune.models import SoftMoEViT, ViTConfig
 from moe_prune.preprocess import Preprocess
@@ -142,7 +142,7 @@ def test_memory_stays_a_batch_beyond_the_cache_budget(folder):
     examples = open_data(folder["root"], "train", pre)
     streamed = Batches(examples, 16).cached(budget_mb=0.1)  # 120 images of 12 KB do not fit 0.1 MB
     kept = Batches(examples, 16).cached(budget_mb=100)
-    assert isinstance(streamed.examples, FileExamples) and isinstance(kept.examples, ArrayExamples)
+    assert isinstance(streamed.examples, FileExamples) and isinstance(kept.examples, TensorExamples)
     assert torch.equal(torch.cat(list(streamed)), torch.cat(list(kept)))
 
 

@@ -26,12 +26,13 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # numpy, onnxruntime, nvidia-pytriton (numpy < 2: pip builds numpy 1.26 from source for 3.13 the first time, about
-# 4 minutes on 2 cores; later installs take the wheel pip cached), the client, and moe-prune without its dependencies.
+# 4 minutes on 2 cores; later installs take the wheel pip cached), the client, Pillow (the predictor resizes and crops
+# images of any size), and moe-prune without its dependencies.
 $(SERVE_VENV)/.installed: pyproject.toml
 	@test -n "$(SERVE_PYTHON)" || { echo "serve-env: no Python 3.13 found (pyenv 3.13.0 or python3.13 on PATH); set SERVE_PYTHON"; exit 1; }
 	$(SERVE_PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(SERVE_VENV)/bin/python -m pip install --quiet numpy onnxruntime nvidia-pytriton "tritonclient[http,grpc]"
+	$(SERVE_VENV)/bin/python -m pip install --quiet numpy onnxruntime nvidia-pytriton "tritonclient[http,grpc]" "pillow>=9"
 	$(SERVE_VENV)/bin/python -m pip install --quiet --no-deps .
 	touch $@
 

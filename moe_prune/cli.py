@@ -48,6 +48,23 @@ def _source(args, path):
                           library=getattr(args, "source_format", "auto"))
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def _data_options(args):
+    """The data-reading and preprocessing options of a command, as datasets.DataOptions."""
+    from .datasets import DataOptions
+
+    return DataOptions(workers=getattr(args, "workers", None), skip_bad=getattr(args, "skip_bad", False),
+                       cache_mb=getattr(args, "cache_mb", 1024.0), interpolation=getattr(args, "interpolation", None),
+                       crop_pct=getattr(args, "crop_pct", None), mean=getattr(args, "mean", None),
+                       std=getattr(args, "std", None))
+
+
 def cmd_info(args) -> None:
     import warnings
 
@@ -69,7 +86,8 @@ def cmd_convert(args) -> None:
     stem = Path(args.source).name.split(".")[0]
     out = resolve_out(args.out, ".safetensors", f"{stem}.native.safetensors")
     with _folder_for(out, args.out):
-        model, found = convert_file(args.source, out, args.source_format, kwargs, ema=args.ema)
+        overrides = {k: v for k, v in _data_options(args).preprocess_overrides().items() if v is not None}
+        model, found = convert_file(args.source, out, args.source_format, kwargs, ema=args.ema, preprocess=overrides)
     print("\n".join(format_found(found)))
     print(f"converted {args.source} -> {out}")
 
@@ -127,7 +145,7 @@ def cmd_eval(args) -> None:
     config = StudyConfig(keeps=tuple(args.keep), modes=tuple(args.modes), batch_sizes=tuple(args.batch_sizes),
                          random_seeds=args.random_seeds)
     r = eval_checkpoints([_source(args, c) for c in args.checkpoints], data=args.data, calib=args.calib, calib_limit=args.calib_limit,
-                         config=config, out_dir=args.out_dir, command=_command(args))
+                         config=config, out_dir=args.out_dir, command=_command(args), options=_data_options(args))
     if not r["plotted"]:
         _no_plot_note(r["plot"])
     print(r["markdown"])
@@ -173,7 +191,7 @@ def cmd_compress(args) -> None:
                           parts=args.heal_parts, seed=args.heal_seed)
     r = compress_from_data(_source(args, src), out, args.keep, args.calib, calib_limit=args.calib_limit, batch_size=args.batch_size,
                            mode=args.mode, rule=args.rule, heal=heal, create_folder=_folder_form(out, args.out),
-                           meta={"command": _command(args)})
+                           meta={"command": _command(args)}, options=_data_options(args))
     if r is None:  # a torchrun rank other than 0: rank 0 reports
         return
     before, after = r["before"], r["after"]
@@ -186,7 +204,7 @@ def cmd_compress(args) -> None:
             line += (f"; held-out accuracy {100 * h['accuracy_before']:.2f}% -> {100 * h['accuracy_after']:.2f}% "
                      f"(full model {100 * h['accuracy_full']:.2f}%)")
         else:
-            line += "; no held-out accuracy (--calib is not a data set with a test split)"
+            line += "; no held-out accuracy (--calib has no test split or val/ folder)"
         print(line)
     for key, label in (("parameters", "parameters"), ("expert_parameters", "expert parameters")):
         print(f"  {label:<18} {human_count(before[key]):>9} -> {human_count(after[key]):>9}  ({before[key] / after[key]:.2f}x smaller)")
@@ -201,13 +219,17 @@ def cmd_export(args) -> None:
     from .export import export_checkpoint
     from .files import resolve_out
 
+    # The checkpoint's own preprocessing with --mean/--std/--interpolation/--crop-pct on top (the options every
+    # command that reads images shares); --preprocess puts it inside the graph.
+    pre = dict(preprocess=args.preprocess, mean=args.mean, std=args.std, interpolation=args.interpolation,
+               crop_pct=args.crop_pct)
     if args.format == "triton-repo":
         from .serve import export_triton_repo
 
         root = export_triton_repo(_source(args, args.checkpoint), args.out, args.name, keep=args.keep, dynamic=args.dynamic,
                                   per=args.per, mode=args.mode, atol=args.atol, kind=args.instance_kind,
                                   max_batch_size=args.max_batch_size, opset=args.opset,
-                                  validate=not args.no_validate)
+                                  validate=not args.no_validate, **pre)
         print(f"wrote the Triton model repository {args.out}: {root / 'config.pbtxt'}, {root / '1' / 'model.onnx'}")
         print(f"serve it with: tritonserver --model-repository {Path(args.out).resolve()}")
         return
@@ -216,7 +238,7 @@ def cmd_export(args) -> None:
         path, report = export_checkpoint(
             _source(args, args.checkpoint), out, keep=args.keep, dynamic=args.dynamic, per=args.per, mode=args.mode, opset=args.opset,
             dynamo=args.exporter == "dynamo", atol=args.atol, validate=not args.no_validate,
-            keep_invalid=args.keep_invalid,
+            keep_invalid=args.keep_invalid, **pre,
         )
         if report is not None:
             print(report.format())
@@ -301,10 +323,29 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--from", dest="source_format", choices=["auto", "bwconrad", "lucidrains"], default="auto",
                         help="which library saved a checkpoint that is not moe-prune's: bwconrad (soft-moe), "
                         "lucidrains (soft-moe-pytorch), or auto (from its tensor names)")
+    # The model's own input preprocessing (timm's evaluation transform), over what the checkpoint records.
+    preprocessing = _Parser(add_help=False)
+    preprocessing.add_argument("--mean", type=_floats, help="per-channel mean the model was trained with, e.g. "
+                               "0.485,0.456,0.406 (default: the checkpoint's record; moe-prune's own models 0, "
+                               "converted soft-moe ViTs timm's 0.5); written into every checkpoint the run makes")
+    preprocessing.add_argument("--std", type=_floats, help="per-channel std, e.g. 0.229,0.224,0.225 (default: as --mean)")
+    preprocessing.add_argument("--interpolation", choices=["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"],
+                               help="resize filter (default: the checkpoint's record; converted ViTs bicubic)")
+    preprocessing.add_argument("--crop-pct", type=float, help="center crop share: images are resized to input/crop_pct, "
+                               "then center-cropped (default: the checkpoint's record; converted ViTs 0.9)")
+    # How image folders are read.
+    reading = _Parser(add_help=False)
+    reading.add_argument("--workers", type=int, help="threads decoding images (default: up to 4, one per core)")
+    reading.add_argument("--skip-bad", action="store_true", help="leave out images that cannot be decoded (counted "
+                         "and reported) instead of stopping at the first")
+    reading.add_argument("--cache-mb", type=float, default=1024.0, help="keep a data set decoded in memory when it "
+                         "fits this many MB; larger ones are decoded again at each pass (memory stays one batch)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    def command(name, checkpoint: bool = False, **kw):
-        return sub.add_parser(name, parents=[common, source] if checkpoint else [common], formatter_class=_Help, **kw)
+    def command(name, checkpoint: bool = False, data: bool = False, preprocess: bool = False, **kw):
+        parents = [common] + ([source] if checkpoint else []) + ([preprocessing] if preprocess else []) \
+            + ([reading] if data else [])
+        return sub.add_parser(name, parents=parents, formatter_class=_Help, **kw)
 
     s = command("demo", checkpoint=True, help="the whole flow on the bundled checkpoint: select 1/8, compress, export, measure",
                 description="Load a checkpoint (default: the small Fashion-MNIST model shipped with moe-prune), "
@@ -323,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distillation steps for the healed checkpoint (0: no healing)")
     s.set_defaults(func=cmd_demo)
 
-    s = command("compress", checkpoint=True, help="calibrate, keep the best experts of every Soft MoE layer, write a smaller checkpoint",
+    s = command("compress", checkpoint=True, data=True, preprocess=True, help="calibrate, keep the best experts of every Soft MoE layer, write a smaller checkpoint",
                 description="Choose every Soft MoE layer's experts on calibration data by a rule (see --rule; "
                 "layers in order, each on the inputs it sees after the earlier ones are pruned), optionally recover the lost accuracy by "
                 "distillation from the full model on the same unlabeled images (--heal: only the kept experts "
@@ -335,10 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "the result equals one process's exactly, and rank 0 alone heals.")
     s.add_argument("checkpoint", help="the checkpoint (moe-prune's .safetensors, or a soft-moe / soft-moe-pytorch checkpoint: .safetensors, sharded index, .pt/.pth/.bin, Lightning .ckpt)")
     s.add_argument("--keep", default="1/8", help="fraction ('1/8', 0.125) or count (16) of experts to keep")
-    s.add_argument("--calib", required=True, help="calibration data: 'fashion-mnist' or 'mnist' (train split), 'sample' "
-                   "(the bundled images), an IDX folder (train split), or a .npy/.npz of model inputs (images "
-                   "[N, 1, 28, 28] in [0, 1] or uint8 [N, 28, 28]; tokens [N, M, D] for a bare Soft MoE layer)")
-    s.add_argument("--calib-limit", type=int, default=10000, help="use at most this many calibration inputs")
+    s.add_argument("--calib", required=True, help="calibration data (labels unused): a folder of images (PNG, JPEG, "
+                   "WebP, BMP, GIF; in class sub-folders or not, recursive; its train/ if it has train/ and val/), a "
+                   ".txt listing image paths, a .npy/.npz (uint8 images NHW, NHWC or NCHW; or float model inputs as "
+                   "they are, e.g. tokens [N, M, D] for a bare Soft MoE layer), 'fashion-mnist' or 'mnist' (train "
+                   "split), an IDX folder, or 'sample' (the bundled images). Images go through the model's own "
+                   "preprocessing (see --mean)")
+    s.add_argument("--calib-limit", type=int, default=10000, help="use at most this many calibration inputs (of a "
+                   "folder: spread evenly over it, so every class is in)")
     s.add_argument("--batch-size", type=int, default=256, help="calibration batch size")
     s.add_argument("--mode", choices=["drop", "renorm"], default="drop", help="drop (the paper) or renorm")
     s.add_argument("--rule", choices=list(CALIBRATION_RULES), default=DEFAULT_RULE,
@@ -395,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=cmd_info)
 
-    s = command("convert", checkpoint=True, help="convert a soft-moe / soft-moe-pytorch checkpoint to the native format",
+    s = command("convert", checkpoint=True, preprocess=True, help="convert a soft-moe / soft-moe-pytorch checkpoint to the native format",
                 description="Convert a checkpoint of soft_moe.SoftMoEVisionTransformer or SoftMoELayerWrapper "
                 "(bwconrad) or soft_moe_pytorch.SoftMoE (lucidrains) to a native checkpoint, which carries "
                 "its architecture and keeps the file's dtype. Every command reads such checkpoints directly; "
@@ -429,16 +474,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", default="runs", help="the folder the checkpoints go to")
     s.set_defaults(func=cmd_train)
 
-    s = command("eval", checkpoint=True, help="the paper's accuracy study: Algorithms 1 and 2, static and random subsets, k = 0",
+    s = command("eval", checkpoint=True, data=True, preprocess=True, help="the paper's accuracy study: Algorithms 1 and 2, static and random subsets, k = 0",
                 description="For each checkpoint and each k: accuracy with Algorithm 1 (per-input top k), "
                 "Algorithm 2 (per-batch top k, at several batch sizes), the static subset calibrated on --calib, "
                 "and random subsets (mean ± std over seeds), in drop and renorm modes; beside the full model "
                 "and the no-experts baseline (k = 0). For models with at most 16 experts every k from 1 to n-1. "
                 "Writes eval.json, eval.md and eval.png (with matplotlib) to --out-dir.")
     s.add_argument("checkpoints", nargs="+", help="checkpoints of image classifiers (moe-prune's .safetensors, or a soft-moe / soft-moe-pytorch checkpoint: .safetensors, sharded index, .pt/.pth/.bin, Lightning .ckpt)")
-    s.add_argument("--data", default="fashion-mnist", help="test data: 'fashion-mnist', 'mnist', 'sample' or an IDX folder")
-    s.add_argument("--calib", help="calibration data for the static subset: a data set name or folder (its train "
-                   "split; 'sample' uses the sample's images), or a .npy/.npz of inputs (default: --data)")
+    s.add_argument("--data", default="fashion-mnist", help="labelled test data: a folder of images in class "
+                   "sub-folders (its val/ or test/ if it has them; classes sorted by name as torchvision's ImageFolder, "
+                   "or named by a classes.txt, one per line in the model's class order), 'fashion-mnist', 'mnist', "
+                   "'sample', an IDX folder, or an .npz with `images` and `labels`")
+    s.add_argument("--calib", help="calibration data for the static subset (see compress --calib; a folder's train/; "
+                   "default: --data, whose train split or train/ folder is used when it has one)")
     s.add_argument("--calib-limit", type=int, default=10000, help="use at most this many calibration inputs")
     s.add_argument("--keep", type=_csv, default=["1/2", "1/4", "1/8"], help="comma-separated fractions or counts")
     s.add_argument("--modes", type=_csv, default=["drop", "renorm"], help="drop and/or renorm")
@@ -447,15 +495,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", default="eval", help="the folder eval.json, eval.md and eval.png go to")
     s.set_defaults(func=cmd_eval)
 
-    s = command("export", checkpoint=True, help="export a checkpoint to ONNX (full, compressed, or Algorithm 1 or 2 in the graph) and validate it",
+    s = command("export", checkpoint=True, preprocess=True, help="export a checkpoint to ONNX (full, compressed, or Algorithm 1 or 2 in the graph) and validate it",
                 description="Export a native checkpoint (full or compressed) to ONNX with a dynamic batch axis "
                 "(input 'input', output 'output'), then check it: the ONNX checker, and ONNX Runtime against "
                 "PyTorch on random batches of two batch sizes. With --keep and --dynamic the graph runs "
                 "Chung et al.'s Algorithm 2 per batch (scores, TopK, only the kept experts computed), or with "
                 "--per input Algorithm 1 (each input's own top experts, only its kept slots computed), and "
                 "also outputs the chosen expert ids of each layer ('experts.<layer>'). A large model's weights "
-                "go to OUT.data beside it. The model appears at --out only when it passed validation (see "
-                "--keep-invalid); exit status 2 if validation fails.")
+                "go to OUT.data beside it. With --preprocess the graph takes uint8 pixels [B, H, W, C] and "
+                "normalizes them itself (the checkpoint's mean/std, or --mean/--std); every file records its "
+                "preprocessing in its metadata (moe_prune.preprocess), which moe_prune.serve.Predictor reads to "
+                "resize, crop and normalize images of any size. The model appears at --out only when it passed "
+                "validation (see --keep-invalid); exit status 2 if validation fails.")
     s.add_argument("checkpoint", help="a checkpoint, full or compressed (moe-prune's .safetensors, or a soft-moe / soft-moe-pytorch checkpoint: .safetensors, sharded index, .pt/.pth/.bin, Lightning .ckpt)")
     s.add_argument("--out", required=True, help="onnx: " + OUT_RULE.format(suffix="onnx", name="NAME.onnx")
                    + "; triton-repo: the repository folder")
@@ -479,6 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="with triton-repo: the model's name (default: the checkpoint's file name)")
     s.add_argument("--instance-kind", choices=["cpu", "gpu"], default="cpu", help="with triton-repo: KIND_CPU or KIND_GPU")
     s.add_argument("--max-batch-size", type=int, default=64, help="with triton-repo: the largest dynamic batch (at least 1)")
+    s.add_argument("--preprocess", action="store_true",
+                   help="put the model's input normalization inside the graph: its input becomes uint8 pixels "
+                   "[B, H, W, C] at the model's input size (/ 255, NHWC -> NCHW and (x - mean) / std run in the graph; "
+                   "resize and crop stay outside, e.g. in moe_prune.serve.Predictor). Validation feeds random pixels "
+                   "and compares with PyTorch on the same pixels normalized in numpy. Without it the file still "
+                   "records the preprocessing in its metadata (moe_prune.preprocess); --mean, --std, "
+                   "--interpolation and --crop-pct override the checkpoint's")
     s.set_defaults(func=cmd_export)
 
     s = command("serve", help="serve an ONNX model on NVIDIA Triton Inference Server (PyTriton), HTTP and gRPC, no torch",
@@ -488,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "shapes come from the ONNX graph (GET /v2/models/NAME shows them). Needs neither torch nor "
                 "triton: in a clone, pip install --no-deps .; pip install numpy onnxruntime nvidia-pytriton. "
                 "Requests of the wrong shape or dtype, or larger than --max-batch-size, get an error answer. "
+                "A model exported with --preprocess takes uint8 pixels [B, H, W, C] at its input size. "
+                "Ready means answering: /v2/health/ready says 200 only once the model is loaded, and the log "
+                "says 'ready' after a first request through the server's own HTTP endpoint was answered. "
                 "Logs go to stderr; SIGINT or SIGTERM stops the server cleanly. "
                 "Which model: dynamic batching puts a request in one ONNX Runtime call with others, so serve "
                 "the full, the compressed or the Algorithm 1 (per input: export --keep 1/8 --dynamic --per "

@@ -18,6 +18,12 @@ What can be exported (each takes one tensor named "input" and returns "output"; 
 `export_onnx(..., with_choice=True)` adds one output per pruned layer, "experts.<layer name>": the router ids the
 graph chose (int64 [k]); `validate_onnx` compares them with PyTorch's choice on the same batch.
 
+`export_onnx(..., preprocess=Preprocess(...))` puts the model's input preprocessing into the graph
+(`with_preprocess`): the input is then uint8 pixels [B, H, W, C] at the model's input size, and the graph does
+/ 255, NHWC -> NCHW and (x - mean) / std before the model; resizing and cropping images of other sizes stays
+outside (serve.Predictor does it with Pillow). Every image model's file records its preprocessing, in the graph or
+not, in its metadata_props (onnx_files.set_preprocess), so a consumer without torch knows what to feed it.
+
 Files (one self-contained .onnx, or NAME.onnx + NAME.onnx.data for a large model) are written by
 `onnx_files.write_onnx`; `validate.validate_onnx` checks them against PyTorch.
 """
@@ -36,11 +42,12 @@ import torch
 from torch import nn
 
 from .checkpoint import load
-from .errors import ExportError, first_line
+from .errors import ConfigError, ExportError, first_line
 from .files import check_output
 from .layers import SoftMoE
 from .models import MnistSoftMoE, SoftMoEViT
-from .onnx_files import EMBED_LIMIT_BYTES, MAX_EMBED_LIMIT_BYTES, strip_debug_info, write_onnx
+from .onnx_files import EMBED_LIMIT_BYTES, MAX_EMBED_LIMIT_BYTES, set_preprocess, strip_debug_info, write_onnx
+from .preprocess import Preprocess, for_model
 from .selection import PrunedSoftMoE, pruned_layers, recorded_choices, with_selection
 
 if TYPE_CHECKING:
@@ -64,6 +71,8 @@ def export_onnx(
     dynamo: bool = False,
     embed_limit_bytes: int = EMBED_LIMIT_BYTES,
     with_choice: bool = False,
+    preprocess: Preprocess | None = None,
+    in_graph: bool = True,
 ) -> Path:
     """Export a Soft MoE model (full, a static expert subset, or Algorithm 2 per batch) to ONNX.
 
@@ -79,7 +88,8 @@ def export_onnx(
             `with_selection` (per="batch" puts Algorithm 2 in the graph). It is run in eval mode.
         out: the .onnx file to write (atomically; NAME.onnx.data beside it for a large model).
         example: an input to trace with; default: random images [2, C, H, W] in [0, 1], or tokens
-            [2, 16, D] for a bare layer (its token count M is fixed by the example).
+            [2, 16, D] for a bare layer (its token count M is fixed by the example); with the preprocessing in
+            the graph, random uint8 pixels [2, H, W, C].
         dynamic_batch: make the batch axis dynamic ("batch"); else it is fixed to the example's.
         opset: the ONNX opset (17 or newer: LayerNormalization).
         dynamo: True for torch.export's exporter (needs onnxscript), False for the TorchScript one.
@@ -87,13 +97,20 @@ def export_onnx(
             NAME.onnx.data. At most 2 GiB - 64 MiB (the protobuf limit, with room for the graph).
         with_choice: add an int64 output "experts.<layer name>" ("experts" for a bare layer) per pruned layer
             with the router ids of the experts it ran.
+        preprocess: the model's input preprocessing (see preprocess.for_model). With `in_graph` (the default) it
+            goes inside the graph: the input becomes uint8 pixels [B, H, W, C] at the model's input size, and the
+            graph does / 255, NHWC -> NCHW and (x - mean) / std (see `with_preprocess`). Either way it is
+            recorded in the file's metadata ("moe_prune.preprocess"). None: the input stays float [B, C, H, W]
+            and the file records preprocess.for_model(model), the checkpoint's own (an image model only).
+        in_graph: False records `preprocess` without putting it in the graph (the caller normalizes).
 
     Returns:
         The path of the .onnx file.
 
     Raises:
-        ExportError: the exporter failed, an unsupported model or option, or with_choice on a model with no
-            pruned layer. OutputError: `out` cannot be written safely (nothing is changed then).
+        ExportError: the exporter failed, an unsupported model or option, with_choice on a model with no
+            pruned layer, or a preprocess for another input size or channel count than the model's, or for a
+            model that takes tokens. OutputError: `out` cannot be written safely (nothing is changed then).
 
     Example:
         >>> fast = with_selection(model, "1/8", per="batch")
@@ -108,8 +125,13 @@ def export_onnx(
             f"{out}: embed_limit_bytes={embed_limit_bytes} must be in [0, {MAX_EMBED_LIMIT_BYTES}] "
             "(one protobuf message holds at most 2 GiB)"
         )
+    pixels = preprocess is not None and in_graph
+    if preprocess is None:
+        preprocess = model_preprocess(model)  # recorded only: the input stays float [B, C, H, W]
+    else:
+        check_preprocess(model, preprocess, out)
     if example is None:
-        example = example_input(model, 2)
+        example = example_pixels(preprocess, 2) if pixels else example_input(model, 2)
     choices = pruned_layers(model) if with_choice else {}
     if with_choice and not choices:
         raise ExportError(
@@ -122,14 +144,99 @@ def export_onnx(
         prefix=f".{out.name}.", suffix=".export", dir=out.parent
     ) as tmp:
         graph = _ChoiceOutputs(model).eval() if choices else model
+        if pixels:
+            graph = with_preprocess(graph, preprocess)
         if dynamo:
             proto = _export_dynamo(graph, example, out, opset, dynamic_batch, output_names)
         else:
             axes = {name: {0: "batch"} for name in batched} if dynamic_batch else None
             proto = _export_torchscript(graph, example, Path(tmp) / "model.onnx", opset, axes, output_names, out)
     strip_debug_info(proto)
+    if preprocess is not None:
+        set_preprocess(proto, preprocess, in_graph=pixels)
     write_onnx(proto, out, embed_limit_bytes)
     return out
+
+
+class Preprocessed(nn.Module):
+    """A model behind its input normalization: uint8 pixels [B, H, W, C] -> the model's float [B, C, H, W].
+
+    The graph computes what `Preprocess.normalize` computes, in the same order (/ 255, - mean, / std, in float32),
+    so that ONNX Runtime on pixels and PyTorch on normalize(pixels) agree to rounding; validate_onnx checks it.
+    Resizing and cropping are not here: they need the image's own size, which a batch of one shape has lost.
+    """
+
+    def __init__(self, model: nn.Module, preprocess: Preprocess):
+        super().__init__()
+        self.model = model
+        self.preprocess = preprocess
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else None
+        self.dtype = param.dtype if param is not None else torch.float32
+        c = preprocess.channels
+        # Not persistent: the state dict stays the model's own; the exporter folds them into constants anyway.
+        self.register_buffer("mean", torch.tensor(preprocess.mean, dtype=torch.float32, device=device).view(1, c, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(preprocess.std, dtype=torch.float32, device=device).view(1, c, 1, 1),
+                             persistent=False)
+
+    def forward(self, pixels):  # uint8 [B, H, W, C]
+        x = pixels.permute(0, 3, 1, 2).to(torch.float32) / 255.0  # [B, C, H, W] in [0, 1]
+        x = (x - self.mean) / self.std  # [B, C, H, W]
+        return self.model(x.to(self.dtype))
+
+
+def with_preprocess(model: nn.Module, preprocess: Preprocess) -> nn.Module:
+    """`model` taking uint8 pixels [B, H, W, C]: / 255, NHWC -> NCHW and (x - mean) / std first.
+
+    Args:
+        model: an image model (possibly wrapped by with_experts / with_selection); not changed.
+        preprocess: its preprocessing (only channels, mean and std are used here).
+
+    Returns:
+        A module whose forward takes uint8 [B, H, W, C] at the model's input size.
+
+    Example:
+        >>> p = preprocess.for_model(model)
+        >>> logits = with_preprocess(model, p)(torch.from_numpy(p.pixels(PIL.Image.open("cat.jpg")))[None])
+    """
+    return Preprocessed(model, preprocess)
+
+
+def model_preprocess(model: nn.Module, **overrides) -> Preprocess | None:
+    """preprocess.for_model for a moe-prune image model (with_experts / with_selection wrappers included), with
+    `overrides` (interpolation, crop_pct, mean, std); None for a bare layer or a model that is not moe-prune's.
+
+    Example:
+        >>> model_preprocess(load("vit.safetensors"), mean=(0.485, 0.456, 0.406)).describe()
+    """
+    native = model.layer if isinstance(model, PrunedSoftMoE) else model
+    if not isinstance(native, (MnistSoftMoE, SoftMoEViT)):
+        return None
+    return for_model(model, **overrides)
+
+
+def check_preprocess(model: nn.Module, preprocess: Preprocess, out) -> None:
+    """Refuse a preprocessing whose input size or channels are not the model's (before any export work)."""
+    if not isinstance(preprocess, Preprocess):
+        raise ExportError(f"{out}: preprocess must be a moe_prune.preprocess.Preprocess, got "
+                          f"{type(preprocess).__name__}")
+    native = model.layer if isinstance(model, PrunedSoftMoE) else model
+    if not isinstance(native, (MnistSoftMoE, SoftMoEViT)):
+        raise ExportError(f"{out}: preprocessing applies to image models; {type(native).__name__} takes tokens "
+                          "(export it without --preprocess)")
+    want = tuple(example_input(model, 1).shape[1:])  # (C, H, W)
+    got = (preprocess.channels, *preprocess.size)
+    if got != want:
+        raise ExportError(f"{out}: the preprocessing gives {list(got)} inputs, the model takes {list(want)}; use "
+                          "preprocess.for_model(model) (the checkpoint's own) with your overrides")
+
+
+def example_pixels(preprocess: Preprocess, batch_size: int = 2,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random uint8 pixels [B, H, W, C] at a preprocessing's input size (the input of a `with_preprocess` model)."""
+    return torch.randint(0, 256, (batch_size, *preprocess.size, preprocess.channels), generator=generator,
+                         dtype=torch.uint8)
 
 
 def example_input(model: nn.Module, batch_size: int = 2, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -268,6 +375,11 @@ def export_checkpoint(
     atol: float = 1e-4,
     validate: bool = True,
     keep_invalid: bool = False,
+    preprocess: bool = False,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    interpolation: str | None = None,
+    crop_pct: float | None = None,
 ) -> tuple[Path, ValidationReport | None]:
     """Load a native checkpoint (full or compressed), export it to ONNX and validate it (`moe-prune export`).
 
@@ -285,12 +397,16 @@ def export_checkpoint(
             `report.raise_for_failure()`). The model is exported and validated in a hidden folder beside `out`
             and appears at `out` only when it passed (an old file there is kept otherwise).
         keep_invalid: put a model that failed validation at `out` anyway (for inspection; the report says so).
+        preprocess: put the model's input preprocessing inside the graph (`moe-prune export --preprocess`): the
+            input becomes uint8 pixels [B, H, W, C]. Without it the file still records the preprocessing.
+        mean, std, interpolation, crop_pct: override the checkpoint's preprocessing (preprocess.for_model).
 
     Returns:
         (the .onnx path, the ValidationReport or None).
 
     Raises:
-        ExportError: keep without dynamic or the reverse, a negative atol, or a failed export.
+        ExportError: keep without dynamic or the reverse, a negative atol, a failed export, or preprocessing
+            asked of a model that takes tokens. ConfigError: a bad mean, std, interpolation or crop_pct.
             CheckpointError: see `load`.
         SelectionError: a bad keep or mode. OutputError: `out` cannot be written safely.
 
@@ -298,17 +414,21 @@ def export_checkpoint(
         >>> path, report = export_checkpoint("mnist-e128.safetensors", "fast.onnx", keep="1/8", dynamic=True)
         >>> print(report.format())
         >>> report.raise_for_failure()
+        >>> export_checkpoint("vit.safetensors", "vit-pixels.onnx", preprocess=True)  # input uint8 [B, H, W, 3]
     """
     from .validate import validate_onnx  # here: validate.py imports this module's helpers
 
-    check_export_options(keep=keep, dynamic=dynamic, per=per, mode=mode, atol=atol)
+    overrides = dict(mean=mean, std=std, interpolation=interpolation, crop_pct=crop_pct)
+    check_export_options(keep=keep, dynamic=dynamic, per=per, mode=mode, atol=atol, **overrides)
     out = check_output(out, inputs=(checkpoint,))
     model = load_for_export(checkpoint, keep=keep, dynamic=dynamic, per=per, mode=mode)
+    pre = export_preprocess(model, checkpoint, preprocess, **overrides)
+    options = dict(opset=opset, dynamo=dynamo, with_choice=dynamic, preprocess=pre, in_graph=preprocess)
     if not validate:
-        return export_onnx(model, out, opset=opset, dynamo=dynamo, with_choice=dynamic), None
+        return export_onnx(model, out, **options), None
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".validating", dir=out.parent) as tmp:
-        staged = export_onnx(model, Path(tmp) / out.name, opset=opset, dynamo=dynamo, with_choice=dynamic)
-        report = validate_onnx(staged, model, atol=atol, check=False)
+        staged = export_onnx(model, Path(tmp) / out.name, **options)
+        report = validate_onnx(staged, model, atol=atol, check=False, preprocess=pre)
         if report.passed or keep_invalid:
             for name in report.data_files:  # the data first: the new model is never visible without it
                 os.replace(Path(tmp) / name, out.parent / name)
@@ -321,15 +441,16 @@ def export_checkpoint(
 
 
 def check_export_options(*, keep=None, dynamic: bool = False, per: str = "batch", mode: str | None = None,
-                         atol: float = 1e-4) -> None:
+                         atol: float = 1e-4, mean=None, std=None, interpolation=None, crop_pct=None) -> None:
     """Refuse `moe-prune export` options that do not go together, before any work (both formats).
 
     Args:
-        keep, dynamic, per, mode, atol: see `export_checkpoint`.
+        keep, dynamic, per, mode, atol, mean, std, interpolation, crop_pct: see `export_checkpoint`.
 
     Raises:
         ExportError: keep without dynamic or the reverse, mode without keep, a negative atol, an unknown per, or
-            per="input" without dynamic.
+            per="input" without dynamic. ConfigError: a mean or std of neither 1 nor 3 values, a std <= 0, an
+            unknown interpolation, a crop_pct outside (0, 1].
 
     Example:
         >>> check_export_options(keep="1/8")  # ExportError: --dynamic and --keep go together ...
@@ -348,6 +469,43 @@ def check_export_options(*, keep=None, dynamic: bool = False, per: str = "batch"
     if per != "batch" and not dynamic:
         raise ExportError("--per input applies with --keep and --dynamic (Algorithm 1 chooses each input's experts "
                           "inside the graph)")
+    # The overrides' own checks (Preprocess's) on a stand-in of their channel count, before the checkpoint loads;
+    # whether that count is the model's is known only then (preprocess.for_model says it).
+    given = {k: v for k, v in dict(mean=mean, std=std, interpolation=interpolation, crop_pct=crop_pct).items()
+             if v is not None}
+    counts = {len(given[k]) for k in ("mean", "std") if k in given and not isinstance(given[k], (int, float))}
+    if given:
+        if not counts <= {1, 3}:
+            raise ConfigError(f"--mean/--std: give 1 value (every channel) or 3 (R,G,B), got {sorted(counts)} values")
+        Preprocess(size=1, channels=max(counts, default=1), **given)
+
+
+def export_preprocess(model: nn.Module, checkpoint, in_graph: bool = False, **overrides) -> Preprocess | None:
+    """The preprocessing `moe-prune export` records (and with `in_graph`, puts in the graph): the checkpoint's own
+    (preprocess.for_model), with the user's overrides.
+
+    Args:
+        model: the loaded model (load_for_export). checkpoint: its file, for messages.
+        in_graph: --preprocess was given.
+        overrides: mean, std, interpolation, crop_pct (None: the checkpoint's).
+
+    Returns:
+        A Preprocess, or None for a model that takes tokens (and no preprocessing was asked for).
+
+    Raises:
+        ExportError: --preprocess or an override for a model that takes tokens. ConfigError: an override that does
+            not fit the model (e.g. 3 means for a one-channel model).
+
+    Example:
+        >>> export_preprocess(load_for_export("vit.safetensors"), "vit.safetensors", True, mean=(0.5,)).describe()
+    """
+    given = sorted(k for k, v in overrides.items() if v is not None)
+    pre = model_preprocess(model, **overrides)
+    if pre is None and (in_graph or given):
+        flags = ["--preprocess"] * in_graph + [f"--{k.replace('_', '-')}" for k in given]
+        raise ExportError(f"{checkpoint}: {', '.join(flags)} apply to image models; this model takes tokens "
+                          "(export it without them)")
+    return pre
 
 
 def load_for_export(checkpoint: str | os.PathLike, *, keep=None, dynamic: bool = False, per: str = "batch",

@@ -10,10 +10,17 @@ instant between the two renames can an old model meet the new data file).
     check_external_data(path)            refuses data outside the model's folder (before anything reads it)
     op_histogram(path)                   operator counts, subgraphs and local functions included
     graphs / nodes / tensors(proto)      the walkers the three use
+    set_preprocess / read_preprocess     the model's input preprocessing, recorded in its metadata_props
+
+The preprocessing record: metadata_props["moe_prune.preprocess"] is JSON, `Preprocess.to_dict()` plus "in_graph"
+(true: the graph takes uint8 [B, H, W, C] and does / 255, NHWC -> NCHW and mean/std itself; false: the caller feeds
+float [B, C, H, W] already normalized). Consumers without torch or onnx read it with ONNX Runtime:
+`session.get_modelmeta().custom_metadata_map`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -70,6 +77,65 @@ def tensors(proto) -> list:
                 found.append(a.t)
             found.extend(a.tensors)
     return found
+
+
+# -- the preprocessing record ---------------------------------------------------------------------------------
+
+PREPROCESS_KEY = "moe_prune.preprocess"
+
+
+def set_preprocess(proto, preprocess, in_graph: bool) -> None:
+    """Record a model's input preprocessing in its metadata_props (replacing an earlier record).
+
+    Args:
+        proto: the onnx.ModelProto, changed in place.
+        preprocess: a `preprocess.Preprocess`.
+        in_graph: whether the graph applies / 255 and mean/std itself (its input is uint8 [B, H, W, C]).
+
+    Example:
+        >>> set_preprocess(proto, Preprocess(size=224, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD), True)
+    """
+    kept = [p for p in proto.metadata_props if p.key != PREPROCESS_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = PREPROCESS_KEY, json.dumps({**preprocess.to_dict(), "in_graph": bool(in_graph)})
+
+
+def read_preprocess(metadata: dict, where: str | os.PathLike = "the model"):
+    """The preprocessing recorded by `set_preprocess`, from a model's metadata map.
+
+    Args:
+        metadata: {key: value} of the model's metadata_props (ONNX Runtime:
+            `session.get_modelmeta().custom_metadata_map`; onnx: {p.key: p.value for p in proto.metadata_props}).
+        where: the file, for the error message.
+
+    Returns:
+        (Preprocess, in_graph), or (None, False) when nothing is recorded (a token model, or a file exported
+        before the record existed).
+
+    Raises:
+        ExportError: the record is not valid JSON or not a valid preprocessing.
+
+    Example:
+        >>> read_preprocess(ort.InferenceSession("m.onnx").get_modelmeta().custom_metadata_map)
+        (Preprocess(size=(16, 16), channels=3, ...), True)
+    """
+    from .errors import MoePruneError
+    from .preprocess import Preprocess
+
+    text = metadata.get(PREPROCESS_KEY)
+    if text is None:
+        return None, False
+    try:
+        record = json.loads(text)
+        in_graph = record.pop("in_graph")
+        if not isinstance(in_graph, bool):
+            raise ValueError(f"in_graph is {in_graph!r}, not true or false")
+        return Preprocess.from_dict(record), in_graph
+    except (ValueError, KeyError, TypeError, AttributeError, MoePruneError) as e:
+        raise ExportError(f"{where}: its {PREPROCESS_KEY} record is broken ({first_line(e)}); re-export the model "
+                          "with moe-prune export") from None
 
 
 # -- writing -------------------------------------------------------------------------------------------------

@@ -9,6 +9,13 @@ pytriton are imported when a server is made, so a serving environment needs no t
 `pip install --no-deps .` (a clone, or its wheel) and `pip install numpy onnxruntime nvidia-pytriton` (the `[serve]`
 extra).
 
+Ready means the model answers. PyTriton's default starts tritonserver on an empty repository (its
+/v2/health/ready says 200 at once: zero models, all ready) and loads the model afterwards, so a client that trusted
+the endpoint got 404s for a second or two. Here the model is written into the repository before tritonserver
+starts, which loads it before it opens its endpoints (PyTriton's local model store, the one its Vertex AI mode
+uses), with strict readiness; and `start` returns, `serve` sets its `ready` event and logs "ready" only after one
+inference request through the server's own HTTP endpoint was answered.
+
 Which model to serve: with dynamic batching a request shares its ONNX Runtime call with whatever else is queued,
 so an Algorithm 2 (per batch) model answers a request with experts chosen for the whole server batch. The full,
 the compressed (static subset) and the Algorithm 1 (per input) models answer every request the same way whatever
@@ -17,16 +24,24 @@ it is batched with.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ServeError
+from .errors import MoePruneError, ServeError
 
 LOG = logging.getLogger("moe_prune.serve")
+
+# How long `start` waits for the first answer through HTTP after PyTriton says the model is loaded (it is loaded
+# by then; the margin is for a slow machine's first ONNX Runtime call), and how often it asks.
+FIRST_ANSWER_TIMEOUT_S = 60.0
+FIRST_ANSWER_POLL_S = 0.1
 
 # ONNX Runtime's type strings of the tensors a model can be served with, and their numpy names.
 _ORT_DTYPES = {
@@ -34,6 +49,9 @@ _ORT_DTYPES = {
     "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
     "tensor(bool)": "bool",
 }
+# numpy dtype names -> the KServe v2 protocol's datatypes (the first-answer request is built with them).
+_V2_DATATYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
+                 "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
 
 
 @dataclass(frozen=True)
@@ -141,6 +159,8 @@ class OnnxModel:
         if not batched:
             raise ServeError(f"{self.path}: no output has the inputs' batch axis {batch_axis!r}; nothing to serve")
         self.outputs = [self._spec(v, "output") for v in batched]
+        # e.g. {"moe_prune.preprocess": "{...}"}: what the model expects (onnx_files.read_preprocess reads it)
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
     def _spec(self, value, kind: str) -> TensorSpec:
         dims = value.shape
@@ -178,20 +198,24 @@ class OnnxModel:
 def _pytriton():
     try:
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-        from pytriton.triton import Triton, TritonConfig
+        from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
     except ImportError as e:
         raise ServeError(f"serving needs PyTriton ({e}): pip install nvidia-pytriton (Linux, Python 3.13 works; "
                          "see README, Serving)") from None
-    return DynamicBatcher, ModelConfig, Tensor, Triton, TritonConfig
+    return DynamicBatcher, ModelConfig, Tensor, Triton, TritonConfig, TritonLifecyclePolicy
 
 
 def start(config: ServeConfig):
-    """Load the model, start Triton with it bound, and return the running `pytriton.triton.Triton`.
+    """Load the model, start Triton with it bound, and return the running `pytriton.triton.Triton` once the model
+    has answered a first inference request through the server's HTTP endpoint.
 
-    Call `.stop()` on the result to shut the server down. `serve` wraps this with signal handling.
+    tritonserver loads the model before it opens its endpoints, with strict readiness, so its /v2/health/ready
+    says 200 only when the model is loaded (see the module docstring). Call `.stop()` on the result to shut the
+    server down. `serve` wraps this with signal handling.
 
     Raises:
-        ServeError: the model cannot be served (see OnnxModel), PyTriton is missing, or the server did not start.
+        ServeError: the model cannot be served (see OnnxModel), PyTriton is missing, the server did not start, or
+            the model did not answer within FIRST_ANSWER_TIMEOUT_S.
 
     Example:
         >>> triton = start(ServeConfig("compressed.onnx", http_port=8000))
@@ -203,15 +227,21 @@ def start(config: ServeConfig):
     if not 1 <= config.max_batch_size <= 1 << 16:
         raise ServeError(f"--max-batch-size {config.max_batch_size}: give a positive batch size")
     model = OnnxModel(config.model, config.threads, config.provider)  # fails on a bad file before Triton starts
-    DynamicBatcher, ModelConfig, Tensor, Triton, TritonConfig = _pytriton()
+    DynamicBatcher, ModelConfig, Tensor, Triton, TritonConfig, TritonLifecyclePolicy = _pytriton()
     name = config.model_name()
     if model.dropped:
         LOG.info("not served (no batch axis, one value per server batch): %s", ", ".join(model.dropped))
+    LOG.info("preprocessing: %s", _describe_preprocess(model))
+    # strict_readiness: /v2/health/ready waits for every model (tritonserver's default; said here because the
+    # readiness promise rests on it).
     triton_config = TritonConfig(http_address=config.host, http_port=config.http_port, grpc_address=config.host,
                                  grpc_port=config.grpc_port, metrics_address=config.host,
-                                 metrics_port=config.metrics_port, exit_on_error=True)
+                                 metrics_port=config.metrics_port, exit_on_error=True, strict_readiness=True)
     spec = lambda t: Tensor(name=t.name, dtype=np.dtype(t.dtype), shape=t.shape)  # noqa: E731
-    triton = Triton(config=triton_config)
+    # local_model_store: bind() writes the model into the repository, and tritonserver loads it at startup, before
+    # its endpoints open; PyTriton's default loads it through the API after the server already says ready.
+    policy = TritonLifecyclePolicy(launch_triton_on_startup=True, local_model_store=True)
+    triton = Triton(config=triton_config, triton_lifecycle_policy=policy)
     try:
         triton.bind(model_name=name, infer_func=model, inputs=[spec(t) for t in model.inputs],
                     outputs=[spec(t) for t in model.outputs], strict=True,
@@ -220,12 +250,76 @@ def start(config: ServeConfig):
         triton.run()
     except Exception as e:
         triton.stop()
+        # tritonserver's own log (above, on stderr) has the cause: a port in use, or "failed to load all models"
+        # when PyTriton's Python backend stub cannot start. Either way PyTriton notices only when its wait for the
+        # server times out (120 s): it does not watch the process while it waits.
         raise ServeError(f"Triton did not start for {config.model} ({type(e).__name__}: {str(e)[:300]}); "
-                         f"are ports {config.http_port}/{config.grpc_port}/{config.metrics_port} free?") from None
-    LOG.info("serving %s as %r: HTTP %s:%d, gRPC %s:%d, metrics %s:%d; inputs %s; outputs %s; max batch %d",
+                         f"are ports {config.http_port}/{config.grpc_port}/{config.metrics_port} free? If tritonserver "
+                         "said 'failed to load all models', its Python backend stub cannot run here (see README, "
+                         "Serving); the tritonserver log above says why") from None
+    try:
+        waited = _first_answer(config, name, model, triton)
+    except BaseException:
+        triton.stop()
+        raise
+    LOG.info("serving %s as %r: HTTP %s:%d, gRPC %s:%d, metrics %s:%d; inputs %s; outputs %s; max batch %d; "
+             "the first request through HTTP was answered after %.2f s",
              config.model, name, config.host, config.http_port, config.host, config.grpc_port, config.host,
-             config.metrics_port, _describe(model.inputs), _describe(model.outputs), config.max_batch_size)
+             config.metrics_port, _describe(model.inputs), _describe(model.outputs), config.max_batch_size, waited)
     return triton
+
+
+def _describe_preprocess(model: OnnxModel) -> str:
+    """What the file records about its input preprocessing, for the start-up log (a broken record is logged)."""
+    from .onnx_files import read_preprocess
+
+    try:
+        pre, in_graph = read_preprocess(model.metadata, model.path)
+    except MoePruneError as e:
+        return f"unknown ({e})"
+    if pre is None:
+        return "none recorded (the client sends the model's own input)"
+    if in_graph:
+        return f"inside the graph; clients send uint8 pixels at the input size ({pre.describe()})"
+    return f"the client's: send float input normalized as {pre.describe()}"
+
+
+def _local_url(config: ServeConfig) -> str:
+    """The HTTP endpoint as this process reaches it (a wildcard address is not one to connect to)."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(config.host, config.host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{config.http_port}"
+
+
+def _first_answer(config: ServeConfig, name: str, model: OnnxModel, triton) -> float:
+    """Send one all-zeros request of batch size 1 through the server's own HTTP endpoint until it is answered;
+    return the seconds it took. Raises ServeError if the server dies or no answer comes within the timeout."""
+    import urllib.error
+    import urllib.request
+
+    inputs = [{"name": t.name, "shape": [1, *(d if d > 0 else 1 for d in t.shape)], "datatype": _V2_DATATYPES[t.dtype]}
+              for t in model.inputs]
+    for t in inputs:
+        n = math.prod(t["shape"])
+        t["data"] = [False] * n if t["datatype"] == "BOOL" else [0] * n
+    body = json.dumps({"inputs": inputs}).encode()
+    url = f"{_local_url(config)}/v2/models/{name}/infer"
+    t0 = time.monotonic()
+    last = "no answer yet"
+    while time.monotonic() - t0 < FIRST_ANSWER_TIMEOUT_S:
+        if not triton.is_alive():
+            raise ServeError(f"the Triton server for {config.model} stopped while loading the model; see the log above")
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=FIRST_ANSWER_TIMEOUT_S) as r:
+                json.loads(r.read())
+                return time.monotonic() - t0
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code}: {e.read()[:200].decode(errors='replace')}"
+        except (OSError, ValueError) as e:  # refused, reset, timed out; a reply that is not JSON
+            last = f"{type(e).__name__}: {e}"
+        time.sleep(FIRST_ANSWER_POLL_S)
+    raise ServeError(f"{config.model}: the server did not answer a first request at {url} within "
+                     f"{FIRST_ANSWER_TIMEOUT_S:g} s ({last}); see the log above")
 
 
 def _describe(specs: list[TensorSpec]) -> str:
@@ -237,7 +331,8 @@ def serve(config: ServeConfig, ready: threading.Event | None = None, stop: threa
 
     Args:
         config: see ServeConfig.
-        ready: set once the server answers (for callers that run this in a thread).
+        ready: set once the model has answered a first request through the server's HTTP endpoint (for callers
+            that run this in a thread); the log line "ready" says the same.
         stop: set it to stop the server (default: a new event, set by the signal handlers).
 
     Raises:
@@ -256,7 +351,7 @@ def serve(config: ServeConfig, ready: threading.Event | None = None, stop: threa
         try:
             if ready is not None:
                 ready.set()
-            LOG.info("ready; SIGINT (Ctrl-C) or SIGTERM stops the server")
+            LOG.info("ready: the model answers; SIGINT (Ctrl-C) or SIGTERM stops the server")
             while not stop.wait(timeout=1.0):
                 if not triton.is_alive():
                     raise ServeError(f"the Triton server for {config.model} stopped by itself; see the log above")

@@ -1,8 +1,13 @@
 """Validation of an exported ONNX model against the PyTorch model it came from: the checklist optimum prints.
 
-    the ONNX checker (full_check) -> external data inside the model's folder -> ONNX Runtime (CPU) against
-    PyTorch on random batches of each batch size (numpy.allclose's rule) -> the graph's expert choice
-    ("experts.*" outputs) against PyTorch's -> the operator histogram (no Einsum: slow in ONNX Runtime)
+    the ONNX checker (full_check) -> external data inside the model's folder -> the preprocessing record
+    (metadata "moe_prune.preprocess") -> ONNX Runtime (CPU) against PyTorch on random batches of each batch size
+    (numpy.allclose's rule) -> the graph's expert choice ("experts.*" outputs) against PyTorch's -> the operator
+    histogram (no Einsum: slow in ONNX Runtime)
+
+A graph with its preprocessing inside (`export --preprocess`: uint8 pixels [B, H, W, C] in) is fed random
+pixels, and PyTorch runs the model on the same pixels through `Preprocess.normalize` (numpy): a wrong
+normalization in the graph (mean, std, channel order, the axis permutation) shows as a numerical failure.
 
 `validate_onnx` returns a `ValidationReport`; `report.format()` is the checklist, `report.raise_for_failure()`
 the one-line ExportError.
@@ -21,7 +26,8 @@ from torch import nn
 
 from .errors import ExportError, first_line
 from .export import choice_output, eval_mode, random_input
-from .onnx_files import check_external_data, op_histogram
+from .onnx_files import PREPROCESS_KEY, check_external_data, op_histogram, read_preprocess
+from .preprocess import Preprocess
 from .selection import pruned_layers, recorded_choices
 
 
@@ -52,10 +58,13 @@ class ValidationReport:
     batch_note: str = ""
     data_bytes: int = 0  # size of the external data files, measured when validated
     outcome: str = ""  # where the model is after validation (set by export_checkpoint), said on failure
+    preprocess: Preprocess | None = None  # what the file records (or, if it records nothing, what was expected)
+    pixels: bool = False  # the graph takes uint8 [B, H, W, C] and normalizes inside
+    record_problem: str = ""  # why the preprocessing record is wrong ("": it is right, or there is none to check)
 
     @property
     def passed(self) -> bool:
-        return all(c.passed and c.choice_match is not False for c in self.checks)
+        return not self.record_problem and all(c.passed and c.choice_match is not False for c in self.checks)
 
     def format(self) -> str:
         """The checklist, one line per check."""
@@ -74,6 +83,13 @@ class ValidationReport:
                          f"({self.data_bytes / 1e6:.1f} MB; keep it beside the model)")
         else:
             lines.append("  [x] self-contained (no external data)")
+        if self.record_problem:
+            lines.append(f"  [ ] preprocessing record: {self.record_problem}")
+        elif self.preprocess is not None:
+            where = ("inside the graph: it takes uint8 pixels [B, H, W, C], checked against PyTorch on the same "
+                     "pixels through Preprocess.normalize" if self.pixels else
+                     "recorded for the caller: the graph takes normalized float [B, C, H, W]")
+            lines.append(f"  [x] preprocessing ({self.preprocess.describe()}) {where}")
         for c in self.checks:
             # The mark, the number beside it and the verdict follow one rule: worst <= 1 (numpy.allclose).
             lines.append(f"  {mark(c.passed)} batch size {c.batch_size}: worst element at {c.worst:.2f} of its "
@@ -95,6 +111,8 @@ class ValidationReport:
         """Raise ExportError (one line) if a check failed."""
         if self.passed:
             return
+        if self.record_problem:
+            raise ExportError(f"{self.path}: its preprocessing record is wrong: {self.record_problem}{self.outcome}")
         bad = [c for c in self.checks if not c.passed]
         if bad:
             worst = max(bad, key=lambda c: c.max_abs)
@@ -116,6 +134,7 @@ def validate_onnx(
     rtol: float = 1e-3,
     seed: int = 0,
     check: bool = True,
+    preprocess: Preprocess | None = None,
 ) -> ValidationReport:
     """Check an exported model: the ONNX checker, then ONNX Runtime (CPU) against PyTorch on random batches.
 
@@ -127,20 +146,26 @@ def validate_onnx(
         onnx_path: the .onnx file (its external data, if any, beside it).
         model: the PyTorch model it was exported from (run in eval mode).
         batch_sizes: batch sizes to try (the exported batch size only, if the batch axis is fixed).
-        n_batches: random batches per batch size; images uniform in [0, 1], tokens N(0, 1).
+        n_batches: random batches per batch size; images uniform in [0, 1], tokens N(0, 1); a graph taking
+            uint8 pixels [B, H, W, C] (its preprocessing inside): uniform pixels 0..255, which PyTorch gets
+            through `preprocess.normalize`.
         atol, rtol: the tolerance.
         seed: seed of the random inputs.
         check: raise ExportError if a check fails (else return the failing report).
+        preprocess: the preprocessing the file must record (and, for a pixel graph, compute); None: whatever
+            it records. A record that differs from it fails the validation, as does a pixel graph's record that
+            says "not in the graph" or a float graph's that says "in the graph".
 
     Returns:
         A ValidationReport; `print(report.format())` prints the checklist.
 
     Raises:
         ExportError: not an ONNX file, external data outside its folder or missing, the checker fails,
-            ONNX Runtime cannot run it, or (with check=True) the outputs or expert choice differ.
+            ONNX Runtime cannot run it, a pixel graph with no preprocessing recorded or given, or (with
+            check=True) the outputs, the expert choice or the preprocessing record differ.
 
     Example:
-        >>> export_onnx(model, "model.onnx")
+        >>> export_onnx(model, "model.onnx", preprocess=preprocess.for_model(model))  # uint8 [B, H, W, C] in
         >>> report = validate_onnx("model.onnx", model)
         >>> print(report.format())
     """
@@ -167,6 +192,16 @@ def validate_onnx(
     shape = inputs[0].shape
     if not all(isinstance(d, int) for d in shape[1:]):
         raise ExportError(f"{path}: only the batch axis may be dynamic; input shape is {shape}")
+    pixels = inputs[0].type == "tensor(uint8)"
+    recorded, in_graph = read_preprocess(session.get_modelmeta().custom_metadata_map, path)
+    problem = _record_problem(recorded, in_graph, preprocess, pixels)
+    pre = preprocess or recorded  # what a pixel graph must compute
+    if pixels and pre is None:
+        raise ExportError(f"{path}: takes uint8 pixels but records no preprocessing ({PREPROCESS_KEY}); pass "
+                          "preprocess= (the one it was exported with), or re-export it with moe-prune export")
+    if pixels and list(shape[1:]) != [*pre.size, pre.channels]:
+        raise ExportError(f"{path}: takes uint8 pixels {shape} but its preprocessing is for [B, {pre.size[0]}, "
+                          f"{pre.size[1]}, {pre.channels}]; re-export it with moe-prune export --preprocess")
     note = ""
     if isinstance(shape[0], int):
         note = f"the batch axis is fixed at {shape[0]}; only that batch size was run"
@@ -178,15 +213,23 @@ def validate_onnx(
     if missing:
         raise ExportError(f"{path}: outputs {missing} name no pruned layer of the model ({sorted(choices)})")
     report = ValidationReport(path, atol, rtol, data_files, op_histogram(path), choice_outputs=choice_names,
-                              batch_note=note, data_bytes=sum((path.parent / f).stat().st_size for f in data_files))
+                              batch_note=note, data_bytes=sum((path.parent / f).stat().st_size for f in data_files),
+                              preprocess=recorded or preprocess, pixels=pixels, record_problem=problem)
     gen = torch.Generator().manual_seed(seed)
+    param = next(model.parameters(), None)
     with eval_mode(model), recorded_choices(choices) as seen, torch.no_grad():
         for B in batch_sizes:
             check_b = BatchCheck(B, n_batches, 0.0, 0.0, True, True if choice_names else None)
             for _ in range(n_batches):
-                x = random_input(model, (B, *shape[1:]), gen)
+                if pixels:  # the graph normalizes: PyTorch gets the same pixels, normalized by numpy
+                    feed = torch.randint(0, 256, (B, *shape[1:]), generator=gen, dtype=torch.uint8).numpy()
+                    x = torch.from_numpy(pre.normalize(feed))  # [B, C, H, W]
+                    x = x if param is None else x.to(device=param.device, dtype=param.dtype)
+                else:
+                    x = random_input(model, (B, *shape[1:]), gen)
+                    feed = x.cpu().numpy()
                 ref = model(x).float().cpu().numpy()
-                got = dict(zip(outputs, session.run(None, {inputs[0].name: x.cpu().numpy()})))
+                got = dict(zip(outputs, session.run(None, {inputs[0].name: feed})))
                 compare_batch(check_b, got["output"], ref, atol, rtol)
                 for o in choice_names:  # the ids this very call ran, recorded by the hooks
                     want = seen.get(by_output[o])
@@ -195,6 +238,26 @@ def validate_onnx(
     if check:
         report.raise_for_failure()
     return report
+
+
+def _record_problem(recorded: Preprocess | None, in_graph: bool, expected: Preprocess | None, pixels: bool) -> str:
+    """What is wrong with a file's preprocessing record ("" if nothing): it must say where the preprocessing
+    is (in the graph exactly when the graph takes uint8 pixels) and, when one is expected, be that one."""
+    if recorded is None:
+        return f"none recorded ({PREPROCESS_KEY}), expected {expected.describe()}" if expected is not None else ""
+    if in_graph != pixels:
+        return (f"it says the preprocessing is {'' if in_graph else 'not '}in the graph, but the graph takes "
+                f"{'uint8 pixels' if pixels else 'float input'}")
+    if expected is not None and _values(recorded) != _values(expected):
+        return f"it records {recorded.describe()}, expected {expected.describe()}"
+    return ""
+
+
+def _values(p: Preprocess) -> dict:
+    """A preprocessing's values without where they came from (`source` is for reports)."""
+    d = p.to_dict()
+    d.pop("source")
+    return d
 
 
 def compare_batch(check: BatchCheck, y: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> None:

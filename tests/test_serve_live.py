@@ -28,7 +28,8 @@ import torch
 
 from moe_prune.compress import compress_model
 from moe_prune.export import export_onnx
-from moe_prune.models import MnistConfig, MnistSoftMoE
+from moe_prune.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig
+from moe_prune.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from moe_prune.selection import with_selection
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,6 +308,84 @@ def test_algorithm1_answers_do_not_depend_on_what_the_server_batches_them_with(e
             ref_out, ref_experts = sess.run(["output", "experts.moe"], {"input": x})  # the request alone
             assert np.abs(out - ref_out).max() <= 1e-5
             assert experts.shape == (len(x), 4) and (experts == ref_experts).all()
+        assert s.stop(signal.SIGTERM) == 0, s.stderr()
+    finally:
+        if s.proc.poll() is None:
+            s.kill()
+
+
+@pytest.fixture(scope="module")
+def pixel_models(tmp_path_factory):
+    """A tiny RGB ViT with ImageNet normalization: with it inside the graph (uint8 [B, 16, 16, 3] in), and without."""
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp("pixels")
+    vit = SoftMoEViT(ViTConfig(num_experts=4, moe_layer_index=1, img_size=16, patch_size=4, in_chans=3, num_classes=5,
+                               embed_dim=32, depth=2, num_heads=2)).eval()
+    pre = Preprocess(size=16, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875)
+    return {"pixels": export_onnx(vit, tmp / "vit_pixels.onnx", preprocess=pre),
+            "float": export_onnx(vit, tmp / "vit_float.onnx", preprocess=pre, in_graph=False), "pre": pre}
+
+
+def http_status(url: str):
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        return type(e).__name__
+
+
+@pytest.mark.slow
+def test_ready_means_the_model_answers_and_uint8_pixels_are_served(env, pixel_models, tmp_path):
+    """Readiness polled from the moment the process starts: the first 200 of /v2/health/ready (or of the model's
+    ready endpoint) must come with answers. Then uint8 HWC requests, over HTTP and gRPC, equal ONNX Runtime in
+    this process on the same bytes, and the float graph on the same pixels through Preprocess.normalize."""
+    s = Server(env, pixel_models["pixels"], tmp_path / "pixels.log")
+    try:
+        health = f"http://{HOST}:{s.http}/v2/health/ready"
+        model_ready = f"http://{HOST}:{s.http}/v2/models/{s.name}/ready"
+        http = httpclient.InferenceServerClient(f"{HOST}:{s.http}")
+        x = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        seen = []
+        for _ in range(START_TIMEOUT_S * 50):  # bounded: one probe per 20 ms until the deadline
+            if s.proc.poll() is not None:
+                pytest.fail(f"moe-prune serve exited with {s.proc.returncode} before it answered:\n{s.stderr()}")
+            states = (http_status(health), http_status(model_ready))
+            if not seen or seen[-1] != states:
+                seen.append(states)
+            if 200 in states:
+                try:  # the promise: ready says 200 only when an inference is answered
+                    got = infer(httpclient, http, s.name, x, dtype="UINT8")
+                except InferenceServerException as e:
+                    pytest.fail(f"readiness said {states} but the request failed: {e}; states seen {seen}")
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"moe-prune serve did not get ready within {START_TIMEOUT_S} s:\n{s.stderr()}")
+            time.sleep(0.02)
+        # the log's "ready" comes after the server's own first answer through HTTP
+        for _ in range(100):
+            if "ready: the model answers" in s.stderr():
+                break
+            time.sleep(0.1)
+        log = s.stderr()
+        assert log.index("first request through HTTP was answered") < log.index("ready: the model answers"), log
+        assert "preprocessing: inside the graph" in log
+
+        same = reference(pixel_models["pixels"], x)
+        assert got.shape == (3, 5) and np.abs(got - same).max() <= 1e-5
+        floats = reference(pixel_models["float"], pixel_models["pre"].normalize(x))
+        assert np.abs(got - floats).max() <= 1e-5
+        grpc = grpcclient.InferenceServerClient(f"{HOST}:{s.grpc}")
+        for seed, n in enumerate([1, 4]):
+            y = np.random.default_rng(10 + seed).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+            got = infer(grpcclient, grpc, s.name, y, dtype="UINT8")
+            assert np.abs(got - reference(pixel_models["pixels"], y)).max() <= 1e-5
+        meta = http.get_model_metadata(s.name)
+        assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [("input", "UINT8", [-1, 16, 16, 3])]
+        with pytest.raises(InferenceServerException, match="data-type"):  # float pixels are refused
+            infer(httpclient, http, s.name, x.astype(np.float32), dtype="FP32")
         assert s.stop(signal.SIGTERM) == 0, s.stderr()
     finally:
         if s.proc.poll() is None:

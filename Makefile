@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 SERVE_PYTHON ?= $(shell PYENV_VERSION=3.13.0 python3.13 -c 'import sys; print(sys.executable)' 2>/dev/null || command -v python3.13)
 SERVE_VENV := .venv-serve
 
-.PHONY: demo test install serve-env test-serve clean
+.PHONY: demo test install serve-env test-serve gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,13 @@ serve-env: $(SERVE_VENV)/.installed
 # The live server test alone: the model exported here, served from the environment without torch.
 test-serve: $(VENV)/.installed $(SERVE_VENV)/.installed
 	MOE_PRUNE_SERVE_PYTHON=$(SERVE_VENV)/bin/python MOE_PRUNE_REQUIRE_SERVER=1 $(BIN)/python -m pytest -q tests/test_serve_live.py
+
+# Everything a GPU must show, in one run (benchmarks/gpu_check.py); without a GPU it says so and exits 0. On a lent
+# machine with torch and triton already installed: pip install --no-deps --no-build-isolation -e . && make gpu-check
+# PY=python
+PY ?= $(BIN)/python
+gpu-check:
+	$(PY) benchmarks/gpu_check.py
 
 demo: $(VENV)/.installed
 	$(BIN)/moe-prune demo

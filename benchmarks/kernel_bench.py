@@ -1,4 +1,4 @@
-"""GPU time of the fused routing kernel against the unfused torch computation, and the bytes each must move.
+"""GPU time of the fused routing kernel and of the grouped-expert kernel against torch, and the bytes each must move.
 
 Question: how close does `soft_moe_routing` (one launch: dispatch, combine and expert scores) come to the memory
 bound, and how much faster is it than torch's matmul + two softmaxes + sum (`soft_moe_routing_ref`)?
@@ -9,6 +9,11 @@ minimum bytes (read X and Phi, write dispatch, combine and scores), percent of t
 
     python benchmarks/kernel_bench.py                       # table + benchmarks/results/kernel_bench.json
     python benchmarks/kernel_bench.py --dtypes fp16 --batches 64 256
+
+The grouped-expert kernel (Algorithm 1's kept experts on their kept slots, `kernels/grouped_experts.py`) is timed
+on the same two layers' experts (ViT-S/16: D=384, H=1536; Chung et al.'s ViT-B/16: D=768, H=384; 128 experts, 16
+kept per input, one slot each) against torch's sync-free CUDA path (StackedExperts.grouped, the kernel off), with
+its bound: the union of the kept experts' weights read once, the rows read and written.
 
 Without a GPU it prints the minimum-bytes table (and the time each implies at 3 TB/s), writes it to
 benchmarks/results/kernel_bench_bytes.json, says it skipped the timing, and exits 0.
@@ -109,6 +114,52 @@ def bench_gpu(rows: list[dict], peak: float | None, warmup_ms: int, rep_ms: int)
     return out
 
 
+EXPERTS = {"vit_s16": dict(D=384, H=1536, E=128), "vit_b16_chung": dict(D=768, H=384, E=128)}
+
+
+def bench_grouped_gpu(batches, dtypes, peak: float | None, warmup_ms: int, rep_ms: int, keep: int = 16) -> list[dict]:
+    """The grouped-expert kernel against torch's grouped path on B inputs x `keep` experts each (one slot)."""
+    import triton.testing
+
+    from moe_prune.experts import StackedExperts
+
+    out = []
+    for shape, s in EXPERTS.items():
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            torch.manual_seed(0)
+            experts = StackedExperts("gelu_mlp", s["E"], s["D"], s["H"], s["D"]).to("cuda", dtype).eval()
+            for batch in batches:
+                g = torch.Generator(device="cuda").manual_seed(batch)
+                idx = torch.stack([torch.randperm(s["E"], device="cuda", generator=g)[:keep] for _ in range(batch)])
+                rows = torch.randn(batch * keep, 1, s["D"], device="cuda", dtype=dtype)  # [R, N=1, D]
+                flat = idx.reshape(-1)
+
+                def run(kernel: bool):
+                    experts.use_triton = kernel
+                    with torch.inference_mode():
+                        return experts.grouped(rows, flat, capacity=batch)
+
+                got, ref = run(True), run(False)
+                tol = dict(atol=1e-4, rtol=1e-3) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+                torch.testing.assert_close(got.float(), ref.float(), **tol)
+                used = int(torch.unique(flat).numel())
+                elt = torch.tensor([], dtype=dtype).element_size()
+                weights = used * (2 * s["D"] * s["H"] + s["H"] + s["D"]) * elt
+                total = weights + 2 * rows.numel() * elt
+                row = dict(shape=shape, **s, batch=batch, keep=keep, dtype=dtype_name, used_experts=used,
+                           bytes=dict(weights=weights, rows=2 * rows.numel() * elt, total=total))
+                for name, kernel in (("fused", True), ("torch", False)):
+                    p50, p10, p90 = triton.testing.do_bench(lambda k=kernel: run(k), warmup=warmup_ms, rep=rep_ms,
+                                                            quantiles=[0.5, 0.1, 0.9])
+                    gbs = total / (p50 * 1e-3) / 1e9
+                    row[name] = dict(median_ms=p50, p10_ms=p10, p90_ms=p90, gb_per_s=gbs,
+                                     pct_of_peak=(100 * gbs * 1e9 / peak) if peak else None)
+                row["speedup"] = row["torch"]["median_ms"] / row["fused"]["median_ms"]
+                out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -148,7 +199,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{t['pct_of_peak'] or 0:6.1f} {r['speedup']:8.2f} {bound:9.1f}")
     print("GB/s and %peak count the minimum bytes; speedup = torch median / fused median; bound = minimum bytes at "
           "the device's peak bandwidth")
-    write_json(args.out, dict(env, peak_bandwidth_bytes_per_s=peak, results=results))
+    grouped = bench_grouped_gpu(args.batches, args.dtypes, peak, args.warmup_ms, args.rep_ms)
+    print("\nGrouped experts (Algorithm 1: 16 kept per input, one slot): the kernel against torch's grouped path")
+    print(f"{'experts':14} {'dtype':5} {'B':>4} {'used':>5} {'fused us':>9} {'%peak':>6} {'torch us':>9} {'speedup':>8} "
+          f"{'bound us':>9}")
+    for r in grouped:
+        bound = 1e6 * r["bytes"]["total"] / peak if peak else float("nan")
+        print(f"{r['shape']:14} {r['dtype']:5} {r['batch']:>4} {r['used_experts']:>5} {1e3 * r['fused']['median_ms']:9.1f} "
+              f"{r['fused']['pct_of_peak'] or 0:6.1f} {1e3 * r['torch']['median_ms']:9.1f} {r['speedup']:8.2f} {bound:9.1f}")
+    write_json(args.out, dict(env, peak_bandwidth_bytes_per_s=peak, results=results, grouped=grouped))
     print(f"wrote {args.out}")
     return 0
 

@@ -58,13 +58,15 @@ class Rows(torch.nn.Module):
 @contextlib.contextmanager
 def graph_regime(gather: bool | None):
     """The graph's row-count limit for gathering weights per row: forced on, off, or the shipped one (None)."""
-    saved = experts_mod._ROW_GATHER_LIMIT, experts_mod._GRAPH_FEW_ROWS
+    import dataclasses
+
+    saved = experts_mod.CPU_POLICY
     if gather is not None:
-        experts_mod._ROW_GATHER_LIMIT, experts_mod._GRAPH_FEW_ROWS = (1 << 40 if gather else 0), 0.0
+        experts_mod.CPU_POLICY = dataclasses.replace(saved, row_gather_limit=1 << 40 if gather else 0, graph_few_rows=0.0)
     try:
         yield
     finally:
-        experts_mod._ROW_GATHER_LIMIT, experts_mod._GRAPH_FEW_ROWS = saved
+        experts_mod.CPU_POLICY = saved
 
 
 def export_rows(experts: StackedExperts, path: pathlib.Path, gather: bool | None, D: int) -> str:

@@ -43,19 +43,22 @@ SHAPES = {
     "vit_s16_small": dict(M=197, D=384, E=128, S=1, H=192, expert="gelu_mlp"),  # ViT-S/16, experts of hidden 192
     "vit_b16_chung": dict(M=197, D=768, E=128, S=1, H=384, expert="gelu_mlp"),  # Chung et al.'s ViT-B/16
 }
-REGIMES = {"gather": (1 << 40, 0), "padded": (0, 1 << 40), "loop": (0, 0)}  # (_GATHER_LIMIT, _LOOP_OVERHEAD)
+REGIMES = {"gather": dict(row_gather_limit=1 << 40, loop_overhead=0),  # changes to the CPU execution policy
+           "padded": dict(row_gather_limit=0, loop_overhead=None), "loop": dict(row_gather_limit=0, loop_overhead=0)}
 
 
 @contextlib.contextmanager
 def forced(regime: str | None):
-    """Force one regime of StackedExperts.grouped (None: the shipped thresholds)."""
-    saved = experts_mod._ROW_GATHER_LIMIT, experts_mod._LOOP_OVERHEAD
+    """Force one regime of StackedExperts.grouped (None: the shipped CPU policy)."""
+    import dataclasses
+
+    saved = experts_mod.CPU_POLICY
     if regime is not None:
-        experts_mod._ROW_GATHER_LIMIT, experts_mod._LOOP_OVERHEAD = REGIMES[regime]
+        experts_mod.CPU_POLICY = dataclasses.replace(saved, **REGIMES[regime])
     try:
         yield
     finally:
-        experts_mod._ROW_GATHER_LIMIT, experts_mod._LOOP_OVERHEAD = saved
+        experts_mod.CPU_POLICY = saved
 
 
 def dense_per_input(layer: SoftMoE, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,7 @@ def _logits_tile(
     stride_xm, stride_xd, stride_pd, stride_pn, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     TOKEN_L2: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_GAIN: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    GAIN_ON_PHI: tl.constexpr,
 ):
     """Normalized logits [BLOCK_M, BLOCK_N] of tokens offs_m and slots offs_n (x_ptr already at input b), fp32."""
     m_ok = offs_m < M
@@ -86,7 +87,13 @@ def _logits_tile(
             phi_sq += tl.sum(pf * pf, axis=0)
         if HAS_GAIN:
             gain = tl.load(gain_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
-            x = x.to(tl.float32) * gain[None, :]
+            if GAIN_ON_PHI:
+                # 16-bit operands: the gain goes to Phi's rows, not the raw tokens. A token times a gain (about
+                # 28 for a converted soft-moe-pytorch layer at D=768) passes fp16's 65504 at |x| ~ 2.4k; the
+                # token alone is representable (it is an fp16 input), and gain * Phi stays near 1.
+                phi = phi.to(tl.float32) * gain[:, None]
+            else:
+                x = x.to(tl.float32) * gain[None, :]
         # ieee: fp32 inputs must match torch's fp32 matmul (~1e-6), not TF32 (~1e-3); 16-bit inputs ignore it.
         acc = tl.dot(x.to(DOT_DTYPE), phi.to(DOT_DTYPE), acc, input_precision="ieee")
     if TOKEN_L2:
@@ -103,7 +110,7 @@ def _combine_rows(
     stride_xm, stride_xd, stride_pd, stride_pn, stride_km, stride_cm, stride_cn,
     ROW_M: tl.constexpr, ROW_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_PASS_ROWS: tl.constexpr,
     TOKEN_L2: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_MASK: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, GAIN_ON_PHI: tl.constexpr,
 ):
     """Row program: tokens [row_block*ROW_M, +ROW_M) x all slots -> their combine rows and scores."""
     offs_m = row_block * ROW_M + tl.arange(0, ROW_M)
@@ -117,15 +124,17 @@ def _combine_rows(
         n_ok = offs_n < N
         logits = _logits_tile(x_ptr, phi_ptr, scale_ptr, gain_ptr, offs_m, offs_n, M, N, D,
                               stride_xm, stride_xd, stride_pd, stride_pn, eps,
-                              ROW_M, ROW_N, BLOCK_D, TOKEN_L2, HAS_SCALE, HAS_GAIN, DOT_DTYPE)  # [ROW_M, ROW_N]
+                              ROW_M, ROW_N, BLOCK_D, TOKEN_L2, HAS_SCALE, HAS_GAIN, DOT_DTYPE, GAIN_ON_PHI)  # [ROW_M, ROW_N]
         logits = tl.where(n_ok[None, :], logits, float("-inf"))  # padded slots get no weight
         p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
         combine = p / tl.sum(p, axis=1)[:, None]
         combine = tl.where(keep[:, None], combine, 0.0)  # padded tokens and rows past M: a zero row
+        stored = combine.to(combine_ptr.dtype.element_ty)
         tl.store(combine_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
-                 combine.to(combine_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-        # Slot n belongs to expert n // S; lanes of one atomic that share an address are all added.
-        tl.atomic_add(scores_ptr + offs_n // S, tl.sum(combine, axis=0), mask=n_ok)
+                 stored, mask=m_ok[:, None] & n_ok[None, :])
+        # Slot n belongs to expert n // S; lanes of one atomic that share an address are all added. The scores
+        # sum the weights as stored (rounded to x's type), as torch sums its combine tensor: both rank the same.
+        tl.atomic_add(scores_ptr + offs_n // S, tl.sum(stored.to(tl.float32), axis=0), mask=n_ok)
     else:
         # N > ROW_N: online row max/sum over the slot blocks, then recompute each block and write it.
         row_max = tl.full((ROW_M,), float("-inf"), dtype=tl.float32)
@@ -134,7 +143,7 @@ def _combine_rows(
             offs_n = n0 + tl.arange(0, ROW_N)
             logits = _logits_tile(x_ptr, phi_ptr, scale_ptr, gain_ptr, offs_m, offs_n, M, N, D,
                                   stride_xm, stride_xd, stride_pd, stride_pn, eps,
-                                  ROW_M, ROW_N, BLOCK_D, TOKEN_L2, HAS_SCALE, HAS_GAIN, DOT_DTYPE)
+                                  ROW_M, ROW_N, BLOCK_D, TOKEN_L2, HAS_SCALE, HAS_GAIN, DOT_DTYPE, GAIN_ON_PHI)
             logits = tl.where((offs_n < N)[None, :], logits, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(logits, axis=1))  # finite: every block has a real slot
             row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
@@ -145,12 +154,13 @@ def _combine_rows(
             n_ok = offs_n < N
             logits = _logits_tile(x_ptr, phi_ptr, scale_ptr, gain_ptr, offs_m, offs_n, M, N, D,
                                   stride_xm, stride_xd, stride_pd, stride_pn, eps,
-                                  ROW_M, ROW_N, BLOCK_D, TOKEN_L2, HAS_SCALE, HAS_GAIN, DOT_DTYPE)
+                                  ROW_M, ROW_N, BLOCK_D, TOKEN_L2, HAS_SCALE, HAS_GAIN, DOT_DTYPE, GAIN_ON_PHI)
             combine = tl.exp(logits - row_max[:, None]) * inv_sum[:, None]
             combine = tl.where(n_ok[None, :], combine, 0.0)
+            stored = combine.to(combine_ptr.dtype.element_ty)
             tl.store(combine_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
-                     combine.to(combine_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-            tl.atomic_add(scores_ptr + offs_n // S, tl.sum(combine, axis=0), mask=n_ok)
+                     stored, mask=m_ok[:, None] & n_ok[None, :])
+            tl.atomic_add(scores_ptr + offs_n // S, tl.sum(stored.to(tl.float32), axis=0), mask=n_ok)
 
 
 @triton.jit
@@ -159,7 +169,7 @@ def _dispatch_columns(
     stride_xm, stride_xd, stride_pd, stride_pn, stride_km, stride_dm, stride_dn,
     COL_M: tl.constexpr, COL_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_PASS_COLS: tl.constexpr,
     TOKEN_L2: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_MASK: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, GAIN_ON_PHI: tl.constexpr,
 ):
     """Column program: all tokens x slots [col_block*COL_N, +COL_N) -> their dispatch columns."""
     offs_n = col_block * COL_N + tl.arange(0, COL_N)
@@ -173,7 +183,7 @@ def _dispatch_columns(
             keep = keep & (tl.load(mask_ptr + offs_m * stride_km, mask=m_ok, other=0) != 0)
         logits = _logits_tile(x_ptr, phi_ptr, scale_ptr, gain_ptr, offs_m, offs_n, M, N, D,
                               stride_xm, stride_xd, stride_pd, stride_pn, eps,
-                              COL_M, COL_N, BLOCK_D, TOKEN_L2, HAS_SCALE, HAS_GAIN, DOT_DTYPE)  # [COL_M, COL_N]
+                              COL_M, COL_N, BLOCK_D, TOKEN_L2, HAS_SCALE, HAS_GAIN, DOT_DTYPE, GAIN_ON_PHI)  # [COL_M, COL_N]
         logits = tl.where(keep[:, None], logits, _MASKED_LOGIT)
         logits = tl.where(m_ok[:, None], logits, float("-inf"))  # rows past M do not exist
         q = tl.exp(logits - tl.max(logits, axis=0)[None, :])
@@ -192,7 +202,7 @@ def _dispatch_columns(
                 keep = keep & (tl.load(mask_ptr + offs_m * stride_km, mask=m_ok, other=0) != 0)
             logits = _logits_tile(x_ptr, phi_ptr, scale_ptr, gain_ptr, offs_m, offs_n, M, N, D,
                                   stride_xm, stride_xd, stride_pd, stride_pn, eps,
-                                  COL_M, COL_N, BLOCK_D, TOKEN_L2, HAS_SCALE, HAS_GAIN, DOT_DTYPE)
+                                  COL_M, COL_N, BLOCK_D, TOKEN_L2, HAS_SCALE, HAS_GAIN, DOT_DTYPE, GAIN_ON_PHI)
             logits = tl.where(keep[:, None], logits, _MASKED_LOGIT)
             logits = tl.where(m_ok[:, None], logits, float("-inf"))
             new_max = tl.maximum(col_max, tl.max(logits, axis=0))  # finite: every block has a real token
@@ -207,7 +217,7 @@ def _dispatch_columns(
                 keep = keep & (tl.load(mask_ptr + offs_m * stride_km, mask=m_ok, other=0) != 0)
             logits = _logits_tile(x_ptr, phi_ptr, scale_ptr, gain_ptr, offs_m, offs_n, M, N, D,
                                   stride_xm, stride_xd, stride_pd, stride_pn, eps,
-                                  COL_M, COL_N, BLOCK_D, TOKEN_L2, HAS_SCALE, HAS_GAIN, DOT_DTYPE)
+                                  COL_M, COL_N, BLOCK_D, TOKEN_L2, HAS_SCALE, HAS_GAIN, DOT_DTYPE, GAIN_ON_PHI)
             logits = tl.where(keep[:, None], logits, _MASKED_LOGIT)
             dispatch = tl.exp(logits - col_max[None, :]) * inv_sum[None, :]
             tl.store(dispatch_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn,
@@ -241,6 +251,9 @@ def _soft_moe_routing_kernel(
     TOKEN_L2: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_MASK: tl.constexpr,
     # tl.dot operand type: the input's own type (tensor cores for 16-bit), fp32 for bf16 under the interpreter.
     DOT_DTYPE: tl.constexpr,
+    # 16-bit inputs with a gain: the gain scales Phi's rows, not the raw tokens, before the 16-bit cast (see
+    # _logits_tile).
+    GAIN_ON_PHI: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)  # 64-bit: b * stride_xb can pass 2**31 elements
@@ -249,12 +262,14 @@ def _soft_moe_routing_kernel(
         _combine_rows(x_ptr + b * stride_xb, phi_ptr, scale_ptr, gain_ptr, mask_ptr + b * stride_kb,
                       combine_ptr + b * stride_cb, scores_ptr + b * stride_sb, pid, M, N, D, S, eps,
                       stride_xm, stride_xd, stride_pd, stride_pn, stride_km, stride_cm, stride_cn,
-                      ROW_M, ROW_N, BLOCK_D, ONE_PASS_ROWS, TOKEN_L2, HAS_SCALE, HAS_GAIN, HAS_MASK, DOT_DTYPE)
+                      ROW_M, ROW_N, BLOCK_D, ONE_PASS_ROWS, TOKEN_L2, HAS_SCALE, HAS_GAIN, HAS_MASK, DOT_DTYPE,
+                      GAIN_ON_PHI)
     else:
         _dispatch_columns(x_ptr + b * stride_xb, phi_ptr, scale_ptr, gain_ptr, mask_ptr + b * stride_kb,
                           dispatch_ptr + b * stride_db, pid - num_row_programs, M, N, D, eps,
                           stride_xm, stride_xd, stride_pd, stride_pn, stride_km, stride_dm, stride_dn,
-                          COL_M, COL_N, BLOCK_D, ONE_PASS_COLS, TOKEN_L2, HAS_SCALE, HAS_GAIN, HAS_MASK, DOT_DTYPE)
+                          COL_M, COL_N, BLOCK_D, ONE_PASS_COLS, TOKEN_L2, HAS_SCALE, HAS_GAIN, HAS_MASK, DOT_DTYPE,
+                          GAIN_ON_PHI)
 
 
 # -- launch configuration ----------------------------------------------------------------------------------------
@@ -267,7 +282,8 @@ class RoutingConfig:
     Args:
         dtype: "fp32", "fp16" or "bf16" (the input's type).
         tensor_cores: whether tl.dot runs on tensor cores (16-bit inputs on sm_80 and newer) or as FMAs (fp32,
-            whose ieee precision has no tensor-core path, and any input on sm_75, where Triton emits no MMA).
+            whose ieee precision has no tensor-core path, and any input on sm_75, where Triton emits no MMA); the
+            FMA path takes fp32 operands whatever the input (see kernel_args).
         row_m, row_n: the row programs' tile. col_m, col_n: the column programs' tile.
         one_pass_rows, one_pass_cols: N <= row_n, M <= col_m (the compiled variant; see the kernel).
         block_d: the reduction step over D. num_warps, num_stages, maxnreg: as in triton.Config (maxnreg None:
@@ -388,6 +404,8 @@ def kernel_args(x, phi, scale, gain, mask, dispatch, combine, scores, S, eps, to
     compiles ahead of time exactly what the launcher would launch). phi is [D, N]."""
     B, M, D = x.shape
     N = phi.shape[1]
+    if not config.tensor_cores:
+        dot_dtype = tl.float32  # the FMA path multiplies in fp32 anyway: fp32 operands cost no speed, and need no cast
     grid = (triton.cdiv(M, config.row_m) + triton.cdiv(N, config.col_n), B)
     args = (
         # Absent scale, gain and mask get dummy pointers: their HAS_* constexpr is False, so they are never read.
@@ -406,6 +424,7 @@ def kernel_args(x, phi, scale, gain, mask, dispatch, combine, scores, S, eps, to
         ONE_PASS_ROWS=config.one_pass_rows, ONE_PASS_COLS=config.one_pass_cols,
         TOKEN_L2=token_norm == "l2", HAS_SCALE=scale is not None, HAS_GAIN=gain is not None,
         HAS_MASK=mask is not None, DOT_DTYPE=dot_dtype,
+        GAIN_ON_PHI=gain is not None and dot_dtype != tl.float32,
     )
     return grid, args, constexprs
 

@@ -45,6 +45,7 @@ class BenchSetup:
     bench: BenchConfig | None = BenchConfig()
     atol: float = 1e-4
     looped_baseline: bool = False  # also time the full model with a Python loop over experts (soft-moe's way)
+    device: str | None = None  # where torch's rows run (None: CUDA when the provider is, else the CPU)
 
 
 def reduced_model(full, keep: str, mode: str = "drop") -> tuple:
@@ -265,10 +266,12 @@ def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
     eager = dict(models)
     if setup.looped_baseline:
         eager["full, looped experts"] = looped(full)
-    result["latency"] = bench_models(paths, eager, inputs.__getitem__, setup.bench, setup.provider)
+    result["latency"] = bench_models(paths, eager, inputs.__getitem__, setup.bench, setup.provider,
+                                     device=setup.device)
     if setup.layers_alone and not bare:
         say("  bench", f"the Soft MoE layer {result['layer']['name']} alone")
-        result["layer"]["latency"] = bench_models(lpaths, layers, linputs.__getitem__, setup.bench, setup.provider)
+        result["layer"]["latency"] = bench_models(lpaths, layers, linputs.__getitem__, setup.bench, setup.provider,
+                                                  device=setup.device)
     result["env"] = result["latency"].pop("env")
     result["text"] = format_bench(result)
     return result
@@ -276,7 +279,7 @@ def benchmark(full, small, setup: BenchSetup = BenchSetup()) -> dict:
 
 def bench_checkpoint(checkpoint, *, compressed=None, keep: str = "1/8", mode: str = "drop", provider: str = "cpu",
                      layers_alone: bool = True, config: BenchConfig = BenchConfig(), out_dir: str = "bench-output",
-                     command: str = "") -> dict:
+                     command: str = "", device=None) -> dict:
     """`benchmark` of a native checkpoint, written to files (the `moe-prune bench` command).
 
     Checks come first (the provider, `keep` against every layer, `compressed` against `checkpoint`); then the
@@ -288,6 +291,7 @@ def bench_checkpoint(checkpoint, *, compressed=None, keep: str = "1/8", mode: st
         compressed: its compressed checkpoint (checked to come from it); None: `reduced_model` makes one.
         keep, mode, provider, layers_alone: see BenchSetup. config: see BenchConfig.
         out_dir: the folder the files go to. command: the command line, recorded in bench.json and bench.md.
+        device: where torch's rows run (None: CUDA with a CUDA provider, else the CPU; "auto": a GPU if any).
 
     Returns:
         {"result": benchmark's result (with "text", the table), "files": [paths written], "plot":
@@ -307,6 +311,10 @@ def bench_checkpoint(checkpoint, *, compressed=None, keep: str = "1/8", mode: st
     from .selection import keep_per_layer
 
     check_provider(provider)
+    if device is not None:
+        from .devices import resolve_device
+
+        device = str(resolve_device(device))
     full = load(checkpoint, dtype=torch.float32)  # timed in float32, whatever the file holds
     keep_per_layer(full, keep)
     if compressed:
@@ -316,7 +324,7 @@ def bench_checkpoint(checkpoint, *, compressed=None, keep: str = "1/8", mode: st
         small, how = reduced_model(full, keep, mode)
     with output_folder(out_dir) as out:  # a failed run leaves no output behind
         setup = BenchSetup(keep=keep, mode=mode, out_dir=str(out / "onnx"), provider=provider,
-                           layers_alone=layers_alone, bench=config)
+                           layers_alone=layers_alone, bench=config, device=device)
         result = benchmark(full, small, setup)
         result.update(command=command, checkpoint=str(checkpoint), reduced=how)
         write_json(out / "bench.json", result)

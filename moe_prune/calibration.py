@@ -80,6 +80,17 @@ def _all_reduce(tensors: dict) -> dict:
     return out
 
 
+def sum_over_ranks(*values: float) -> tuple[float, ...]:
+    """Python numbers summed over torch.distributed ranks (as they are in one process)."""
+    if _shard()[1] == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(t)
+    return tuple(t.tolist())
+
+
 def collective_device() -> torch.device:
     """The device torch.distributed's collectives take: this rank's GPU under NCCL (torchrun set it), else the CPU."""
     import torch.distributed as dist
@@ -279,8 +290,10 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
     # The first `limit` inputs, decoded once and kept if they fit the data's cache budget, else read again per pass.
     dev = device_of(model)
     chunks = as_batches(batches, device=dev).head(limit, chunk).cached()
+    rank, world = _shard()
+    own = list(range(rank, len(chunks), world))  # under torchrun each rank its chunks; every sum is all-reduced
     with torch.no_grad():
-        teacher = [model(c).float().log_softmax(-1) for c in chunks]
+        teacher = {i: model(chunks[i]).float().log_softmax(-1) for i in own}
     runs: dict[str, TappedLayer] = {}
     pruned = replace_layers(model, lambda n, layer: runs.setdefault(n, TappedLayer(layer, mode=mode)))
     # parameters stay untouched: gradients are taken with autograd.grad at a detached copy of the layer output
@@ -295,7 +308,8 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
         for n, ids in subset_of_layer.items():
             runs[n].experts = ids
         with torch.no_grad():
-            return sum(float(_kl(pruned(c).float().log_softmax(-1), t)) for c, t in zip(chunks, teacher)) / chunks.num_inputs
+            total = sum(float(_kl(pruned(chunks[i]).float().log_softmax(-1), teacher[i])) for i in own)
+        return sum_over_ranks(total)[0] / chunks.num_inputs
 
     subsets: dict[str, torch.Tensor] = {}
     record = {}
@@ -309,7 +323,8 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
             current = held[torch.tensor(sorted(chosen), dtype=torch.long)]
             for n in layers:
                 runs[n].experts = subsets.get(n, current if n == name else None)
-            for c, t in zip(chunks, teacher):
+            for i in own:
+                c, t = chunks[i], teacher[i]
                 seen = {}
 
                 def tap(lay, routing, out, seen=seen):
@@ -326,6 +341,7 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
                     share = (combine.float() * (g.float() @ y.float().transpose(1, 2))).sum(dim=(0, 1))  # [K*S]
                     predicted += share.double().reshape(K, S).sum(-1)
             runs[name].record = None
+            predicted = _all_reduce({"p": predicted})["p"].to(dev)
             predicted[chosen] = float("inf")
             order = torch.sort(predicted, stable=True).indices[: min(candidates, K - len(chosen))]
             # 2. run the best predicted candidates, keep the one with the lowest loss
@@ -335,7 +351,7 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
             if bar is not None:
                 bar.update()
         greedy = held[torch.tensor(sorted(chosen), dtype=torch.long)]
-        by_mass = _mass_top(pruned, runs, name, layer, chunks, ks[name], subsets)
+        by_mass = _mass_top(pruned, runs, name, layer, [chunks[i] for i in own], ks[name], subsets)
         others = {n: subsets.get(n) for n in layers if n != name}
         kl_greedy, kl_mass = kl_of({**others, name: greedy}), kl_of({**others, name: by_mass})
         # Greedy addition can miss (brute force on 6 experts, k = 2: 2 seeds of 12); the combine-mass top k is
@@ -360,9 +376,10 @@ def _mass_top(pruned, runs, name, layer, chunks, k, subsets) -> torch.Tensor:
     for n in runs:
         runs[n].experts = subsets.get(n) if n != name else None
     runs[name].record = tap
-    for c in chunks:
+    for c in chunks:  # this rank's chunks; the masses are summed over the ranks
         pruned(c)
     runs[name].record = None
+    mass = _all_reduce({"m": mass})["m"].to(mass.device)
     held = layer.held_experts(mass.device)
     return held[select_experts(mass[held], k, per="batch")]
 

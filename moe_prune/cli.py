@@ -131,7 +131,7 @@ def cmd_train(args) -> None:
     vit = {**VIT_DEFAULTS, **(_json_arg(args.vit) if args.vit else {})} if args.model == "vit" else None
     for out, result in train_models(args.model, args.experts, args.data, args.out_dir, vit=vit,
                                     scale_init=args.scale_init, config=cfg,
-                                    meta={"data": args.data, "command": _command(args)}):
+                                    meta={"data": args.data, "command": _command(args)}, device=args.device):
         print(f"{out}: test accuracy {result['test_accuracy']:.4f}")
 
 
@@ -145,7 +145,8 @@ def cmd_eval(args) -> None:
     config = StudyConfig(keeps=tuple(args.keep), modes=tuple(args.modes), batch_sizes=tuple(args.batch_sizes),
                          random_seeds=args.random_seeds)
     r = eval_checkpoints([_source(args, c) for c in args.checkpoints], data=args.data, calib=args.calib, calib_limit=args.calib_limit,
-                         config=config, out_dir=args.out_dir, command=_command(args), options=_data_options(args))
+                         config=config, out_dir=args.out_dir, command=_command(args), options=_data_options(args),
+                         device=args.device)
     if not r["plotted"]:
         _no_plot_note(r["plot"])
     print(r["markdown"])
@@ -158,7 +159,7 @@ def cmd_demo(args) -> None:
 
     config = DemoConfig(checkpoint=_source(args, args.checkpoint) if args.checkpoint else None, out_dir=args.out_dir, keep=args.keep, mode=args.mode,
                         export=not args.no_export, bench=not args.no_bench,
-                        heal_steps=None if args.heal_steps == 0 else args.heal_steps)
+                        heal_steps=None if args.heal_steps == 0 else args.heal_steps, device=args.device)
     print(format_demo(run_demo(config)))
 
 
@@ -169,7 +170,7 @@ def cmd_bench(args) -> None:
     config = BenchConfig(batch_sizes=tuple(args.batch_sizes), threads=args.threads, min_seconds=args.min_seconds)
     r = bench_checkpoint(_source(args, args.checkpoint), compressed=args.compressed, keep=args.keep, mode=args.mode,
                          provider=args.provider, layers_alone=not args.no_layer, config=config,
-                         out_dir=args.out_dir, command=_command(args))
+                         out_dir=args.out_dir, command=_command(args), device=args.device)
     if not r["plotted"]:
         _no_plot_note(r["plot"])
     print(r["result"]["text"])
@@ -191,7 +192,7 @@ def cmd_compress(args) -> None:
                           parts=args.heal_parts, seed=args.heal_seed)
     r = compress_from_data(_source(args, src), out, args.keep, args.calib, calib_limit=args.calib_limit, batch_size=args.batch_size,
                            mode=args.mode, rule=args.rule, heal=heal, create_folder=_folder_form(out, args.out),
-                           meta={"command": _command(args)}, options=_data_options(args))
+                           meta={"command": _command(args)}, options=_data_options(args), device=args.device)
     if r is None:  # a torchrun rank other than 0: rank 0 reports
         return
     before, after = r["before"], r["after"]
@@ -238,7 +239,7 @@ def cmd_export(args) -> None:
         path, report = export_checkpoint(
             _source(args, args.checkpoint), out, keep=args.keep, dynamic=args.dynamic, per=args.per, mode=args.mode, opset=args.opset,
             dynamo=args.exporter == "dynamo", atol=args.atol, validate=not args.no_validate,
-            keep_invalid=args.keep_invalid, **pre,
+            keep_invalid=args.keep_invalid, dtype=args.dtype, **pre,
         )
         if report is not None:
             print(report.format())
@@ -340,14 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "and reported) instead of stopping at the first")
     reading.add_argument("--cache-mb", type=float, default=1024.0, help="keep a data set decoded in memory when it "
                          "fits this many MB; larger ones are decoded again at each pass (memory stays one batch)")
+    # Where the models run.
+    running = _Parser(add_help=False)
+    running.add_argument("--device", default="auto", help="where torch computes: cpu, cuda, cuda:N, or auto (the "
+                         "first GPU torch sees, else the CPU)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    def command(name, checkpoint: bool = False, data: bool = False, preprocess: bool = False, **kw):
+    def command(name, checkpoint: bool = False, data: bool = False, preprocess: bool = False, device: bool = False,
+                **kw):
         parents = [common] + ([source] if checkpoint else []) + ([preprocessing] if preprocess else []) \
-            + ([reading] if data else [])
+            + ([reading] if data else []) + ([running] if device else [])
         return sub.add_parser(name, parents=parents, formatter_class=_Help, **kw)
 
-    s = command("demo", checkpoint=True, help="the whole flow on the bundled checkpoint: select 1/8, compress, export, measure",
+    s = command("demo", checkpoint=True, device=True, help="the whole flow on the bundled checkpoint: select 1/8, compress, export, measure",
                 description="Load a checkpoint (default: the small Fashion-MNIST model shipped with moe-prune), "
                 "calibrate on half of the bundled sample and keep the top experts of every Soft MoE layer, write "
                 "the compressed checkpoint, measure accuracy kept on the other half (beside random subsets and "
@@ -364,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distillation steps for the healed checkpoint (0: no healing)")
     s.set_defaults(func=cmd_demo)
 
-    s = command("compress", checkpoint=True, data=True, preprocess=True, help="calibrate, keep the best experts of every Soft MoE layer, write a smaller checkpoint",
+    s = command("compress", checkpoint=True, data=True, preprocess=True, device=True, help="calibrate, keep the best experts of every Soft MoE layer, write a smaller checkpoint",
                 description="Choose every Soft MoE layer's experts on calibration data by a rule (see --rule; "
                 "layers in order, each on the inputs it sees after the earlier ones are pruned), optionally recover the lost accuracy by "
                 "distillation from the full model on the same unlabeled images (--heal: only the kept experts "
@@ -373,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "router (the combine denominator needs every slot); renorm keeps only the kept columns. The "
                 "input is never modified; the output is written atomically. Under torchrun the calibration is sharded "
                 "over the processes (torchrun --nproc-per-node N --no-python moe-prune compress ...); with --rule mass "
-                "the result equals one process's exactly, and rank 0 alone heals.")
+                "the result equals one process's exactly; --heal runs data-parallel over the processes (the same result to "
+                "float rounding) and rank 0 writes.")
     s.add_argument("checkpoint", help="the checkpoint (moe-prune's .safetensors, or a soft-moe / soft-moe-pytorch checkpoint: .safetensors, sharded index, .pt/.pth/.bin, Lightning .ckpt)")
     s.add_argument("--keep", default="1/8", help="fraction ('1/8', 0.125) or count (16) of experts to keep")
     s.add_argument("--calib", required=True, help="calibration data (labels unused): a folder of images (PNG, JPEG, "
@@ -404,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         suffix="safetensors", name="NAME.keepKofN.MODE.safetensors"))
     s.set_defaults(func=cmd_compress)
 
-    s = command("bench", checkpoint=True, help="latency of the full, compressed, Algorithm 2 and Algorithm 1 models side by side, against the bounds",
+    s = command("bench", checkpoint=True, device=True, help="latency of the full, compressed, Algorithm 2 and Algorithm 1 models side by side, against the bounds",
                 description="Export the full model, its reduced version (a compressed checkpoint, or one made "
                 "here by calibrating on the bundled sample), the Algorithm 2 (per batch) and the Algorithm 1 (per input) "
                 "models to ONNX, validate them, "
@@ -453,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
         suffix="safetensors", name="SOURCE.native.safetensors"))
     s.set_defaults(func=cmd_convert)
 
-    s = command("train", help="train Soft MoE classifiers (Chung et al.'s MNIST family, or the ViT) on IDX data",
+    s = command("train", device=True, help="train Soft MoE classifiers (Chung et al.'s MNIST family, or the ViT) on IDX data",
                 description="Train one model per expert count with Adam (Chung et al.'s setup), evaluating on "
                 "the test split after each epoch. Writes OUT_DIR/{model}-e{n}.safetensors with the test accuracy, "
                 "history and command in its metadata; a killed run resumes from its last completed epoch.")
@@ -474,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", default="runs", help="the folder the checkpoints go to")
     s.set_defaults(func=cmd_train)
 
-    s = command("eval", checkpoint=True, data=True, preprocess=True, help="the paper's accuracy study: Algorithms 1 and 2, static and random subsets, k = 0",
+    s = command("eval", checkpoint=True, data=True, preprocess=True, device=True, help="the paper's accuracy study: Algorithms 1 and 2, static and random subsets, k = 0",
                 description="For each checkpoint and each k: accuracy with Algorithm 1 (per-input top k), "
                 "Algorithm 2 (per-batch top k, at several batch sizes), the static subset calibrated on --calib, "
                 "and random subsets (mean ± std over seeds), in drop and renorm modes; beside the full model "
@@ -520,7 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--opset", type=int, default=18, help="ONNX opset")
     s.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                    help="torchscript (exports every moe-prune model, folds static subsets) or dynamo (torch.export)")
-    s.add_argument("--atol", type=float, default=1e-4, help="validation tolerance, 0 or more (rtol is 1e-3)")
+    s.add_argument("--atol", type=float, default=1e-4, help="validation tolerance of an fp32 graph, 0 or more (rtol is "
+                   "1e-3); an fp16 graph is validated at atol = rtol = 2e-2")
+    s.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="the graph's weights and input: fp16 "
+                   "halves the file and is what GPUs without bf16 (RTX 2080 Ti) serve; validated against PyTorch in fp16")
     s.add_argument("--no-validate", action="store_true", help="skip the validation")
     s.add_argument("--keep-invalid", action="store_true",
                    help="write the model to --out even when it fails validation (for inspection; the error says where)")

@@ -267,15 +267,16 @@ def compress_and_heal(model: nn.Module, subsets: dict, calib_batches, mode: str 
 
 def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progress: bool = True,
                         meta: dict | None = None, rule: str = DEFAULT_RULE, heal=None,
-                        check: tuple | None = None) -> tuple[Path, dict]:
+                        check: tuple | None = None, device=None) -> tuple[Path, dict]:
     """Calibrate on data by `rule`, then write the compressed checkpoint, healed if `heal` (a HealConfig) is given.
 
     The full model is loaded for calibration (a Soft MoE layer's input depends on the earlier layers). Without
     healing it is then released and the output assembled from slices of the source file; with healing it is
     the teacher, and the healed model is written.
 
-    Under torchrun (torch.distributed initialized, see `process_group_from_env`), the calibration is sharded
-    over the ranks and rank 0 alone heals and writes the output.
+    Under torchrun (torch.distributed initialized, see `process_group_from_env`), the calibration and the
+    healing are sharded over the ranks (healing as data-parallel training: each rank a share of every batch, the
+    gradients summed), and rank 0 writes the output.
 
     Returns:
         (output path, or None on ranks other than 0; subsets).
@@ -287,12 +288,15 @@ def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progr
 
     # Calibration and healing compute in float32 (half-precision matmuls on a CPU are slow and coarse); the output
     # keeps the checkpoint's own dtype.
+    from .devices import resolve_device
+
     opened = open_checkpoint(src)
-    model = load(src, dtype=torch.float32)
+    model = load(src, dtype=torch.float32, device=resolve_device(device))
     keep_per_layer(model, keep)  # a bad `keep` is an error before the calibration runs
     subsets, calibration = choose_subsets(model, calib_batches, keep, rule=rule, mode=mode, progress=progress)
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        return None, subsets  # under torchrun every rank has the same subsets; rank 0 writes
+    writer = not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)  # rank 0 writes
+    if not writer and heal is None:
+        return None, subsets  # under torchrun every rank has the same subsets
     record = {**(meta or {}), "keep": str(keep), **calibration}  # the rule and its scores or output errors
     if heal is None and opened.native:  # assembled from slices of the file: the dropped experts are never read again
         del model
@@ -302,7 +306,9 @@ def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progr
         record = {**record, "source_meta": opened.meta, "mode": mode, "kept_experts": kept_record(small)}
         return save(small, out, meta=record, inputs=(opened.path,), dtype=file_dtype(opened)), subsets
     small, healed = compress_and_heal(model, subsets, calib_batches, mode=mode, config=heal, check=check,
-                                      progress=progress)
+                                      progress=progress)  # every rank: data-parallel under torchrun
+    if not writer:
+        return None, subsets
     record = {**record, "heal": healed, "source_meta": opened.meta, "mode": mode, "kept_experts": kept_record(small)}
     return save(small, out, meta=record, inputs=(opened.path,), dtype=file_dtype(opened)), subsets
 
@@ -310,7 +316,7 @@ def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progr
 def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, keep, calib, *,
                        calib_limit: int | None = 10000, batch_size: int = 256, mode: str = "drop",
                        rule: str = DEFAULT_RULE, heal=None, create_folder: bool = False,
-                       meta: dict | None = None, options=None) -> dict | None:
+                       meta: dict | None = None, options=None, device=None) -> dict | None:
     """Check everything, calibrate on `calib`, write the compressed checkpoint (the `moe-prune compress` command).
 
     `keep` and the calibration inputs are checked against the checkpoint's header before the model is loaded;
@@ -328,6 +334,7 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
         meta: extra metadata for the checkpoint (the calibration's source and limit are added).
         options: a datasets.DataOptions: decoding workers, --skip-bad, the cache budget, and preprocessing
             overrides (mean, std, interpolation, crop_pct), which the output checkpoint records.
+        device: where calibration and healing compute ("auto": a GPU when torch sees one; see devices.py).
 
     Returns:
         {"path", "subsets" {layer name: ids}, "before" and "after" (checkpoint.summary of both), "heal" (the
@@ -348,8 +355,11 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
     from .files import check_output, output_folder
     from .preprocess import for_model
 
+    from .devices import resolve_device
+
     if rule not in RULES:
         raise SelectionError(f"rule={rule!r}: choose one of {', '.join(RULES)}")
+    device = resolve_device(device)  # a device this machine lacks fails before any work
     src, out = as_file(checkpoint), Path(out)
     model = skeleton(src)  # what the checkpoint takes, read from its header: the checks below come first
     keep_per_layer(model, keep)
@@ -365,9 +375,11 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
         record["preprocess"] = pre.to_dict()  # what the data was given as; every later command reads it
     if check is not None:
         record["held_out"] = f"{check.where} (accuracy before and after healing only)"
-    with process_group_from_env() as rank, folder:
+    with process_group_from_env(device) as rank, folder:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU under torchrun
         path, subsets = compress_checkpoint(src, out, keep, batches, mode=mode, progress=rank == 0, meta=record,
-                                            rule=rule, heal=heal, check=check)
+                                            rule=rule, heal=heal, check=check, device=device)
     report_skipped(batches.examples)
     if rank != 0:
         return None
@@ -395,9 +407,10 @@ def _held_out(calib, model, options=None):
 
 
 @contextlib.contextmanager
-def process_group_from_env():
-    """Join the torch.distributed group torchrun describes (WORLD_SIZE > 1 in the environment): gloo on the CPU,
-    NCCL on GPUs. Yields the rank (0 when not distributed).
+def process_group_from_env(device=None):
+    """Join the torch.distributed group torchrun describes (WORLD_SIZE > 1 in the environment): NCCL with each
+    rank on its own GPU (cuda:LOCAL_RANK, made the current device) when `device` is a GPU, else gloo on the CPU.
+    Yields the rank (0 when not distributed).
 
     Example (two processes on one machine):
         torchrun --standalone --nproc-per-node 2 --no-python moe-prune compress m.safetensors --calib DATA --out o
@@ -407,7 +420,10 @@ def process_group_from_env():
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         yield dist.get_rank() if dist.is_initialized() else 0
         return
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    gpu = device is not None and torch.device(device).type == "cuda"
+    if gpu:  # NCCL refuses two ranks on one GPU: each takes its own before the group forms
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if gpu else "gloo")
     try:
         yield dist.get_rank()
         # Every rank waits until all are done (rank 0 writes the output) before the group is torn down: a rank

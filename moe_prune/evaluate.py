@@ -298,7 +298,7 @@ def study(model: nn.Module, test_set, calib_sums: dict, config: StudyConfig = St
 
 def eval_checkpoints(checkpoints: list, *, data: str = "fashion-mnist", calib: str | None = None,
                      calib_limit: int = 10000, config: StudyConfig = StudyConfig(), out_dir: str = "eval",
-                     command: str = "", options=None) -> dict:
+                     command: str = "", options=None, device=None) -> dict:
     """The paper's accuracy study of several checkpoints, written to files (the `moe-prune eval` command).
 
     Every input is checked against every model first (before minutes of work); then each checkpoint is
@@ -316,6 +316,7 @@ def eval_checkpoints(checkpoints: list, *, data: str = "fashion-mnist", calib: s
         out_dir: the folder the files go to.
         command: the command line, recorded in eval.json and eval.md.
         options: a datasets.DataOptions (workers, skip_bad, cache, preprocessing overrides).
+        device: where the models run ("auto": a GPU when torch sees one).
 
     Returns:
         {"reports": [one `study` report per checkpoint], "markdown": the table, "files": [paths written],
@@ -338,7 +339,10 @@ def eval_checkpoints(checkpoints: list, *, data: str = "fashion-mnist", calib: s
     from .reports import study_markdown, study_plot, write_json, write_text
     from .selection import calibrate
 
+    from .devices import resolve_device
+
     options = options or DataOptions()
+    device = resolve_device(device)
     if calib_limit < 1:
         raise ConfigError(f"--calib-limit {calib_limit}: give at least 1")
     calib_src = calib or data
@@ -358,7 +362,7 @@ def eval_checkpoints(checkpoints: list, *, data: str = "fashion-mnist", calib: s
     reports = []
     with output_folder(out_dir) as out:  # a failed run leaves no output behind
         for i, (path, test, batches, pre) in enumerate(prepared, 1):
-            model = load(path, dtype=torch.float32)  # the study computes in float32, whatever the file holds
+            model = load(path, dtype=torch.float32, device=device)  # float32, whatever the file holds
             print(f"[eval {i}/{len(checkpoints)}] {path}: calibrating on {batches.num_inputs} inputs of {calib_src}, "
                   f"then the study on {len(test)} test inputs of {test.where}", file=sys.stderr, flush=True)
             sums = calibrate(model, batches, progress=True)

@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
@@ -47,33 +48,97 @@ def expert_activation(kind: ExpertKind, h: torch.Tensor) -> torch.Tensor:
     return value * F.gelu(gate)
 
 
+def _compiling() -> bool:
+    """True while torch.compile traces: no host synchronisation (no .tolist(), no data-dependent shapes)."""
+    return torch.compiler.is_compiling()
+
+
+def check_on_device(ok: torch.Tensor, error: Exception) -> None:
+    """Raise `error` unless the boolean tensor `ok` holds, without a host synchronisation where one would cost:
+    on CUDA a device-side assert (it fails the stream), in a graph or under torch.compile nothing; on the CPU the
+    typed error at once."""
+    if in_graph() or _compiling():
+        return
+    if ok.is_cuda:
+        torch._assert_async(ok, str(error))
+    elif not bool(ok):
+        raise error
+
+
 def in_graph() -> bool:
     """True while torch traces or exports the model: the graph must be plain ONNX operators, shapes dynamic."""
     return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
-# Below this many weights (1M floats, 4 MB) gathering experts' weights (one copy per kept expert, or per kept
-# row) is cheaper than one Python-level matmul pair per expert: measured on a CPU, gathering 16 of Chung et al.'s
-# MNIST experts (150 KB) beat the loop 2x, and the loop beat gathering 16 ViT-S experts (75 MB) 7x.
-_GATHER_LIMIT = 1 << 20
-# Grouped rows (per-input subsets) gather their experts' weights per row below this many weights (4M floats,
-# 16 MB): the default MNIST layer at batch 32 (512 rows of 2352 weights) took 0.90 ms gathered against 1.54 ms
-# padded over the stack in torch, and 0.57 against 1.43 ms in ONNX Runtime (benchmarks/per_input_cpu.py,
-# ort_grouped_experts.py).
-_ROW_GATHER_LIMIT = 1 << 22
-# Grouped rows of large experts: a Python loop over the used experts (weights as views, no copy) costs about
-# this much per expert beyond its matmuls, measured on a CPU as the time to read this many weights; the padded
-# batched matmul over the whole stack reads every expert and computes padding rows instead. The loop is chosen
-# while used * (expert weights + _LOOP_OVERHEAD) < all experts' weights (benchmarks/sparse_per_input.py).
-_LOOP_OVERHEAD = 1 << 17
-# A graph also gathers per row when its rows number at most this fraction of the experts: copying R experts'
-# weights then costs less than reading all E (ONNX Runtime, ViT-S/16 experts, 16 rows of 128 experts: gathered
-# 26.5 ms, padded over the stack 77 ms; benchmarks/ort_grouped_experts.py).
-_GRAPH_FEW_ROWS = 0.5
-# Many rows per expert (the full layer, eager): one fused addmm pair per expert beats the batched matmul over the
-# stack from about this many rows (16 experts x 256 rows, D=512, H=2048: 1.16x on a CPU; at 16-32 rows the
-# batched matmul is as fast or faster). benchmarks/vs_libraries.py measures the regimes.
-_LOOP_ROWS = 128
+@dataclass(frozen=True)
+class ExecutionPolicy:
+    """How StackedExperts runs on one kind of device: thresholds and kernel choices, measured, as data.
+
+    Args:
+        gather_limit: a shared subset gathers its experts' weights (one copy per kept expert) below this many
+            weights; above it, eager runs each kept expert on its weights in place (`shared_loop`) or still gathers.
+        shared_loop: above gather_limit, loop over the kept experts (their ids on the host: one sync per call).
+        row_gather_limit: per-input rows gather their experts' weights per row below this many weights.
+        loop_overhead: per-input rows of large experts: loop over the used experts (host sync: the used ids and
+            their counts) while used * (expert weights + this) < all experts' weights; None: never loop.
+        padded_capacity: per-input rows padded into an [E, C, ...] batch: C = "max" rows any expert has (one host
+            sync), or "batch" (the batch size: an input keeps an expert at most once; no sync, more padding).
+        graph_few_rows: a traced graph also gathers per row when its rows number at most this fraction of E.
+        loop_rows: the full layer runs one matmul pair per expert from this many rows per expert; None: never.
+
+    Example:
+        >>> layer.experts.policy = replace(CPU_POLICY, loop_rows=None)   # this layer: never loop over experts
+    """
+
+    gather_limit: int
+    shared_loop: bool
+    row_gather_limit: int
+    loop_overhead: int | None
+    padded_capacity: str
+    graph_few_rows: float
+    loop_rows: int | None
+
+
+# Measured on a CPU (2 cores, see the README and benchmarks/):
+# - gather_limit 1M floats (4 MB): gathering 16 of Chung et al.'s MNIST experts (150 KB) beat the loop 2x, and the
+#   loop beat gathering 16 ViT-S experts (75 MB) 7x.
+# - row_gather_limit 4M floats (16 MB): the default MNIST layer at batch 32 (512 rows of 2352 weights) took
+#   0.90 ms gathered against 1.54 ms padded over the stack in torch, and 0.57 against 1.43 ms in ONNX Runtime
+#   (benchmarks/per_input_cpu.py, ort_grouped_experts.py).
+# - loop_overhead 128K weights: a Python loop over the used experts costs about the time to read this many
+#   weights per expert beyond its matmuls (benchmarks/sparse_per_input.py).
+# - graph_few_rows 0.5: ONNX Runtime, ViT-S/16 experts, 16 rows of 128 experts: gathered 26.5 ms, padded over the
+#   stack 77 ms (benchmarks/ort_grouped_experts.py).
+# - loop_rows 128: 16 experts x 256 rows, D=512, H=2048: the per-expert addmm loop 1.16x faster than the batched
+#   matmul; at 16-32 rows the batched matmul is as fast or faster (benchmarks/vs_libraries.py).
+CPU_POLICY = ExecutionPolicy(gather_limit=1 << 20, shared_loop=True, row_gather_limit=1 << 22, loop_overhead=1 << 17,
+                             padded_capacity="max", graph_few_rows=0.5, loop_rows=128)
+# CUDA, until the GPU check measures it: no Python loop over experts and no host synchronisation in a call (so
+# CUDA graphs and torch.compile(fullgraph=True) can take the layer): batched matmuls over gathered or padded
+# weights, or the Triton grouped-expert kernel.
+CUDA_POLICY = ExecutionPolicy(gather_limit=1 << 62, shared_loop=False, row_gather_limit=1 << 22, loop_overhead=None,
+                              padded_capacity="batch", graph_few_rows=0.5, loop_rows=None)
+
+
+def policy_for(device: torch.device) -> ExecutionPolicy:
+    """The default execution policy of a device."""
+    return CUDA_POLICY if device.type == "cuda" else CPU_POLICY
+
+
+def set_policy(module: nn.Module, policy: ExecutionPolicy | None, **changes) -> nn.Module:
+    """Give every StackedExperts in `module` this execution policy (None: its device's default), with `changes`
+    on top of it (e.g. loop_rows=None); returns the module.
+
+    Example:
+        >>> set_policy(model, CPU_POLICY, row_gather_limit=0)   # per-input rows: never gather weights per row
+    """
+    from dataclasses import replace
+
+    for m in module.modules():
+        if isinstance(m, StackedExperts):
+            base = policy if policy is not None else (policy_for(m.w1.device) if changes else None)
+            m.policy = replace(base, **changes) if changes else base
+    return module
 
 
 @functools.cache
@@ -149,22 +214,29 @@ class StackedExperts(nn.Module):
         nn.init.uniform_(self.w2, -1 / math.sqrt(hidden), 1 / math.sqrt(hidden))
         # None: the Triton grouped-expert kernel for CUDA inference when triton is installed. True/False forces.
         self.use_triton: bool | None = None
+        # None: the default ExecutionPolicy of the device the weights are on (policy_for); set one to override.
+        self.policy: ExecutionPolicy | None = None
 
     @property
     def weights_per_expert(self) -> int:
         return self.w1[0].numel() + self.w2[0].numel()
 
+    def execution_policy(self) -> ExecutionPolicy:
+        return self.policy if self.policy is not None else policy_for(self.w1.device)
+
     def forward(self, slots: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """slots [K, N, D] -> [K, N, D_out]; expert k of the stack is idx[k] (all experts in order if None)."""
+        policy = self.execution_policy()
         if idx is None:
             training = torch.is_grad_enabled() and (slots.requires_grad or self.w1.requires_grad)
-            if in_graph() or training or slots.shape[1] < _LOOP_ROWS:  # the loop writes into `out`: no autograd
+            # the loop writes into `out`: no autograd through it, and no loop in a graph or under torch.compile
+            if in_graph() or training or _compiling() or policy.loop_rows is None or slots.shape[1] < policy.loop_rows:
                 return self._mlp(slots, self.w1, self.b1, self.w2, self.b2)
             out = slots.new_empty(*slots.shape[:-1], self.w2.shape[-1])  # [E, N, D_out], written expert by expert
             for e in range(slots.shape[0]):
                 self._expert(slots[e], e, out=out[e])
             return out
-        if in_graph() or len(idx) * self.weights_per_expert < _GATHER_LIMIT:
+        if in_graph() or _compiling() or not policy.shared_loop or len(idx) * self.weights_per_expert < policy.gather_limit:
             # Gather the kept experts' weights (an ONNX Gather in a graph), then the same batched matmuls.
             pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
             return self._mlp(slots, pick(self.w1), pick(self.b1), pick(self.w2), pick(self.b2))
@@ -174,35 +246,39 @@ class StackedExperts(nn.Module):
             return slots.new_zeros(*slots.shape[:-1], self.w2.shape[-1])
         return torch.stack([self._expert(slots[k], i) for k, i in enumerate(idx.tolist())])
 
-    def grouped(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def grouped(self, rows: torch.Tensor, idx: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
         """Rows that each belong to one expert: rows [R, N, D] -> [R, N, D_out], row r through expert idx[r].
 
         The per-input path: R = B*K (input, kept expert) pairs, N = S slots each. Each used expert's weights are
         read once (or, for small experts, gathered per row), so the cost is R expert evaluations, not E*B.
+        `capacity`: the most rows any one expert can have (B: an input keeps an expert at most once), which lets
+        the padded path size its batch without reading the counts back to the host.
         """
         R, N, D = rows.shape
+        policy = self.execution_policy()
         if R == 0:
             return rows.new_zeros(0, N, self.w2.shape[-1])
         if torch.jit.is_tracing():
             # The graph chooses at run time, by its batch's row count, with the rule below (an ONNX If).
             return _grouped_graph()(rows, idx, self.w1, self.b1, self.w2, self.b2, EXPERT_KINDS.index(self.kind),
-                                    _ROW_GATHER_LIMIT, int(_GRAPH_FEW_ROWS * self.w1.shape[0]))
+                                    policy.row_gather_limit, int(policy.graph_few_rows * self.w1.shape[0]))
         if not in_graph() and self._triton_for(rows):
             from .kernels.grouped_experts import grouped_experts
 
             y = grouped_experts(rows.reshape(R * N, D), idx.repeat_interleave(N), self.w1, self.b1, self.w2,
                                 self.b2, self.kind)  # [R*N, D_out]
             return y.reshape(R, N, -1)
-        if R * self.weights_per_expert < _ROW_GATHER_LIMIT:
+        if R * self.weights_per_expert < policy.row_gather_limit:
             # Small experts: one batched matmul over the rows, each with its expert's weights gathered.
             pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
             return self._mlp(rows, pick(self.w1), pick(self.b1), pick(self.w2), pick(self.b2))
-        if in_graph():
-            return self._padded(rows, idx)
+        sync_free = policy.padded_capacity == "batch" and capacity is not None
+        if in_graph() or _compiling() or policy.loop_overhead is None:
+            return self._padded(rows, idx, capacity if sync_free or _compiling() else None)
         used, counts = torch.unique(idx, return_counts=True)  # [U], ascending
         E = self.w1.shape[0]
-        if len(used) * (self.weights_per_expert + _LOOP_OVERHEAD) >= E * self.weights_per_expert:
-            return self._padded(rows, idx)
+        if len(used) * (self.weights_per_expert + policy.loop_overhead) >= E * self.weights_per_expert:
+            return self._padded(rows, idx, capacity if sync_free else None)
         # Few used experts: one matmul pair per used expert on its rows, weights as views.
         order = torch.argsort(idx, stable=True)  # rows grouped by expert
         groups = rows.index_select(0, order).split(counts.tolist())
@@ -210,16 +286,17 @@ class StackedExperts(nn.Module):
                        for g, e in zip(groups, used.tolist())])  # [R, N, D_out], grouped order
         return torch.empty_like(y).index_copy_(0, order, y)
 
-    def _padded(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Rows grouped by expert into a zero-padded [E, C*N, D] batch (C = the most rows any expert has), one
-        batched matmul pair over the whole stack (no weight copy), then each row read back from its place. The
-        graph function's padded branch computes the same in TorchScript; this one keeps eager's fused-bias matmuls
-        (baddbmm), which the committed per-input timings measured."""
+    def _padded(self, rows: torch.Tensor, idx: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
+        """Rows grouped by expert into a zero-padded [E, C*N, D] batch (C = the most rows any expert has, or
+        `capacity` when given: no host sync), one batched matmul pair over the whole stack (no weight copy), then
+        each row read back from its place. The graph function's padded branch computes the same in TorchScript;
+        this one keeps eager's fused-bias matmuls (baddbmm), which the committed per-input timings measured."""
         R, N, D = rows.shape
         E = self.w1.shape[0]
         onehot = (idx.unsqueeze(1) == torch.arange(E, device=idx.device)).long()  # [R, E]
         rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # [R]: the row's place among its expert's rows
-        width = torch.arange(onehot.sum(0).max(), device=idx.device)  # [C]; its length stays dynamic in a graph
+        most = capacity if capacity is not None else onehot.sum(0).max()
+        width = torch.arange(most, device=idx.device)  # [C]; its length stays dynamic in a graph
         place = idx * width.shape[0] + rank  # [R]
         buf = rows.new_zeros(E * width.shape[0], N * D).index_copy(0, place, rows.reshape(R, N * D))  # [E*C, N*D]
         y = self._mlp(buf.reshape(E, -1, D), self.w1, self.b1, self.w2, self.b2)  # [E, C*N, D_out]

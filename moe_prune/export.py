@@ -380,6 +380,7 @@ def export_checkpoint(
     std: tuple[float, ...] | None = None,
     interpolation: str | None = None,
     crop_pct: float | None = None,
+    dtype: str = "fp32",
 ) -> tuple[Path, ValidationReport | None]:
     """Load a native checkpoint (full or compressed), export it to ONNX and validate it (`moe-prune export`).
 
@@ -400,6 +401,8 @@ def export_checkpoint(
         preprocess: put the model's input preprocessing inside the graph (`moe-prune export --preprocess`): the
             input becomes uint8 pixels [B, H, W, C]. Without it the file still records the preprocessing.
         mean, std, interpolation, crop_pct: override the checkpoint's preprocessing (preprocess.for_model).
+        dtype: "fp32" or "fp16": the graph's weights and float input (what a GPU without bf16 serves); it is
+            validated against the PyTorch model in that dtype, with tolerances scaled to it (VALIDATION_TOLERANCE).
 
     Returns:
         (the .onnx path, the ValidationReport or None).
@@ -420,15 +423,19 @@ def export_checkpoint(
 
     overrides = dict(mean=mean, std=std, interpolation=interpolation, crop_pct=crop_pct)
     check_export_options(keep=keep, dynamic=dynamic, per=per, mode=mode, atol=atol, **overrides)
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: choose {' or '.join(EXPORT_DTYPES)} (ONNX Runtime's CPU provider has "
+                          "no bf16 MatMul)")
     out = check_output(out, inputs=(checkpoint,))
-    model = load_for_export(checkpoint, keep=keep, dynamic=dynamic, per=per, mode=mode)
+    model = load_for_export(checkpoint, keep=keep, dynamic=dynamic, per=per, mode=mode, dtype=EXPORT_DTYPES[dtype])
+    atol, rtol = (atol, 1e-3) if dtype == "fp32" else VALIDATION_TOLERANCE[dtype]
     pre = export_preprocess(model, checkpoint, preprocess, **overrides)
     options = dict(opset=opset, dynamo=dynamo, with_choice=dynamic, preprocess=pre, in_graph=preprocess)
     if not validate:
         return export_onnx(model, out, **options), None
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".validating", dir=out.parent) as tmp:
         staged = export_onnx(model, Path(tmp) / out.name, **options)
-        report = validate_onnx(staged, model, atol=atol, check=False, preprocess=pre)
+        report = validate_onnx(staged, model, atol=atol, rtol=rtol, check=False, preprocess=pre)
         if report.passed or keep_invalid:
             for name in report.data_files:  # the data first: the new model is never visible without it
                 os.replace(Path(tmp) / name, out.parent / name)
@@ -508,8 +515,15 @@ def export_preprocess(model: nn.Module, checkpoint, in_graph: bool = False, **ov
     return pre
 
 
+# The graph dtypes `export` writes, and the validation tolerance (atol, rtol) of each 16-bit one: a 16-bit model
+# against PyTorch in the same dtype differs by a few of its ulps (fp16: 2**-11 relative) in every op, and a
+# classifier's logits pass through a dozen of them.
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+VALIDATION_TOLERANCE = {"fp16": (2e-2, 2e-2)}
+
+
 def load_for_export(checkpoint: str | os.PathLike, *, keep=None, dynamic: bool = False, per: str = "batch",
-                    mode: str | None = None) -> nn.Module:
+                    mode: str | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model `moe-prune export` writes: the checkpoint as it loads (full or compressed), with Algorithm 2
     (per batch) or 1 (per input) in the graph when `dynamic`.
 
@@ -525,7 +539,7 @@ def load_for_export(checkpoint: str | os.PathLike, *, keep=None, dynamic: bool =
     Example:
         >>> fast = load_for_export("mnist-e128.safetensors", keep="1/8", dynamic=True, per="input")
     """
-    model = load(checkpoint, dtype=torch.float32)  # ONNX models are float32, whatever the file holds
+    model = load(checkpoint, dtype=dtype)  # the graph's dtype, whatever the file holds
     if dynamic:
         model = with_selection(model, keep, per=per, mode=mode or "drop")
     return model

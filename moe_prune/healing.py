@@ -18,6 +18,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -116,12 +117,22 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, inputs, temperatur
     Example:
         >>> distillation_loss(small, full, images[:1000])
     """
+    from .calibration import _shard, sum_over_ranks
+
     bare = isinstance(teacher, SoftMoE)
-    total, n = 0.0, 0
-    for x in _stream(inputs, batch_size, student):
-        t = targets[n:n + len(x)] if targets is not None else teacher(x)
+    rank, world = _shard()
+    stream = _stream(inputs, batch_size, student)
+    total, n, start = 0.0, 0, 0
+    for i in range(len(stream)):  # under torchrun each rank its own batches, the sums added up
+        if i % world != rank:
+            start += len(stream._idx(i))
+            continue
+        x = stream[i]
+        t = targets[start:start + len(x)] if targets is not None else teacher(x)
         total += float(_loss(student(x), t, temperature, bare)) * len(x)  # a bare layer: per-batch relative error
         n += len(x)
+        start += len(x)
+    total, n = sum_over_ranks(total, n)
     return total / max(n, 1)
 
 
@@ -129,9 +140,56 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, inputs, temperatur
 def _teacher_logits(teacher: nn.Module, inputs, batch_size: int = 256) -> torch.Tensor | None:
     """A classifier's logits on every input, computed once ([N, classes]: small); None for a bare layer, whose
     outputs are as large as its inputs and are computed batch by batch instead."""
+    from .calibration import _all_reduce, _shard
+
     if isinstance(teacher, SoftMoE):
         return None
-    return torch.cat([teacher(x) for x in _stream(inputs, batch_size, teacher)])
+    rank, world = _shard()
+    stream = _stream(inputs, batch_size, teacher)
+    if world == 1:
+        return torch.cat([teacher(x) for x in stream])
+    parts = {}  # under torchrun: each rank its own batches, then every rank gets them all (N x classes: small)
+    for i in range(rank, len(stream), world):
+        parts[i] = teacher(stream[i])
+    width = teacher(stream.rows(np.arange(1))).shape[-1]  # a rank may have no batch of its own
+    full = torch.zeros(stream.num_inputs, width, dtype=torch.float64)
+    for i, logits in parts.items():
+        idx = stream._idx(i)
+        full[idx[0]:idx[-1] + 1] = logits.double().cpu()
+    return _all_reduce({"logits": full})["logits"].to(device=device_of_model(teacher), dtype=torch.float32)
+
+
+def device_of_model(model: nn.Module) -> torch.device:
+    from .calibration import device_of
+
+    return device_of(model)
+
+
+def _share(x: torch.Tensor, target: torch.Tensor, batch: int, bare: bool, world: int) -> float | torch.Tensor:
+    """What this rank's loss on its share of a batch weighs in the whole batch's loss (1.0 in one process).
+
+    Distillation (a mean over inputs): its share of the inputs. A bare layer's relative error divides by the
+    whole batch's |target|^2: its own, over the sum of all ranks'."""
+    if world == 1:
+        return 1.0
+    if not bare:
+        return len(x) / batch
+    import torch.distributed as dist
+
+    own = target.detach().double().pow(2).sum()
+    total = own.clone()
+    dist.all_reduce(total)
+    return (own / total).to(target.dtype)
+
+
+def _all_reduce_grads(params) -> None:
+    """Sum every trained tensor's gradient over the ranks: each holds its share of the batch's loss."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
 
 
 def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = HealConfig(),
@@ -163,7 +221,7 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
 
     # The inputs are read a batch at a time (an image folder is decoded per step unless it fit the cache budget);
     # only the teacher's logits, N x classes, are kept for the whole set.
-    from .calibration import device_of
+    from .calibration import _shard, device_of, sum_over_ranks
 
     data = as_batches(inputs, device=device_of(teacher))
     x_all = data.examples
@@ -188,6 +246,7 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
     teacher.eval()
     student.eval()  # no dropout or batch statistics in these models; eval mode keeps inference numerics
     t0 = time.perf_counter()
+    rank, world = _shard()
     cached = _teacher_logits(teacher, x_all)
     before = distillation_loss(student, teacher, x_all, config.temperature, targets=cached)
     opt = torch.optim.Adam(list(params.values()), lr=config.lr)
@@ -200,18 +259,21 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
             if pos + config.batch_size > len(order):
                 order, pos = torch.randperm(len(x_all), generator=gen), 0
             rows = order[pos:pos + config.batch_size]
-            x = data.rows(rows.numpy())
             pos += config.batch_size
-            if cached is not None and len(x) == len(rows):  # (a batch with skipped unreadable images runs the teacher)
-                target = cached[rows]
+            mine = rows[rank::world]  # data parallel under torchrun: each rank a share of every batch
+            x = data.rows(mine.numpy())
+            if cached is not None and len(x) == len(mine):  # (a batch with skipped unreadable images runs the teacher)
+                target = cached[mine.to(cached.device)]
             else:
                 with torch.no_grad():
                     target = teacher(x)
-            loss = _loss(student(x), target, config.temperature, bare)
+            loss = _loss(student(x), target, config.temperature, bare) * _share(x, target, len(rows), bare, world)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:
+                _all_reduce_grads(params.values())
             opt.step()
-            value = float(loss.detach())
+            value = float(loss.detach()) if world == 1 else sum_over_ranks(float(loss.detach()))[0]
             running = value if running is None else 0.95 * running + 0.05 * value
             if progress:
                 bar.set_postfix(loss=f"{running:.4f}")

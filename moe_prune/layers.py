@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .experts import (EXPERT_KINDS, ExpertKind, StackedExperts, default_bias, expert_activation, in_graph,
-                      triton_available)
+from .experts import (EXPERT_KINDS, ExpertKind, StackedExperts, check_on_device, default_bias, expert_activation,
+                      in_graph, triton_available)
 
 __all__ = ["SoftMoEConfig", "SoftMoE", "Routing", "StackedExperts", "expert_activation", "in_graph", "routing_ref",
            "normalize_tokens", "router_weight", "EXPERT_KINDS", "MODES"]
@@ -481,7 +481,7 @@ class SoftMoE(nn.Module):
         S, D_out = self.config.slots_per_expert, self.config.out_features
         slots = self._slots(routing, dispatch)  # [B, K*S, D]
         B, KS, D = slots.shape
-        y = self.experts.grouped(slots.reshape(-1, S, D), idx.reshape(-1))  # [B*K, S, D_out]
+        y = self.experts.grouped(slots.reshape(-1, S, D), idx.reshape(-1), capacity=B)  # [B*K, S, D_out]
         return combine @ y.reshape(B, KS, D_out)  # [B, M, D_out]
 
     def _stack_index(self, experts: torch.Tensor) -> torch.Tensor:
@@ -492,6 +492,5 @@ class SoftMoE(nn.Module):
         table = torch.full((self.config.num_experts,), -1, dtype=torch.long, device=experts.device)
         table[list(present)] = torch.arange(len(present), device=experts.device)
         pos = table[experts]
-        if not in_graph() and bool((pos < 0).any()):
-            raise ValueError(f"experts {experts.tolist()} are not all held by this compressed layer (it holds {list(present)})")
+        check_on_device((pos >= 0).all(), ValueError(f"experts not all held by this compressed layer (it holds {list(present)})"))
         return pos

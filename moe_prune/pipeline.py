@@ -38,6 +38,7 @@ class DemoConfig:
     export: bool = True
     bench: bool = True
     heal_steps: int | None = 3000  # None: no healed checkpoint
+    device: str | None = None  # where the demo computes ("auto"/None: a GPU when torch sees one); ONNX: the CPU
 
 
 def run_demo(config: DemoConfig = DemoConfig()) -> dict:
@@ -91,7 +92,10 @@ def _demo(config: DemoConfig, ckpt, out: Path) -> dict:
 
     t0 = time.perf_counter()
     say("1/5 load", str(ckpt))
-    model = load(ckpt, dtype=torch.float32)  # the demo computes in float32; its compressed file keeps the source's dtype
+    from .devices import resolve_device
+
+    device = resolve_device(config.device)
+    model = load(ckpt, dtype=torch.float32, device=device)  # float32; the compressed file keeps the source's dtype
     info = summary(ckpt)
     layers = moe_layers(model)
     images, labels = load_images("sample", split="test")
@@ -108,7 +112,7 @@ def _demo(config: DemoConfig, ckpt, out: Path) -> dict:
     compress_file(ckpt, subsets, small_path, mode=config.mode,
                   meta={"keep": config.keep, "rule": DEFAULT_RULE, "calibration": "bundled sample, images 0-499"})
     small_info = summary(small_path)
-    small = load(small_path)
+    small = load(small_path, device=device)
     healed_path = None
     if config.heal_steps is not None:
         healed_path = out / f"{stem}.healed.safetensors"
@@ -141,7 +145,8 @@ def _demo(config: DemoConfig, ckpt, out: Path) -> dict:
     if config.export:
         say("5/5 export + bench", "ONNX export of the full, compressed, Algorithm 2 and Algorithm 1 models, validation, latency")
         setup = BenchSetup(keep=config.keep, mode=config.mode, out_dir=str(out / "onnx"), layers_alone=False,
-                           bench=BenchConfig(batch_sizes=(1, 8, 32), min_seconds=1.0) if config.bench else None)
+                           bench=BenchConfig(batch_sizes=(1, 8, 32), min_seconds=1.0) if config.bench else None,
+                           device=str(device))
         result["speed"] = benchmark(model, small, setup)
     result["seconds"] = time.perf_counter() - t0
     return result

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import SelectionError
-from .experts import in_graph
+from .experts import check_on_device, in_graph
 from .layers import MODES, SoftMoE
 from .models import moe_layers
 
@@ -144,8 +144,8 @@ def select_experts(scores: torch.Tensor, keep: int | float | str, per: Per = "in
         raise SelectionError(f"per={per!r}: choose 'input' (Algorithm 1) or 'batch' (Algorithm 2)")
     if scores.dim() not in (1, 2):
         raise SelectionError(f"scores must be [B, E] or [E], got shape {list(scores.shape)}")
-    if not in_graph() and not bool(torch.isfinite(scores).all()):
-        raise SelectionError("the expert scores contain NaN or Inf (non-finite inputs or weights?); no selection made")
+    check_on_device(torch.isfinite(scores).all(),
+                    SelectionError("the expert scores contain NaN or Inf (non-finite inputs or weights?); no selection made"))
     k = parse_keep(keep, scores.shape[-1])
     if per == "batch" and scores.dim() == 2:
         scores = scores.sum(dim=0)

@@ -189,7 +189,8 @@ def _time_onnx_apart(onnx_paths: dict, inputs: dict, config: BenchConfig, provid
 
 
 def bench_models(onnx_paths: dict, modules: dict, make_input: Callable[[int], torch.Tensor],
-                 config: BenchConfig = BenchConfig(), provider: str = "cpu", progress: bool = True) -> dict:
+                 config: BenchConfig = BenchConfig(), provider: str = "cpu", progress: bool = True,
+                 device=None) -> dict:
     """Benchmark ONNX models (ONNX Runtime) and torch modules (eager), alternating within each engine.
 
     ONNX Runtime runs in a child process, its sessions on one shared thread pool (see _time_onnx); its
@@ -200,7 +201,8 @@ def bench_models(onnx_paths: dict, modules: dict, make_input: Callable[[int], to
         modules: {name: torch module} (same names as onnx_paths, ideally), run under torch.inference_mode.
         make_input: batch size -> an input batch (the same batch feeds every model of both engines).
         config: see BenchConfig.
-        provider: "cpu", "cuda" or "tensorrt" for ONNX Runtime; torch runs on CUDA when provider is not "cpu".
+        provider: "cpu", "cuda" or "tensorrt" for ONNX Runtime.
+        device: where torch runs (None: CUDA when provider is not "cpu", else the CPU).
 
     Returns:
         {"onnxruntime": {bs: {name: stats}}, "torch": {...}, "speedup": {engine: {bs: {name: ratio}}}, "env": ...}.
@@ -213,7 +215,7 @@ def bench_models(onnx_paths: dict, modules: dict, make_input: Callable[[int], to
         torch.set_num_threads(config.threads)
     if onnx_paths:
         check_provider(provider)  # here, not as a traceback from the child
-    device = "cpu" if provider == "cpu" else "cuda"
+    device = torch.device(device) if device is not None else torch.device("cpu" if provider == "cpu" else "cuda")
     modules = {name: m.to(device).eval() for name, m in modules.items()}
     inputs = {bs: make_input(bs) for bs in config.batch_sizes}
     result = {"onnxruntime": {}, "torch": {}, "speedup": {"onnxruntime": {}, "torch": {}}}
@@ -227,7 +229,7 @@ def bench_models(onnx_paths: dict, modules: dict, make_input: Callable[[int], to
             def run():
                 with torch.inference_mode():
                     m(xd)
-                if device == "cuda":
+                if device.type == "cuda":
                     torch.cuda.synchronize()
             return run
 

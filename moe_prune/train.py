@@ -72,15 +72,15 @@ def _fingerprint(model: nn.Module, config: TrainConfig, n_train: int) -> str:
 
 
 def _save_resume(path: Path, model, opt, epoch: int, history: list, fingerprint: str) -> None:
-    state = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
     steps = {}
     for group in opt.param_groups:
         for p in group["params"]:
             s = opt.state.get(p)
             if s:
-                state[f"adam.exp_avg.{names[id(p)]}"] = s["exp_avg"].contiguous()
-                state[f"adam.exp_avg_sq.{names[id(p)]}"] = s["exp_avg_sq"].contiguous()
+                state[f"adam.exp_avg.{names[id(p)]}"] = s["exp_avg"].cpu().contiguous()
+                state[f"adam.exp_avg_sq.{names[id(p)]}"] = s["exp_avg_sq"].cpu().contiguous()
                 steps[names[id(p)]] = float(s["step"])
     meta = {"epoch": str(epoch), "history": json.dumps(history), "steps": json.dumps(steps), "fingerprint": fingerprint}
     with atomic_output(path, suffix=".safetensors") as tmp:
@@ -99,8 +99,10 @@ def _load_resume(path: Path, model, opt, fingerprint: str) -> tuple[int, list]:
     steps = json.loads(meta["steps"])
     params = dict(model.named_parameters())
     for name, step in steps.items():
+        dev = params[name].device  # the moments live beside their parameter
         opt.state[params[name]] = {
-            "step": torch.tensor(step), "exp_avg": state[f"adam.exp_avg.{name}"], "exp_avg_sq": state[f"adam.exp_avg_sq.{name}"],
+            "step": torch.tensor(step), "exp_avg": state[f"adam.exp_avg.{name}"].to(dev),
+            "exp_avg_sq": state[f"adam.exp_avg_sq.{name}"].to(dev),
         }
     return int(meta["epoch"]), json.loads(meta["history"])
 
@@ -113,6 +115,7 @@ def train(
     out: str | os.PathLike | None = None,
     progress: bool = True,
     meta: dict | None = None,
+    device=None,
 ) -> dict:
     """Train a classifier with Adam and cross-entropy; evaluate on the test set after every epoch.
 
@@ -124,6 +127,7 @@ def train(
             existing one from the same run is resumed.
         progress: show progress bars with loss and accuracy.
         meta: extra metadata for the checkpoint.
+        device: where to train ("auto": a GPU when torch sees one; None: where the model is).
 
     Returns:
         {"test_accuracy": float, "history": [{"epoch", "loss", "train_accuracy", "test_accuracy", "seconds"}]}.
@@ -136,6 +140,11 @@ def train(
     from .reports import progress as progress_bar
 
     torch.manual_seed(config.seed)
+    if device is not None:
+        from .devices import resolve_device
+
+        model.to(resolve_device(device))
+    dev = next(model.parameters()).device
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     fingerprint = _fingerprint(model, config, len(train_set[0]))
     resume = Path(f"{out}.resume") if out is not None else None
@@ -152,6 +161,7 @@ def train(
         steps = -(-len(train_set[0]) // config.batch_size)
         bar = progress_bar(batches, enabled=progress, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", position=1)
         for x, y in bar:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
@@ -190,7 +200,7 @@ def train(
 
 def train_models(family: str, experts, data: str = "fashion-mnist", out_dir: str | os.PathLike = "runs", *,
                  vit: dict | None = None, scale_init: float = 1.0, config: TrainConfig = TrainConfig(),
-                 meta: dict | None = None):
+                 meta: dict | None = None, device=None):
     """Train one model per expert count (the `moe-prune train` command): OUT_DIR/{family}-e{n}[-s{scale}].safetensors.
 
     Each model starts from the same seed (`config.seed`); OUT_DIR is kept on failure, as it holds the `.resume`
@@ -205,6 +215,7 @@ def train_models(family: str, experts, data: str = "fashion-mnist", out_dir: str
         scale_init: the initial router scale of every Soft MoE layer (see `init_router_scale`).
         config: optimizer and schedule.
         meta: extra metadata for every checkpoint (the router scale is added).
+        device: where to train (see `train`).
 
     Returns:
         An iterator of (checkpoint path, `train`'s result), one per expert count, as each model finishes.
@@ -234,4 +245,4 @@ def train_models(family: str, experts, data: str = "fashion-mnist", out_dir: str
         out = out_dir / f"{family}-e{n}{suffix}.safetensors"
         print(f"training {out} ({sum(p.numel() for p in model.parameters()):,} parameters)", file=sys.stderr)
         yield out, train(model, train_set, test_set, config, out=out,
-                         meta={**(meta or {}), "router_scale_init": scale_init})
+                         meta={**(meta or {}), "router_scale_init": scale_init}, device=device)

@@ -73,15 +73,20 @@ def test_algorithms_1_and_2_on_the_models_device(per, mode):
     torch.testing.assert_close(other, cpu)
 
 
-@pytest.mark.parametrize("path", ["gather", "loop", "padded"])
-def test_the_sparse_per_input_path_on_the_models_device(path, monkeypatch):
-    from moe_prune import experts
+POLICIES = {  # each execution choice of StackedExperts.grouped, forced by its policy
+    "gather": dict(row_gather_limit=1 << 40, loop_overhead=0),
+    "loop": dict(row_gather_limit=0, loop_overhead=0),
+    "padded": dict(row_gather_limit=0, loop_overhead=None),
+    "padded to the batch": dict(row_gather_limit=0, loop_overhead=None, padded_capacity="batch"),
+}
 
-    # Each execution choice of StackedExperts.grouped, forced by its thresholds.
-    monkeypatch.setattr(experts, "_ROW_GATHER_LIMIT", 1 << 40 if path == "gather" else 0)
-    monkeypatch.setattr(experts, "_LOOP_OVERHEAD", 0 if path == "loop" else 1 << 40)
+
+@pytest.mark.parametrize("path", sorted(POLICIES))
+def test_the_sparse_per_input_path_on_the_models_device(path):
+    from moe_prune.experts import CPU_POLICY, set_policy
 
     def run(model, batches):
+        set_policy(model, CPU_POLICY, **POLICIES[path])
         layer = moe_layers(model)["blocks.1.mlp"]
         x = batches[0].reshape(12, 16, 16)[:, :, :1].repeat(1, 1, 32) + 0.1 * batches[1].reshape(12, 16, 16).repeat(1, 1, 2)
         keep = torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(i))[:2].sort().values

@@ -16,6 +16,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import moe_prune
+
 from moe_prune import (
     ExportError,
     MnistConfig,
@@ -327,9 +329,11 @@ def test_fixed_batch_and_bad_options(tmp_path):
 def test_graph_algorithm1_equals_torch_choice_and_output(tmp_path, family, graph_path, monkeypatch):
     """Algorithm 1 in the graph: each input's own experts (a [B, k] choice output) and the output, both equal to
     PyTorch's at batch sizes other than the traced one; both graph formulations of the grouped experts."""
-    monkeypatch.setattr("moe_prune.experts._ROW_GATHER_LIMIT", 0 if graph_path == "padded over the stack" else 1 << 40)
-    monkeypatch.setattr("moe_prune.experts._GRAPH_FEW_ROWS", 0.0)
-    model = with_selection(BUILD[family](), "1/4", per="input")
+    from moe_prune.experts import CPU_POLICY, set_policy
+
+    model = set_policy(BUILD[family](), CPU_POLICY, graph_few_rows=0.0,
+                       row_gather_limit=0 if graph_path == "padded over the stack" else 1 << 40)
+    model = with_selection(model, "1/4", per="input")
     path = export_onnx(model, tmp_path / "alg1.onnx", with_choice=True)
     ops = op_histogram(path)
     assert "If" in ops and "ScatterElements" in ops  # both formulations in the graph; the limit (here forced) picks
@@ -381,3 +385,30 @@ def test_cli_export(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--per input applies with --keep and --dynamic" in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("family", ["mnist", "vit"])
+def test_fp16_export_validates_and_halves_the_file(tmp_path, family):
+    """`export --dtype fp16`: an fp16 graph (weights and input), validated by ONNX Runtime's CPU provider against
+    PyTorch in fp16 at batch sizes 1 and 5, half the fp32 file, and close to the fp32 model's answers."""
+    from moe_prune.export import export_checkpoint
+
+    model = BUILD[family]()
+    ckpt = moe_prune.save(model, tmp_path / "m.safetensors")
+    p32, _ = export_checkpoint(ckpt, tmp_path / "m32.onnx")
+    p16, report = export_checkpoint(ckpt, tmp_path / "m16.onnx", dtype="fp16")
+    assert report.passed and (report.atol, report.rtol) == (2e-2, 2e-2)
+    proto = onnx.load(str(p16))
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    big = [t for t in proto.graph.initializer if np.prod(t.dims) > 64]
+    assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
+    assert p16.stat().st_size < 0.6 * p32.stat().st_size
+    again = validate_onnx(p16, model.to(torch.float16), batch_sizes=(1, 5), atol=2e-2, rtol=2e-2)
+    assert again.passed
+    x = example_input(model.float(), 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.float()(x).numpy()
+    got = _run(p16, x.half())["output"].astype(np.float32)
+    np.testing.assert_allclose(got, want, atol=5e-2, rtol=5e-2)  # fp16 against the fp32 model itself
+    with pytest.raises(moe_prune.ExportError, match="--dtype"):
+        export_checkpoint(ckpt, tmp_path / "x.onnx", dtype="bf16")

@@ -187,3 +187,23 @@ def test_classes_txt_maps_folders_to_a_larger_head(folder, tmp_path):
     (root / "classes.txt").write_text("\n".join(names[:5]))
     with pytest.raises(DataError, match="not in classes.txt"):
         open_data(root, "test", pre, labelled=True)
+
+
+def test_export_with_preprocessing_answers_image_files_like_torch(folder, vit_pt, tmp_path):
+    """The whole path without user code: compress on the folder, export --preprocess, then the predictor on the
+    val/ files (any size) equals torch on the independently preprocessed images."""
+    from moe_prune.serve import Predictor
+
+    small = tmp_path / "small.safetensors"
+    assert main(["compress", str(vit_pt), *KWARGS, *NORM, "--calib", str(folder["root"]), "--rule", "mass",
+                 "--out", str(small)]) == 0
+    onnx_path = tmp_path / "small.onnx"
+    assert main(["export", str(small), "--preprocess", "--out", str(onnx_path)]) == 0
+    predictor = Predictor(onnx_path)
+    files = [folder["root"] / rel for rel, _, _ in folder["val"][:24]]
+    got = predictor.logits(files)
+    model = moe_prune.load(small)
+    x = np.stack([reference_preprocess(f, 32, 3, "bicubic", 0.9, MEAN, STD) for f in files])
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)

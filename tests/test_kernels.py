@@ -122,11 +122,13 @@ def sum_tolerances(dtype, M, N) -> tuple[float, float]:
     A weight is written in `dtype`: each element rounded by at most eps/2 of itself, so a column or row of
     positive weights that sums to 1 in fp32 sums to 1 within eps/2 once rounded (2 eps: margin). The fp32
     softmax itself and the fp32 sums here add at most a few fp32 eps per term (2 * (M + N) * eps32). Scores are
-    summed in fp32 from the unrounded combine weights: M rows of N terms, each row 1 within N * eps32.
+    summed in fp32 from the combine weights as stored (rounded to `dtype`, as torch sums its own): M rows, each 1
+    within the first tolerance.
     A softmax over the wrong axis gives sums of M / N or N / M (or 1 / N at M = 1): far outside both.
     """
     eps, eps32 = torch.finfo(dtype).eps, torch.finfo(torch.float32).eps
-    return 2 * eps + 2 * (M + N) * eps32, 2 * M * N * eps32 + 1e-6
+    row = 2 * eps + 2 * (M + N) * eps32
+    return row, M * row + 1e-6
 
 
 def check_invariants(dispatch, combine, scores, mask):
@@ -396,3 +398,28 @@ def test_kernel_compiles_for_gpus_without_spills(tmp_path):
         assert k["stack"] == 0 and k["local"] == 0, f"{where}: spills (STACK {k['stack']}, LOCAL {k['local']})"
         assert k["shared_total"] <= SMEM_LIMIT[k["arch"]], f"{where}: {k['shared_total']} bytes of shared memory"
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: DTYPE_NAMES[d])
+def test_16_bit_tokens_times_a_large_gain_are_normalized_before_the_cast(dtype):
+    """A converted soft-moe-pytorch layer has a token gain of about sqrt(D) times its RMSNorm gamma: raw tokens of
+    |x| ~ 3000 times a gain of 28 pass fp16's 65504 if the gain multiplies before the 16-bit cast. The kernel
+    normalizes first, as torch does: the routing equals torch's on the same tokens."""
+    g = torch.Generator().manual_seed(3)
+    D = 64  # |x| stays representable in fp16 itself (3000 * sqrt(64) = 24000)
+    x = (torch.randn(2, 9, D, generator=g) * 3000).to(dtype).to(DEVICE)
+    gain = torch.full((D,), 28.0, dtype=dtype, device=DEVICE)
+    phi = (torch.randn(D, 6, 1, generator=g) / 8).to(dtype).to(DEVICE)
+    dispatch, combine, scores = soft_moe_routing(x, phi, None, gain, token_norm="l2")
+    ref = soft_moe_routing_ref(x.float(), phi.float(), None, gain.float(), token_norm="l2")
+    assert torch.isfinite(dispatch).all() and torch.isfinite(combine).all() and torch.isfinite(scores).all()
+    torch.testing.assert_close(combine.float(), ref[1], **TOL[dtype])
+    torch.testing.assert_close(dispatch.float(), ref[0], **TOL[dtype])
+
+
+def test_scores_sum_the_combine_weights_as_stored():
+    """fp16 scores are the sums of the fp16 combine weights the kernel wrote (rounded, then summed in fp32), as
+    torch sums its own fp16 combine tensor: the two paths rank experts from the same numbers."""
+    x, phi, kw = make_inputs(3, 33, 40, 16, 1, torch.float16, scale=True, gain=True)
+    _, combine, scores = soft_moe_routing(x, phi, **kw)
+    torch.testing.assert_close(scores, combine.float().sum(dim=1), atol=1e-5, rtol=1e-6)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_prune.errors import ConfigError
+from moe_prune.experts import CPU_POLICY, set_policy
 from moe_prune.layers import SoftMoE, SoftMoEConfig, routing_ref
 
 
@@ -199,10 +200,9 @@ def test_phi_init_scale():
 @pytest.mark.parametrize("kind", KINDS)
 def test_expert_subset_eager_views_equal_the_gathered_graph_path(kind, monkeypatch):
     """Eager runs kept experts on weight views; traced graphs gather them: both compute the same."""
-    layer = make(expert=kind)
+    layer = set_policy(make(expert=kind), CPU_POLICY, gather_limit=0)  # the tiny test experts would be gathered
     slots = torch.randn(3, 5, 12)
     idx = torch.tensor([4, 0, 2])
-    monkeypatch.setattr("moe_prune.experts._GATHER_LIMIT", 0)  # the tiny test experts would be gathered
     with torch.no_grad():
         eager = layer.experts(slots, idx)
         monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
@@ -217,10 +217,8 @@ def test_full_layer_expert_loop_equals_batched_matmul(kind, monkeypatch):
     layer = make(expert=kind)
     x = torch.randn(3, 7, 12)
     with torch.no_grad():
-        monkeypatch.setattr("moe_prune.experts._LOOP_ROWS", 1 << 30)
-        batched = layer(x)
-        monkeypatch.setattr("moe_prune.experts._LOOP_ROWS", 1)
-        looped = layer(x)
+        batched = set_policy(layer, CPU_POLICY, loop_rows=None)(x)
+        looped = set_policy(layer, CPU_POLICY, loop_rows=1)(x)
     torch.testing.assert_close(looped, batched, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(looped, loop_reference(layer, x), atol=1e-5, rtol=1e-4)
 
@@ -228,8 +226,7 @@ def test_full_layer_expert_loop_equals_batched_matmul(kind, monkeypatch):
 def test_full_layer_with_many_rows_trains(monkeypatch):
     """The per-expert loop (many rows, inference) writes into a preallocated output, which autograd cannot
     follow: with gradients on, the layer runs the batched matmul and backpropagates."""
-    monkeypatch.setattr("moe_prune.experts._LOOP_ROWS", 1)
-    layer = make().train()
+    layer = set_policy(make().train(), CPU_POLICY, loop_rows=1)
     x = torch.randn(3, 7, 12, requires_grad=True)
     layer(x).square().sum().backward()
     assert x.grad is not None and layer.experts.w1.grad.abs().sum() > 0

@@ -10,14 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moe_prune.experts import CPU_POLICY, set_policy
 from moe_prune.layers import SoftMoE, SoftMoEConfig
 from moe_prune.selection import select_experts, with_selection
 
 KINDS = ["gelu_mlp", "relu_mlp", "geglu"]
-REGIMES = {  # (_GATHER_LIMIT, _LOOP_OVERHEAD) that force each path of StackedExperts.grouped
-    "gather": (1 << 40, 0),
-    "padded": (0, 1 << 40),
-    "loop": (0, 0),
+REGIMES = {  # execution policies that force each path of StackedExperts.grouped
+    "gather": dict(row_gather_limit=1 << 40, loop_overhead=0),
+    "padded": dict(row_gather_limit=0, loop_overhead=None),
+    "padded to the batch (no host sync)": dict(row_gather_limit=0, loop_overhead=None, padded_capacity="batch"),
+    "loop": dict(row_gather_limit=0, loop_overhead=0),
 }
 
 
@@ -107,11 +109,8 @@ def rel_error(a, b):
 @pytest.mark.parametrize("regime", sorted(REGIMES))
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", ["drop", "renorm"])
-def test_sparse_per_input_equals_dense_and_float64(regime, kind, mode, monkeypatch):
-    gather, loop = REGIMES[regime]
-    monkeypatch.setattr("moe_prune.experts._ROW_GATHER_LIMIT", gather)
-    monkeypatch.setattr("moe_prune.experts._LOOP_OVERHEAD", loop)
-    layer = make(expert=kind)
+def test_sparse_per_input_equals_dense_and_float64(regime, kind, mode):
+    layer = set_policy(make(expert=kind), CPU_POLICY, **REGIMES[regime])
     B, M = 5, 11
     x = torch.randn(B, M, 12)
     mask = torch.rand(B, M) > 0.25
@@ -132,12 +131,9 @@ def test_sparse_per_input_equals_dense_and_float64(regime, kind, mode, monkeypat
 
 @pytest.mark.parametrize("regime", sorted(REGIMES))
 @pytest.mark.parametrize("mode", ["drop", "renorm"])
-def test_compressed_layer_per_input(regime, mode, monkeypatch):
+def test_compressed_layer_per_input(regime, mode):
     """A compressed drop-mode layer holds experts 1, 4, 5, 7 of 9: inputs choose among those, by router id."""
-    gather, loop = REGIMES[regime]
-    monkeypatch.setattr("moe_prune.experts._ROW_GATHER_LIMIT", gather)
-    monkeypatch.setattr("moe_prune.experts._LOOP_OVERHEAD", loop)
-    layer = make(present=(1, 4, 5, 7), dispatch_input="raw")
+    layer = set_policy(make(present=(1, 4, 5, 7), dispatch_input="raw"), CPU_POLICY, **REGIMES[regime])
     x = torch.randn(4, 6, 12)
     experts = random_subsets(4, [1, 4, 5, 7], 2)
     with torch.no_grad():
@@ -190,10 +186,9 @@ def test_all_rows_on_one_expert_and_unused_experts():
     layer = make()
     x = torch.randn(6, 5, 12)
     experts = torch.full((6, 1), 4)
-    for regime, (gather, loop) in REGIMES.items():
-        with pytest.MonkeyPatch.context() as mp, torch.no_grad():
-            mp.setattr("moe_prune.experts._ROW_GATHER_LIMIT", gather)
-            mp.setattr("moe_prune.experts._LOOP_OVERHEAD", loop)
+    for regime, changes in REGIMES.items():
+        set_policy(layer, CPU_POLICY, **changes)
+        with torch.no_grad():
             out = layer(x, experts=experts)
             assert rel_error(out, layer(x, experts=torch.tensor([4]))) <= 1e-6, regime
 

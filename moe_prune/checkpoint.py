@@ -661,7 +661,7 @@ def _dtype_name(dt: str) -> str:
 
 
 def convert_file(source, out: str | os.PathLike, fmt: str = "auto", kwargs: dict | None = None,
-                 ema: bool = False, preprocess: dict | None = None) -> tuple[nn.Module, dict]:
+                 ema: bool = False, preprocess: dict | None = None, dtype=None) -> tuple[nn.Module, dict]:
     """Convert a soft-moe or soft-moe-pytorch checkpoint (any format) to a native checkpoint, keeping its dtype.
 
     Args:
@@ -672,6 +672,7 @@ def convert_file(source, out: str | os.PathLike, fmt: str = "auto", kwargs: dict
         ema: take the EMA weights.
         preprocess: overrides of the model's input preprocessing (interpolation, crop_pct, mean, std; see
             moe_prune.preprocess), recorded with the defaults in the output's metadata.
+        dtype: the output's float dtype ("fp16", "bf16", "fp32"; None: the source's).
 
     Returns:
         (model, found: what was read and inferred, see `summary`).
@@ -692,5 +693,5 @@ def convert_file(source, out: str | os.PathLike, fmt: str = "auto", kwargs: dict
     pre = for_model(model, **(preprocess or {}))
     if pre is not None:  # recorded, so that every later command (and `info`) sees it
         model.checkpoint_meta = {**model.checkpoint_meta, "preprocess": pre.to_dict()}
-    save(model, out, inputs=(opened.path,))
+    save(model, out, inputs=(opened.path,), dtype=dtype)
     return model, opened.found

@@ -87,7 +87,8 @@ def cmd_convert(args) -> None:
     out = resolve_out(args.out, ".safetensors", f"{stem}.native.safetensors")
     with _folder_for(out, args.out):
         overrides = {k: v for k, v in _data_options(args).preprocess_overrides().items() if v is not None}
-        model, found = convert_file(args.source, out, args.source_format, kwargs, ema=args.ema, preprocess=overrides)
+        model, found = convert_file(args.source, out, args.source_format, kwargs, ema=args.ema, preprocess=overrides,
+                                    dtype=args.dtype)
     print("\n".join(format_found(found)))
     print(f"converted {args.source} -> {out}")
 
@@ -192,7 +193,8 @@ def cmd_compress(args) -> None:
                           parts=args.heal_parts, seed=args.heal_seed)
     r = compress_from_data(_source(args, src), out, args.keep, args.calib, calib_limit=args.calib_limit, batch_size=args.batch_size,
                            mode=args.mode, rule=args.rule, heal=heal, create_folder=_folder_form(out, args.out),
-                           meta={"command": _command(args)}, options=_data_options(args), device=args.device)
+                           meta={"command": _command(args)}, options=_data_options(args), device=args.device,
+                           dtype=args.dtype)
     if r is None:  # a torchrun rank other than 0: rank 0 reports
         return
     before, after = r["before"], r["after"]
@@ -409,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heal-seed", type=int, default=HEAL_DEFAULTS.seed, help="seed of --heal's batch order")
     s.add_argument("--out", required=True, help="the output: " + OUT_RULE.format(
         suffix="safetensors", name="NAME.keepKofN.MODE.safetensors"))
+    s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="the output's weights (default: the checkpoint's "
+                   "own; calibration and healing compute in fp32 either way)")
     s.set_defaults(func=cmd_compress)
 
     s = command("bench", checkpoint=True, device=True, help="latency of the full, compressed, Algorithm 2 and Algorithm 1 models side by side, against the bounds",
@@ -458,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "Lightning .ckpt")
     s.add_argument("--out", required=True, help="the output: " + OUT_RULE.format(
         suffix="safetensors", name="SOURCE.native.safetensors"))
+    s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="the output's weights (default: the source's)")
     s.set_defaults(func=cmd_convert)
 
     s = command("train", device=True, help="train Soft MoE classifiers (Chung et al.'s MNIST family, or the ViT) on IDX data",

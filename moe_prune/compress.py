@@ -134,7 +134,7 @@ def _owner(key: str, names) -> str | None:
 
 
 def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike, mode: str = "drop",
-                  meta: dict | None = None) -> Path:
+                  meta: dict | None = None, dtype=None) -> Path:
     """Write a compressed checkpoint from a native one, reading only the kept experts' tensors.
 
     A checkpoint of another library (see `checkpoint.open_checkpoint`) is converted in memory first. The output
@@ -146,6 +146,7 @@ def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike,
         out: the output .safetensors (written atomically: a temporary file, then a rename).
         mode: "drop" or "renorm".
         meta: extra metadata (merged over the source's, which is kept under "source_meta").
+        dtype: the output's float dtype (None: the source's; "fp16", "bf16", "fp32" or a torch dtype).
 
     Returns:
         The output path.
@@ -161,7 +162,7 @@ def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike,
         model = load(src)
         small = compress_model(model, subsets, mode)
         record = {**(meta or {}), "source_meta": opened.meta, "mode": mode, "kept_experts": kept_record(small)}
-        return save(small, out, meta=record, inputs=(opened.path,))
+        return save(small, out, meta=record, inputs=(opened.path,), dtype=dtype or file_dtype(opened))
     spec, src_meta, header = opened.spec, opened.meta, opened.header
     src = opened.path
     names = list(spec["moe"]) if spec["family"] != "layer" else [""]
@@ -196,7 +197,7 @@ def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike,
     assign_weights(target, state, src, "cpu")  # in the source's dtype (float32 if it mixes dtypes), as `load` does
     record = {**(meta or {}), "source_meta": src_meta, "mode": mode,
               "kept_experts": kept_record(target)}
-    return save(target, out, meta=record, inputs=(src,))
+    return save(target, out, meta=record, inputs=(src,), dtype=dtype)
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
@@ -267,7 +268,7 @@ def compress_and_heal(model: nn.Module, subsets: dict, calib_batches, mode: str 
 
 def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progress: bool = True,
                         meta: dict | None = None, rule: str = DEFAULT_RULE, heal=None,
-                        check: tuple | None = None, device=None) -> tuple[Path, dict]:
+                        check: tuple | None = None, device=None, dtype=None) -> tuple[Path, dict]:
     """Calibrate on data by `rule`, then write the compressed checkpoint, healed if `heal` (a HealConfig) is given.
 
     The full model is loaded for calibration (a Soft MoE layer's input depends on the earlier layers). Without
@@ -300,23 +301,23 @@ def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progr
     record = {**(meta or {}), "keep": str(keep), **calibration}  # the rule and its scores or output errors
     if heal is None and opened.native:  # assembled from slices of the file: the dropped experts are never read again
         del model
-        return compress_file(src, subsets, out, mode=mode, meta=record), subsets
+        return compress_file(src, subsets, out, mode=mode, meta=record, dtype=dtype), subsets
     if heal is None:  # another library's file was converted in memory: compress what is loaded
         small = compress_model(model, subsets, mode)
         record = {**record, "source_meta": opened.meta, "mode": mode, "kept_experts": kept_record(small)}
-        return save(small, out, meta=record, inputs=(opened.path,), dtype=file_dtype(opened)), subsets
+        return save(small, out, meta=record, inputs=(opened.path,), dtype=dtype or file_dtype(opened)), subsets
     small, healed = compress_and_heal(model, subsets, calib_batches, mode=mode, config=heal, check=check,
                                       progress=progress)  # every rank: data-parallel under torchrun
     if not writer:
         return None, subsets
     record = {**record, "heal": healed, "source_meta": opened.meta, "mode": mode, "kept_experts": kept_record(small)}
-    return save(small, out, meta=record, inputs=(opened.path,), dtype=file_dtype(opened)), subsets
+    return save(small, out, meta=record, inputs=(opened.path,), dtype=dtype or file_dtype(opened)), subsets
 
 
 def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, keep, calib, *,
                        calib_limit: int | None = 10000, batch_size: int = 256, mode: str = "drop",
                        rule: str = DEFAULT_RULE, heal=None, create_folder: bool = False,
-                       meta: dict | None = None, options=None, device=None) -> dict | None:
+                       meta: dict | None = None, options=None, device=None, dtype=None) -> dict | None:
     """Check everything, calibrate on `calib`, write the compressed checkpoint (the `moe-prune compress` command).
 
     `keep` and the calibration inputs are checked against the checkpoint's header before the model is loaded;
@@ -335,6 +336,7 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
         options: a datasets.DataOptions: decoding workers, --skip-bad, the cache budget, and preprocessing
             overrides (mean, std, interpolation, crop_pct), which the output checkpoint records.
         device: where calibration and healing compute ("auto": a GPU when torch sees one; see devices.py).
+        dtype: the output's float dtype ("fp16", "bf16", "fp32"; None: the checkpoint's own).
 
     Returns:
         {"path", "subsets" {layer name: ids}, "before" and "after" (checkpoint.summary of both), "heal" (the
@@ -379,7 +381,7 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU under torchrun
         path, subsets = compress_checkpoint(src, out, keep, batches, mode=mode, progress=rank == 0, meta=record,
-                                            rule=rule, heal=heal, check=check, device=device)
+                                            rule=rule, heal=heal, check=check, device=device, dtype=dtype)
     report_skipped(batches.examples)
     if rank != 0:
         return None

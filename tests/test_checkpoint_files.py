@@ -262,3 +262,21 @@ def test_convert_command_needs_no_kwargs_for_a_lightning_ckpt(ckpt, tmp_path, vi
     assert_reproduces(moe_prune.load(out), vit)
     assert main(["convert", str(out), "--out", str(tmp_path / "again.safetensors")]) == 2
     assert "already a moe-prune checkpoint" in capsys.readouterr().err
+
+
+def test_dtype_converts_the_output(tmp_path):
+    """--dtype writes the compressed (or converted) checkpoint in another dtype; calibration stays in fp32, so the
+    kept experts are the ones an fp32 output keeps."""
+    from moe_prune.pipeline import default_checkpoint
+
+    outs = {}
+    for dtype in ("fp32", "fp16", "bf16"):
+        outs[dtype] = tmp_path / f"{dtype}.safetensors"
+        assert main(["compress", str(default_checkpoint()), "--calib", "sample", "--calib-limit", "200", "--rule",
+                     "mass", "--dtype", dtype, "--out", str(outs[dtype])]) == 0
+    names = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+    for dtype, path in outs.items():
+        assert {d for d, _ in read_header(path)[1].values()} == {names[dtype]}
+    kept = {d: moe_prune.summary(p)["meta"]["kept_experts"] for d, p in outs.items()}
+    assert kept["fp16"] == kept["bf16"] == kept["fp32"]
+    assert outs["fp16"].stat().st_size < 0.55 * outs["fp32"].stat().st_size

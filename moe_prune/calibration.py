@@ -13,8 +13,10 @@ share: its slots' outputs y_e [S, D] mixed in by their combine weights C[:, e] [
              model's output, so a later layer also corrects what the earlier pruning changed.
 
     loss:    the subset built expert by expert to minimize the model's own distillation loss KL(full || pruned)
-             on the calibration inputs (see `loss_subsets`); layers in order, as `reconstruct`; never worse
-             there than the combine-mass top k. The default: it measured best without healing (README).
+             on the calibration inputs (see `loss_subsets`); layers in order, as `reconstruct`. Each layer's
+             subset is kept only if it beats that layer's combine-mass top k there (earlier layers pruned, later
+             full), and the whole model's subsets only if they beat the all-mass model (what `mass` writes) on
+             calibration inputs the search did not see. The default: it measured best without healing (README).
 
 `mass` and `output` rank experts (top k of a sum, one pass); `reconstruct` needs one pass per Soft MoE layer over
 the calibration data, each running the full model and the pruned one; `loss` runs the model about
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,7 +39,7 @@ from torch import nn
 from .errors import SelectionError
 from .layers import SoftMoE
 from .models import moe_layers
-from .datasets import as_batches
+from .datasets import Batches, as_batches
 from .selection import TappedLayer, calibrate, keep_per_layer, replace_layers, select_experts, static_from_sums
 
 RULES = ("mass", "output", "reconstruct", "loss")
@@ -276,12 +279,19 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
     The candidates run in `mode` (the compressed checkpoint's); the prediction uses drop-mode shares. A bare
     layer's output is the model's output, so there the rule is `reconstruct`.
 
-    The greedy subset is finally compared with the layer's combine-mass top k (on the same inputs), and the one
-    with the lower loss is kept: the rule is never worse than `mass` on the calibration inputs.
+    Two guards against greedy misses. Per layer, the greedy subset is compared with the layer's combine-mass top k
+    on the search inputs (earlier layers pruned, later ones full) and the lower loss kept. Then the whole model:
+    every layer with its chosen subset against the all-mass model (each layer's combine-mass top k over all the
+    calibration data, exactly what `--rule mass` writes), on the calibration inputs after the first `limit` (up to
+    `limit` of them; the search inputs when there are no others), and the all-mass subsets are returned if they
+    are strictly better there. So the model `loss` writes is never worse than the one `mass` writes on held-out
+    calibration inputs, when there are any.
 
     Returns:
         (subsets, record {layer name: {"kl": mean KL with the layer's final subset (later layers full),
-        "kl_greedy", "kl_mass": the greedy subset's and the combine-mass top k's, "chosen_by"}}).
+        "kl_greedy", "kl_mass": the greedy subset's and the combine-mass top k's, "chosen_by"}, "whole_model":
+        {"inputs", "held_out" (whether they were outside the search), "kl_rule", "kl_mass", "chosen",
+        "rule_subsets", "mass_subsets"}}).
     """
     if isinstance(model, SoftMoE):
         return reconstruct_subsets(model, batches, keep, progress=progress)
@@ -362,7 +372,38 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
         runs[name].experts = subsets[name]
     if bar is not None:
         bar.close()
+    record["whole_model"] = _whole_model_guard(model, batches, keep, subsets, runs, pruned, limit, chunk, dev)
+    if record["whole_model"]["chosen"] == "mass":
+        subsets = {n: torch.as_tensor(ids) for n, ids in record["whole_model"]["mass_subsets"].items()}
     return subsets, record
+
+
+@torch.no_grad()
+def _whole_model_guard(model, batches, keep, subsets, runs, pruned, limit: int, chunk: int, dev) -> dict:
+    """The whole pruned model (every layer with the rule's subset) against the all-mass model (what `--rule mass`
+    writes), on calibration inputs the search did not see (those after the first `limit`; the search's own when
+    there are none): the record, and which to keep ("loss" unless mass is strictly better there)."""
+    data = as_batches(batches, device=dev)
+    n_all = data.num_inputs
+    held_out = n_all > limit
+    idx = np.arange(limit, min(n_all, 2 * limit)) if held_out else np.arange(min(n_all, limit))
+    check = Batches(data.examples.subset(idx), chunk, device=dev, cache_mb=data.cache_mb).cached()
+    mass = static_from_sums(model, calibrate(model, batches), keep)
+    rank, world = _shard()
+    own = list(range(rank, len(check), world))
+    teacher = {i: model(check[i]).float().log_softmax(-1) for i in own}
+
+    def kl(chosen: dict) -> float:
+        for n, ids in chosen.items():
+            runs[n].experts = ids
+        total = sum(float(_kl(pruned(check[i]).float().log_softmax(-1), teacher[i])) for i in own)
+        return sum_over_ranks(total)[0] / check.num_inputs
+
+    kl_rule, kl_mass = kl(subsets), kl(mass)
+    return {"inputs": int(len(idx)), "held_out": held_out, "kl_rule": kl_rule, "kl_mass": kl_mass,
+            "chosen": "mass" if kl_mass < kl_rule else "loss",
+            "rule_subsets": {n: torch.as_tensor(ids).tolist() for n, ids in subsets.items()},
+            "mass_subsets": {n: ids.tolist() for n, ids in mass.items()}}
 
 
 @torch.no_grad()

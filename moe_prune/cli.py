@@ -190,7 +190,7 @@ def cmd_compress(args) -> None:
         from .healing import HealConfig
 
         heal = HealConfig(steps=args.heal_steps, lr=args.heal_lr, temperature=args.heal_temperature,
-                          parts=args.heal_parts, seed=args.heal_seed)
+                          parts=args.heal_parts, seed=args.heal_seed, held_out=args.heal_held_out)
     r = compress_from_data(_source(args, src), out, args.keep, args.calib, calib_limit=args.calib_limit, batch_size=args.batch_size,
                            mode=args.mode, rule=args.rule, heal=heal, create_folder=_folder_form(out, args.out),
                            meta={"command": _command(args)}, options=_data_options(args), device=args.device,
@@ -202,7 +202,13 @@ def cmd_compress(args) -> None:
         print(f"  {name or '(layer)'}: kept experts {ids.tolist()} (rule: {args.rule})")
     if r["heal"] is not None:
         h = r["heal"]
-        line = f"  healed: {h['config']['steps']} steps in {h['seconds']:.0f} s, distillation loss {h['loss_before']:.4f} -> {h['loss_after']:.4f}"
+        line = f"  healed: {h['config']['steps']} steps in {h['seconds']:.0f} s, distillation loss {h['loss_before']:.4g} -> {h['loss_after']:.4g}"
+        held = h.get("held_out") or {}
+        if held.get("best_step") is not None:
+            first, best = held["losses"][0]["loss"], min(x["loss"] for x in held["losses"])
+            kept = "the unhealed weights kept: healing never beat them there" if held["best_step"] == 0 else \
+                f"weights of step {held['best_step']} kept"
+            line += f" (on {held['inputs']} held-out inputs: {first:.4g} -> {best:.4g}, {kept})"
         if "accuracy_after" in h:
             line += (f"; held-out accuracy {100 * h['accuracy_before']:.2f}% -> {100 * h['accuracy_after']:.2f}% "
                      f"(full model {100 * h['accuracy_full']:.2f}%)")
@@ -270,7 +276,8 @@ def cmd_serve(args) -> None:
 # equal calibration.RULES / DEFAULT_RULE and heal.HealConfig().
 CALIBRATION_RULES = ("loss", "reconstruct", "output", "mass")
 DEFAULT_RULE = "loss"
-HEAL_DEFAULTS = argparse.Namespace(steps=3000, lr=1e-2, temperature=2.0, parts="experts+router+head", seed=0)
+HEAL_DEFAULTS = argparse.Namespace(steps=3000, lr=1e-2, temperature=2.0, parts="experts+router+head", seed=0,
+                                   held_out=0.1)
 
 VIT_DEFAULTS = dict(
     img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,
@@ -409,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=HEAL_DEFAULTS.parts, help="what --heal trains: the kept experts; also the routers (phi, "
                    "scale); also the classifier head. Everything else stays frozen")
     s.add_argument("--heal-seed", type=int, default=HEAL_DEFAULTS.seed, help="seed of --heal's batch order")
+    s.add_argument("--heal-held-out", type=float, default=HEAL_DEFAULTS.held_out, help="share of the calibration "
+                   "inputs --heal never trains on: their loss is measured every tenth of the steps and the best "
+                   "weights kept (the unhealed ones if healing never beats them); 0: none")
     s.add_argument("--out", required=True, help="the output: " + OUT_RULE.format(
         suffix="safetensors", name="NAME.keepKofN.MODE.safetensors"))
     s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="the output's weights (default: the checkpoint's "

@@ -41,6 +41,10 @@ class HealConfig:
         parts: "experts" (the kept experts' weights), "experts+router" (also phi, scale and token gain) or
             "experts+router+head" (also the classifier head; the default: it measured best, see the README).
         seed: the mini-batch order.
+        held_out: the share of the inputs set aside (the last ones) and never trained on: their distillation
+            loss is measured before healing and every tenth of the steps, and the weights of the best
+            measurement are kept, so healing never leaves the model worse on them than it found it. 0: none
+            (with fewer than 10 inputs there is none either).
 
     Example:
         >>> HealConfig(steps=200, lr=5e-4)
@@ -52,6 +56,7 @@ class HealConfig:
     temperature: float = 2.0
     parts: str = "experts+router+head"
     seed: int = 0
+    held_out: float = 0.1
 
     def __post_init__(self):
         for name, flag, value in (("steps", "--heal-steps", self.steps), ("batch_size", "batch size", self.batch_size)):
@@ -62,6 +67,8 @@ class HealConfig:
                 raise ConfigError(f"heal: {name} ({flag}) must be positive and finite, got {value!r}")
         if self.parts not in PARTS:
             raise ConfigError(f"heal: parts={self.parts!r}; choose one of {', '.join(PARTS)}")
+        if not (isinstance(self.held_out, (int, float)) and 0 <= self.held_out < 1):
+            raise ConfigError(f"heal: held_out={self.held_out!r}; give a share in [0, 1)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -249,15 +256,29 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
     rank, world = _shard()
     cached = _teacher_logits(teacher, x_all)
     before = distillation_loss(student, teacher, x_all, config.temperature, targets=cached)
+    # The held-out slice: the last inputs, never trained on; the weights of its best measurement are kept.
+    n_held = int(round(config.held_out * len(x_all))) if len(x_all) >= 10 else 0
+    n_train = len(x_all) - n_held
+    held = x_all.subset(np.arange(n_train, len(x_all))) if n_held else None
+    held_targets = cached[n_train:] if cached is not None and n_held else None
+
+    def held_loss() -> float | None:
+        if held is None:
+            return None
+        return distillation_loss(student, teacher, held, config.temperature, targets=held_targets)
+
+    watched = [{"step": 0, "loss": held_loss()}]
+    best = {"step": 0, "loss": watched[0]["loss"], "state": {n: p.detach().clone() for n, p in params.items()}}
     opt = torch.optim.Adam(list(params.values()), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(len(x_all), generator=gen)
+    order = torch.randperm(n_train, generator=gen)
     pos, running, history = 0, None, []
+    every = max(1, config.steps // 10)
     bar = progress_bar(range(config.steps), enabled=progress, desc="healing", unit="step")
     try:
         for step in bar:
             if pos + config.batch_size > len(order):
-                order, pos = torch.randperm(len(x_all), generator=gen), 0
+                order, pos = torch.randperm(n_train, generator=gen), 0
             rows = order[pos:pos + config.batch_size]
             pos += config.batch_size
             mine = rows[rank::world]  # data parallel under torchrun: each rank a share of every batch
@@ -277,13 +298,24 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
             running = value if running is None else 0.95 * running + 0.05 * value
             if progress:
                 bar.set_postfix(loss=f"{running:.4f}")
-            if (step + 1) % max(1, config.steps // 10) == 0:
+            if (step + 1) % every == 0 or step + 1 == config.steps:
                 history.append({"step": step + 1, "loss": running})
+                if held is not None:
+                    value = held_loss()
+                    watched.append({"step": step + 1, "loss": value})
+                    if math.isfinite(value) and value < best["loss"]:
+                        best = {"step": step + 1, "loss": value,
+                                "state": {n: p.detach().clone() for n, p in params.items()}}
     finally:
         for p, r in zip(frozen, was):
             p.requires_grad_(r)
         bar.close()
+    if held is not None and best["step"] != config.steps:
+        with torch.no_grad():  # back to the best measured weights (the unhealed ones if healing never helped)
+            for n, p in params.items():
+                p.copy_(best["state"][n])
     student.eval()
     after = distillation_loss(student, teacher, x_all, config.temperature, targets=cached)
     return {"loss_before": before, "loss_after": after, "trained": sorted(params), "seconds": time.perf_counter() - t0,
+            "held_out": {"inputs": n_held, "losses": watched, "best_step": best["step"] if held is not None else None},
             "history": history, "config": config.to_dict()}

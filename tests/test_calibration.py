@@ -504,3 +504,40 @@ def test_batch_order_does_not_change_the_subsets(rule, family):
     # the oracle can fail: other calibration data changes the scores
     _, rc = choose_subsets(m, batches[:1], 2, rule=rule)
     assert rc != ra
+
+
+def test_the_whole_model_guard_catches_what_the_per_layer_check_misses():
+    """Two Soft MoE layers, search inputs and held-out calibration inputs from different ranges: each layer's
+    greedy subset beats that layer's combine-mass top k on the search inputs, yet the whole greedy model is worse
+    than the all-mass model (what --rule mass writes) on the held-out inputs. The rule returns the all-mass
+    subsets; the KLs are recomputed here from the models' outputs, independently of the rule's bookkeeping."""
+    from moe_prune.calibration import choose_subsets, loss_subsets
+    from moe_prune.models import SoftMoEViT, ViTConfig
+    from moe_prune.selection import with_experts
+
+    torch.manual_seed(12)
+    model = SoftMoEViT(ViTConfig(num_experts=6, moe_layer_index=1, img_size=8, patch_size=4, in_chans=1,
+                                 num_classes=5, embed_dim=16, depth=3, num_heads=2)).eval()
+    with torch.no_grad():
+        for layer in moe_layers(model).values():
+            layer.scale.fill_(5.0)
+    g = torch.Generator().manual_seed(12)
+    search, held = torch.rand(32, 1, 8, 8, generator=g), torch.rand(32, 1, 8, 8, generator=g) * 3 - 1
+    subsets, record = loss_subsets(model, [search, held], 2, limit=32, chunk=32)
+    names = list(moe_layers(model))
+    assert [record[n]["chosen_by"] for n in names] == ["greedy", "greedy"]  # the per-layer check kept the greedy
+    mass, _ = choose_subsets(model, [search, held], 2, rule="mass")
+    assert {n: s.tolist() for n, s in subsets.items()} == {n: s.tolist() for n, s in mass.items()}
+    assert record["whole_model"]["held_out"] and record["whole_model"]["chosen"] == "mass"
+
+    def kl(chosen):
+        with torch.no_grad():
+            p = F.log_softmax(model(held).double(), -1)
+            q = F.log_softmax(with_experts(model, chosen)(held).double(), -1)
+        return float((p.exp() * (p - q)).sum() / len(held))
+
+    greedy = {n: torch.tensor(ids) for n, ids in record["whole_model"]["rule_subsets"].items()}
+    assert {n: s.tolist() for n, s in greedy.items()} != {n: s.tolist() for n, s in mass.items()}
+    assert kl(greedy) > kl(mass)  # what the per-layer check alone would have written is worse there
+    assert kl(greedy) == pytest.approx(record["whole_model"]["kl_rule"], rel=1e-3)  # the rule sums in fp32
+    assert kl(mass) == pytest.approx(record["whole_model"]["kl_mass"], rel=1e-3)

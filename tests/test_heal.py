@@ -225,7 +225,9 @@ def test_heal_touches_only_what_it_trains(family, parts):
     teacher_flags = {n: p.requires_grad for n, p in teacher.named_parameters()}
     s0, t0 = state(student), state(teacher)
 
-    heal(student, teacher, inputs_for(family), HealConfig(steps=8, batch_size=16, lr=1e-2, parts=parts), progress=False)
+    # held_out=0: every step's weights stay (the guard could hand back the unhealed ones; see the guard's test)
+    heal(student, teacher, inputs_for(family), HealConfig(steps=8, batch_size=16, lr=1e-2, parts=parts, held_out=0.0),
+         progress=False)
 
     s1 = student.state_dict()
     assert s1.keys() == s0.keys()
@@ -480,7 +482,7 @@ def test_cli_defaults_agree_with_the_library():
     defaults = HealConfig()
     assert vars(cli.HEAL_DEFAULTS) == {k: getattr(defaults, k) for k in vars(cli.HEAL_DEFAULTS)}
     # every HealConfig field the CLI sets has a flag; batch_size is the library's default
-    assert set(vars(cli.HEAL_DEFAULTS)) == {"steps", "lr", "temperature", "parts", "seed"}
+    assert set(vars(cli.HEAL_DEFAULTS)) == {"steps", "lr", "temperature", "parts", "seed", "held_out"}
     p = cli.build_parser()
     args = p.parse_args(["compress", "m.safetensors", "--calib", "x.npy", "--out", "o.safetensors"])
     assert (args.rule, args.heal_steps, args.heal_lr, args.heal_temperature, args.heal_parts, args.heal_seed) == (
@@ -513,7 +515,7 @@ def test_bench_accepts_a_healed_checkpoint_of_its_own_source_only(tmp_path):
     batches = [torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     plain, _ = compress_checkpoint(src, tmp_path / "plain.safetensors", 2, batches, progress=False, rule="mass")
     healed, _ = compress_checkpoint(src, tmp_path / "healed.safetensors", 2, batches, progress=False, rule="mass",
-                                    heal=HealConfig(steps=5, lr=1e-2))
+                                    heal=HealConfig(steps=5, lr=1e-2, held_out=0.0))
     full, small, cured = moe_prune.load(src), moe_prune.load(plain), moe_prune.load(healed)
     assert not torch.equal(small.moe.experts.w1, cured.moe.experts.w1)  # healing moved the kept experts
     check_compressed_from(full, small, src, plain)
@@ -522,3 +524,32 @@ def test_bench_accepts_a_healed_checkpoint_of_its_own_source_only(tmp_path):
         check_compressed_from(moe_prune.load(other), cured, other, healed)
     with pytest.raises(CheckpointError, match="weights differ"):  # an unhealed one is still checked weight by weight
         check_compressed_from(moe_prune.load(other), small, other, plain)
+
+
+def test_a_diverging_heal_returns_the_unhealed_weights():
+    """A learning rate that blows the model up: every held-out measurement is worse than before healing, so the
+    unhealed weights come back, bit for bit, and the record says so."""
+    teacher, student = compressed("mnist")
+    before = state(student)
+    record = heal(student, teacher, inputs_for("mnist"), HealConfig(steps=20, batch_size=16, lr=1e3), progress=False)
+    held = record["held_out"]
+    assert held["best_step"] == 0 and held["inputs"] > 0
+    assert all(x["loss"] > held["losses"][0]["loss"] for x in held["losses"][1:])  # it did diverge
+    after = state(student)
+    assert all(torch.equal(after[n], before[n]) for n in before)
+    assert record["loss_after"] == pytest.approx(record["loss_before"])
+
+
+def test_the_guard_keeps_the_best_held_out_step():
+    """A sound heal: the kept weights are those of the lowest held-out loss measured, never worse than before."""
+    teacher, student = compressed("vit")
+    record = heal(student, teacher, inputs_for("vit"), HealConfig(steps=30, batch_size=16, lr=1e-2), progress=False)
+    held = record["held_out"]
+    best = min(held["losses"], key=lambda x: x["loss"])
+    assert held["best_step"] == best["step"] and best["loss"] <= held["losses"][0]["loss"]
+    from moe_prune.healing import distillation_loss
+
+    n = held["inputs"]
+    x = inputs_for("vit")
+    x = torch.cat(x) if isinstance(x, (list, tuple)) else x
+    assert distillation_loss(student, teacher, x[-n:]) == pytest.approx(best["loss"], rel=1e-5)

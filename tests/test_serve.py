@@ -118,7 +118,8 @@ def test_two_process_calibration_equals_one_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule, extra", [("reconstruct", []), ("output", []), ("loss", ["--heal", "--heal-steps", "20"])])
+@pytest.mark.parametrize("rule, extra", [("reconstruct", []), ("output", []),
+                                         ("loss", ["--heal", "--heal-steps", "20", "--heal-held-out", "0"])])
 def test_two_process_rules_and_healing_equal_one_process(tmp_path, rule, extra):
     """torchrun, the other rules: `reconstruct` and `output` all-reduce float64 sums (the subset equals one process's),
     `loss` shards its chunks and all-reduces its KL sums and gradient predictions, and healing runs data-parallel

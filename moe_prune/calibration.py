@@ -269,7 +269,8 @@ def _kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.Tenso
 
 
 def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop", candidates: int = 8,
-                 limit: int = 2048, chunk: int = 512, progress: bool = False) -> tuple[dict, dict]:
+                 limit: int = 2048, chunk: int = 512, progress: bool = False,
+                 budget: str = "per-layer") -> tuple[dict, dict]:
     """The `loss` rule: each layer's subset built expert by expert to minimize the model's distillation loss.
 
     Layers in order (earlier ones pruned to their subsets, later ones full). At each step the loss's gradient at
@@ -295,6 +296,11 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
     """
     if isinstance(model, SoftMoE):
         return reconstruct_subsets(model, batches, keep, progress=progress)
+    if budget not in BUDGETS:
+        raise SelectionError(f"budget={budget!r}: choose one of {', '.join(BUDGETS)}")
+    if budget == "global":
+        return global_loss_subsets(model, batches, keep, mode=mode, candidates=candidates, limit=limit,
+                                   chunk=chunk, progress=progress)
     layers = moe_layers(model)
     ks = keep_per_layer(model, keep)
     # The first `limit` inputs, decoded once and kept if they fit the data's cache budget, else read again per pass.
@@ -378,6 +384,127 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
     return subsets, record
 
 
+BUDGETS = ("per-layer", "global")
+
+
+def global_loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop", candidates: int = 8,
+                        limit: int = 2048, chunk: int = 512, progress: bool = False) -> tuple[dict, dict]:
+    """The `loss` rule with one budget for the whole model: the same expert FLOPs as `keep` of every layer, spent
+    where the distillation loss drops most, so layers may keep different numbers of experts.
+
+    Every layer starts from its combine-mass top 1. Then, while the budget lasts: one backward pass gives the
+    loss's gradient at every Soft MoE layer's output, which dotted with each unchosen expert's output share
+    predicts the change from adding it (every (layer, expert) pair at once); the `candidates` best pairs that
+    fit the budget are run for real and the one giving the lowest KL(full || pruned) on the first `limit`
+    calibration inputs is added. The cost is that of the per-layer rule. The whole-model guard of `loss_subsets`
+    follows (against the all-mass model with a uniform `keep`, at the same expert FLOPs).
+
+    Returns:
+        (subsets, record {"budget": "global", "kept": {layer: k}, "expert_flops": (spent, budget), "kl",
+        "whole_model": see `loss_subsets`}).
+    """
+    from .flops import expert_flops_per_slot
+
+    layers = moe_layers(model)
+    ks = keep_per_layer(model, keep)
+    dev = device_of(model)
+    chunks = as_batches(batches, device=dev).head(limit, chunk).cached()
+    rank, world = _shard()
+    own = list(range(rank, len(chunks), world))
+    with torch.no_grad():
+        teacher = {i: model(chunks[i]).float().log_softmax(-1) for i in own}
+    runs: dict[str, TappedLayer] = {}
+    pruned = replace_layers(model, lambda n, layer: runs.setdefault(n, TappedLayer(layer, mode=mode)))
+    # An expert's cost: its FLOPs on its slots (equal-size layers make this a count of experts).
+    cost = {n: expert_flops_per_slot(layer) * layer.config.slots_per_expert for n, layer in layers.items()}
+    total = sum(ks[n] * cost[n] for n in layers)
+    held = {n: layer.held_experts(dev) for n, layer in layers.items()}
+    chosen: dict[str, list[int]] = {}  # stack positions per layer
+    for n, layer in layers.items():  # the mass top 1 of each layer, on the inputs it sees with the earlier ones pruned
+        top = _mass_top(pruned, runs, n, layer, [chunks[i] for i in own], 1,
+                        {m: held[m][torch.tensor(chosen[m])] for m in chosen})
+        chosen[n] = [int((held[n] == top[0]).nonzero()[0, 0])]
+    spent = sum(cost[n] for n in layers)
+
+    def current() -> dict:
+        return {n: held[n][torch.tensor(sorted(chosen[n]), dtype=torch.long)] for n in layers}
+
+    def kl_of(subsets: dict) -> float:
+        for n, ids in subsets.items():
+            runs[n].experts = ids
+        with torch.no_grad():
+            s = sum(float(_kl(pruned(chunks[i]).float().log_softmax(-1), teacher[i])) for i in own)
+        return sum_over_ranks(s)[0] / chunks.num_inputs
+
+    bar = None
+    if progress:
+        from .reports import progress as progress_bar
+
+        bar = progress_bar(total=int(round((total - spent) / min(cost.values()))), desc="calibrating (loss, global)",
+                           unit="expert")
+    names = list(layers)
+    while True:
+        fits = [n for n in names if spent + cost[n] <= total * (1 + 1e-9) and len(chosen[n]) < len(held[n])]
+        if not fits:
+            break
+        subsets = current()
+        for n in names:
+            runs[n].experts = subsets[n]
+        predicted = {n: torch.zeros(len(held[n]), dtype=torch.float64, device=dev) for n in names}
+        for i in own:
+            seen: dict = {}
+
+            def tap(name):
+                def fn(lay, routing, out):
+                    # the first layer's output becomes the leaf; later outputs stay in the graph (their
+                    # gradients then include every later layer's Jacobian) and keep their .grad
+                    leaf = out.detach().requires_grad_(True) if not seen else out
+                    if seen:
+                        leaf.retain_grad()
+                    seen[name] = (leaf, routing)
+                    return leaf
+                return fn
+
+            for n in names:
+                runs[n].record = tap(n)
+            with torch.enable_grad():
+                _kl(pruned(chunks[i]).float().log_softmax(-1), teacher[i]).backward()
+            with torch.no_grad():
+                for n, (leaf, routing) in seen.items():
+                    layer, S = layers[n], layers[n].config.slots_per_expert
+                    combine, y = layer.slot_outputs(routing)
+                    share = (combine.float() * (leaf.grad.float() @ y.float().transpose(1, 2))).sum(dim=(0, 1))
+                    predicted[n] += share.double().reshape(-1, S).sum(-1)
+        for n in names:
+            runs[n].record = None
+        predicted = {n: _all_reduce({"p": p})["p"].to(dev) for n, p in predicted.items()}
+        pairs = []
+        for n in fits:
+            p = predicted[n].clone()
+            p[chosen[n]] = float("inf")
+            for e in torch.sort(p, stable=True).indices[: min(candidates, len(held[n]) - len(chosen[n]))].tolist():
+                pairs.append((float(p[e]) / cost[n], n, e))  # the predicted drop per FLOP
+        pairs = sorted(pairs)[:candidates]
+        trials = []
+        for _, n, e in pairs:
+            trial = {**current(), n: held[n][torch.tensor(sorted(chosen[n] + [e]), dtype=torch.long)]}
+            trials.append((kl_of(trial), names.index(n), e, n))
+        best = min(trials)
+        chosen[best[3]].append(best[2])
+        spent += cost[best[3]]
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    subsets = {n: ids.cpu() for n, ids in current().items()}
+    record = {"budget": "global", "kept": {n: len(c) for n, c in chosen.items()},
+              "uniform": dict(ks), "expert_flops": (spent, total), "kl": kl_of(current())}
+    record["whole_model"] = _whole_model_guard(model, batches, keep, subsets, runs, pruned, limit, chunk, dev)
+    if record["whole_model"]["chosen"] == "mass":
+        subsets = {n: torch.as_tensor(ids) for n, ids in record["whole_model"]["mass_subsets"].items()}
+    return subsets, record
+
+
 @torch.no_grad()
 def _whole_model_guard(model, batches, keep, subsets, runs, pruned, limit: int, chunk: int, dev) -> dict:
     """The whole pruned model (every layer with the rule's subset) against the all-mass model (what `--rule mass`
@@ -426,7 +553,7 @@ def _mass_top(pruned, runs, name, layer, chunks, k, subsets) -> torch.Tensor:
 
 
 def choose_subsets(model: nn.Module, batches: Sequence, keep, rule: str = DEFAULT_RULE, mode: str = "drop",
-                   progress: bool = False) -> tuple[dict, dict]:
+                   progress: bool = False, budget: str = "per-layer") -> tuple[dict, dict]:
     """The static subset of every Soft MoE layer from calibration inputs, by `rule` (see the module docstring).
 
     Args:
@@ -435,6 +562,8 @@ def choose_subsets(model: nn.Module, batches: Sequence, keep, rule: str = DEFAUL
         keep: see `parse_keep`. rule: "mass", "output", "reconstruct" or "loss" (the default; measured best,
             see the README). mode: the mode the subsets will run in ("loss" chooses for it; the others ignore it).
         progress: show progress bars.
+        budget: "per-layer" (every layer keeps `keep` of its experts) or "global" (the `loss` rule spends the same
+            expert FLOPs where they lower the loss most: layers may keep different numbers; see global_loss_subsets).
 
     Returns:
         (subsets {layer name: router ids [k]}, record for the checkpoint's metadata: the rule and, per layer,
@@ -453,16 +582,21 @@ def choose_subsets(model: nn.Module, batches: Sequence, keep, rule: str = DEFAUL
     if not moe_layers(model):
         raise SelectionError(f"{type(model).__name__} has no Soft MoE layer to calibrate")
     keep_per_layer(model, keep)  # a bad keep fails before any pass over the data
+    if budget not in BUDGETS:
+        raise SelectionError(f"budget={budget!r}: choose one of {', '.join(BUDGETS)}")
+    if budget == "global" and (rule != "loss" or isinstance(model, SoftMoE)):
+        raise SelectionError("--budget global spends one budget across Soft MoE layers by the loss rule: use it with "
+                             "--rule loss on a model with Soft MoE layers inside")
     if rule == "reconstruct":
         subsets, errors = reconstruct_subsets(model, batches, keep, progress=progress)
         return subsets, {"rule": rule, "relative_output_error": errors}
     if rule == "loss":
-        subsets, losses = loss_subsets(model, batches, keep, mode=mode, progress=progress)
+        subsets, losses = loss_subsets(model, batches, keep, mode=mode, progress=progress, budget=budget)
         key = "relative_output_error" if isinstance(model, SoftMoE) else "distillation_kl"
         return subsets, {"rule": rule, key: losses}
     sums = calibrate(model, batches, progress=progress) if rule == "mass" else output_sums(model, batches, progress)
     return static_from_sums(model, sums, keep), {"rule": rule, "calibration_scores": {n: s.tolist() for n, s in sums.items()}}
 
 
-__all__ = ["RULES", "DEFAULT_RULE", "choose_subsets", "greedy_subset", "loss_subsets", "output_sums",
-           "reconstruct_subsets", "subset_error"]
+__all__ = ["BUDGETS", "RULES", "DEFAULT_RULE", "choose_subsets", "global_loss_subsets", "greedy_subset",
+           "loss_subsets", "output_sums", "reconstruct_subsets", "subset_error"]

@@ -194,7 +194,7 @@ def cmd_compress(args) -> None:
     r = compress_from_data(_source(args, src), out, args.keep, args.calib, calib_limit=args.calib_limit, batch_size=args.batch_size,
                            mode=args.mode, rule=args.rule, heal=heal, create_folder=_folder_form(out, args.out),
                            meta={"command": _command(args)}, options=_data_options(args), device=args.device,
-                           dtype=args.dtype)
+                           dtype=args.dtype, budget=args.budget)
     if r is None:  # a torchrun rank other than 0: rank 0 reports
         return
     before, after = r["before"], r["after"]
@@ -406,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the kept experts are chosen: loss (greedy on the model's distillation loss), reconstruct "
                    "(greedy on each layer's output error), output (combine weight x slot output size), mass "
                    "(the paper's combine mass); the default measured best (README, 'Compressed checkpoints')")
+    s.add_argument("--budget", choices=["per-layer", "global"], default="per-layer",
+                   help="per-layer: every Soft MoE layer keeps --keep of its experts; global (with --rule loss): the "
+                   "same expert FLOPs in all, spent where the distillation loss drops most, so layers may keep "
+                   "different numbers")
     s.add_argument("--heal", action="store_true", help="distill the full model into the compressed one on the "
                    "calibration images (KL of the logits at a temperature; Adam); with a data set as --calib, "
                    "accuracy before and after on its test split goes into the metadata")

@@ -268,7 +268,8 @@ def compress_and_heal(model: nn.Module, subsets: dict, calib_batches, mode: str 
 
 def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progress: bool = True,
                         meta: dict | None = None, rule: str = DEFAULT_RULE, heal=None,
-                        check: tuple | None = None, device=None, dtype=None) -> tuple[Path, dict]:
+                        check: tuple | None = None, device=None, dtype=None,
+                        budget: str = "per-layer") -> tuple[Path, dict]:
     """Calibrate on data by `rule`, then write the compressed checkpoint, healed if `heal` (a HealConfig) is given.
 
     The full model is loaded for calibration (a Soft MoE layer's input depends on the earlier layers). Without
@@ -294,7 +295,8 @@ def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progr
     opened = open_checkpoint(src)
     model = load(src, dtype=torch.float32, device=resolve_device(device))
     keep_per_layer(model, keep)  # a bad `keep` is an error before the calibration runs
-    subsets, calibration = choose_subsets(model, calib_batches, keep, rule=rule, mode=mode, progress=progress)
+    subsets, calibration = choose_subsets(model, calib_batches, keep, rule=rule, mode=mode, progress=progress,
+                                          budget=budget)
     writer = not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)  # rank 0 writes
     if not writer and heal is None:
         return None, subsets  # under torchrun every rank has the same subsets
@@ -317,7 +319,8 @@ def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progr
 def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, keep, calib, *,
                        calib_limit: int | None = 10000, batch_size: int = 256, mode: str = "drop",
                        rule: str = DEFAULT_RULE, heal=None, create_folder: bool = False,
-                       meta: dict | None = None, options=None, device=None, dtype=None) -> dict | None:
+                       meta: dict | None = None, options=None, device=None, dtype=None,
+                       budget: str = "per-layer") -> dict | None:
     """Check everything, calibrate on `calib`, write the compressed checkpoint (the `moe-prune compress` command).
 
     `keep` and the calibration inputs are checked against the checkpoint's header before the model is loaded;
@@ -337,6 +340,7 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
             overrides (mean, std, interpolation, crop_pct), which the output checkpoint records.
         device: where calibration and healing compute ("auto": a GPU when torch sees one; see devices.py).
         dtype: the output's float dtype ("fp16", "bf16", "fp32"; None: the checkpoint's own).
+        budget: "per-layer" or "global" (the loss rule's one budget across layers; see calibration.choose_subsets).
 
     Returns:
         {"path", "subsets" {layer name: ids}, "before" and "after" (checkpoint.summary of both), "heal" (the
@@ -361,6 +365,9 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
 
     if rule not in RULES:
         raise SelectionError(f"rule={rule!r}: choose one of {', '.join(RULES)}")
+    if budget == "global" and rule != "loss":
+        raise SelectionError("--budget global spends one budget across Soft MoE layers by the loss rule: use it with "
+                             "--rule loss")
     device = resolve_device(device)  # a device this machine lacks fails before any work
     src, out = as_file(checkpoint), Path(out)
     model = skeleton(src)  # what the checkpoint takes, read from its header: the checks below come first
@@ -381,7 +388,8 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU under torchrun
         path, subsets = compress_checkpoint(src, out, keep, batches, mode=mode, progress=rank == 0, meta=record,
-                                            rule=rule, heal=heal, check=check, device=device, dtype=dtype)
+                                            rule=rule, heal=heal, check=check, device=device, dtype=dtype,
+                                            budget=budget)
     report_skipped(batches.examples)
     if rank != 0:
         return None

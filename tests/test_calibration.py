@@ -541,3 +541,44 @@ def test_the_whole_model_guard_catches_what_the_per_layer_check_misses():
     assert kl(greedy) > kl(mass)  # what the per-layer check alone would have written is worse there
     assert kl(greedy) == pytest.approx(record["whole_model"]["kl_rule"], rel=1e-3)  # the rule sums in fp32
     assert kl(mass) == pytest.approx(record["whole_model"]["kl_mass"], rel=1e-3)
+
+
+def test_global_budget_spends_the_uniform_expert_flops_where_the_loss_drops_most():
+    """--budget global on two Soft MoE layers of 4 experts, keep 2 each: 4 experts in all (equal sizes: equal
+    FLOPs), split as the loss asks. Checked against brute force over every split and subset (68 models) and
+    against the all-mass model, the KLs recomputed here in float64."""
+    from moe_prune.calibration import choose_subsets
+    from moe_prune.models import SoftMoEViT, ViTConfig
+
+    torch.manual_seed(3)
+    model = SoftMoEViT(ViTConfig(num_experts=4, moe_layer_index=1, img_size=8, patch_size=4, in_chans=1,
+                                 num_classes=5, embed_dim=16, depth=3, num_heads=2)).eval()
+    with torch.no_grad():
+        for layer in moe_layers(model).values():
+            layer.scale.fill_(5.0)
+    x = torch.rand(48, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    names = list(moe_layers(model))
+
+    def kl(subsets):
+        with torch.no_grad():
+            p = F.log_softmax(model(x).double(), -1)
+            q = F.log_softmax(with_experts(model, {n: torch.as_tensor(s) for n, s in subsets.items()})(x).double(), -1)
+        return float((p.exp() * (p - q)).sum() / len(x))
+
+    glob, record = choose_subsets(model, [x], 2, rule="loss", budget="global")
+    mass, _ = choose_subsets(model, [x], 2, rule="mass")
+    kept = record["distillation_kl"]["kept"]
+    assert sum(kept.values()) == 4 and min(kept.values()) >= 1 and [len(glob[n]) for n in names] == [kept[n] for n in names]
+    spent, total = record["distillation_kl"]["expert_flops"]
+    assert spent == pytest.approx(total)
+    splits = [(a, 4 - a) for a in (1, 2, 3)]
+    best = min(kl({names[0]: list(s0), names[1]: list(s1)})
+               for a, b in splits for s0 in itertools.combinations(range(4), a) for s1 in itertools.combinations(range(4), b))
+    # the optimum bounds it below; the whole-model guard bounds it above by the all-mass model (no held-out
+    # inputs here: the guard compares on the search inputs). Greedy, it is not always the optimum (the study
+    # measures it against the per-layer budget).
+    assert best - 1e-12 <= kl(glob) <= kl(mass) + 1e-9
+    assert kl(glob) == pytest.approx(record["distillation_kl"]["whole_model"]["kl_rule"], rel=1e-2) or \
+        record["distillation_kl"]["whole_model"]["chosen"] == "mass"
+    with pytest.raises(SelectionError, match="global"):
+        choose_subsets(model, [x], 2, rule="mass", budget="global")

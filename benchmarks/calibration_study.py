@@ -6,6 +6,11 @@ the static subsets after `heal` (the same function as `moe-prune compress --heal
 (a random subset per input, and one random subset shared by all inputs; `--seeds` seeds each, mean ± std).
 Calibration and healing use the first `--calib-limit` training images only, never the test set.
 
+Choices are made on the validation split, never on the test set: the last `--validation` (5,000) training
+images, which the models of benchmarks/train_vit_experts.sh never trained on and calibration never reads. Every
+static and healed row is measured there too (`val_accuracy`), and the "Chosen on validation" section picks the
+default rule and budget by it; the test accuracies are reported beside, not used.
+
 Results are appended model by model to OUT/study.json (a model already there is skipped, so a killed run
 resumes); OUT/study.md is rewritten from it after every model.
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from fractions import Fraction
 import sys
 import time
 from pathlib import Path
@@ -39,8 +45,13 @@ def _csv(text: str) -> list[str]:
 def study_model(path: Path, args) -> dict:
     model = mp.load(path)
     test = load_images("fashion-mnist", split="test")
+    train = load_images("fashion-mnist", split="train")
+    val = (train[0][-args.validation:], train[1][-args.validation:])  # never calibrated on: limit <= 55,000
+    if args.calib_limit > len(train[0]) - args.validation:
+        raise SystemExit(f"--calib-limit {args.calib_limit} would reach the validation split")
     calib = calibration_batches("fashion-mnist", limit=args.calib_limit, batch_size=256, model=model)
     acc = lambda m, bs=256: accuracy(m, *test, batch_size=bs)  # noqa: E731
+    vacc = lambda m: accuracy(m, *val)  # noqa: E731
     layers = moe_layers(model)
     meta = mp.summary(path)["meta"]
     empty = {name: torch.zeros(0, dtype=torch.long) for name in layers}
@@ -50,6 +61,8 @@ def study_model(path: Path, args) -> dict:
               "epochs": len(meta.get("history", [])), "rows": []}
     t0 = time.perf_counter()
     report["full"], report["no_experts"] = acc(model), acc(with_experts(model, empty))
+    report["val_full"], report["val_no_experts"] = vacc(model), vacc(with_experts(model, empty))
+    report["validation"] = f"Fashion-MNIST training images {len(train[0]) - args.validation}-{len(train[0]) - 1}"
 
     def row(keep, method, value, **extra):
         report["rows"].append({"keep": keep, "method": method, "accuracy": value, **extra})
@@ -65,25 +78,30 @@ def study_model(path: Path, args) -> dict:
             for method, fn in (("random_per_input", random_per_input_accuracies), ("random_shared", random_accuracies)):
                 m, s = mean_std(list(fn(model, *test, k, args.seeds, "drop")))
                 row(keep, method, m, std=s, mode="drop", seeds=args.seeds)
-        for rule in args.rules:
+        plans = [(rule, "per-layer") for rule in args.rules]
+        if "loss" in args.rules and len(layers) > 1 and "global" in args.budgets:
+            plans.append(("loss", "global"))
+        for rule, budget in plans:
             chosen = {}
+            extra = {} if budget == "per-layer" else {"budget": budget}
             for mode in ("drop", "renorm"):
                 if mode == "renorm" and (rule != "loss" or args.renorm_reuse):
                     subsets, seconds = chosen["drop"], None  # only `loss` chooses for the mode it runs in
                 else:
                     t = time.perf_counter()
-                    subsets, _ = choose_subsets(model, calib, keep, rule=rule, mode=mode)
+                    subsets, _ = choose_subsets(model, calib, keep, rule=rule, mode=mode, budget=budget)
                     seconds = time.perf_counter() - t
                 chosen[mode] = subsets
                 small = compress_model(model, subsets, mode=mode)
-                row(keep, "static", acc(small), rule=rule, mode=mode, calib_seconds=seconds,
-                    subsets={n: s.tolist() for n, s in subsets.items()})
+                row(keep, "static", acc(small), rule=rule, mode=mode, calib_seconds=seconds, val_accuracy=vacc(small),
+                    subsets={n: s.tolist() for n, s in subsets.items()}, **extra)
                 rules = args.heal_rules if mode == "drop" else args.heal_renorm_rules
-                if keep in args.heal_keeps and rule in rules:
+                if keep in args.heal_keeps and rule in rules and (budget == "per-layer" or mode == "drop"):
                     cfg = HealConfig(steps=args.heal_steps)
                     healed, rec = compress_and_heal(model, subsets, calib, mode=mode, config=cfg, progress=False)
                     row(keep, "healed", acc(healed), rule=rule, mode=mode, heal_seconds=rec["seconds"],
-                        heal_steps=cfg.steps, loss_before=rec["loss_before"], loss_after=rec["loss_after"])
+                        heal_steps=cfg.steps, loss_before=rec["loss_before"], loss_after=rec["loss_after"],
+                        val_accuracy=vacc(healed), held_out=rec.get("held_out"), **extra)
     report["seconds"] = time.perf_counter() - t0
     return report
 
@@ -164,6 +182,36 @@ def targets(reports: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def chosen_on_validation(reports: list[dict]) -> list[str]:
+    """Which rule (and budget) each keep would choose by validation accuracy, static and healed, with the test
+    accuracy of every candidate beside it (reported, not used). Models without validation rows are left out."""
+    lines = ["### Chosen on validation", "", "The rule and budget with the best mean validation accuracy over these "
+             "models (drop mode) are the choice; test accuracy is reported beside, not used to choose.", ""]
+    rows_out = []
+    for method in ("static", "healed"):
+        cands: dict = {}
+        for r in reports:
+            for row in r["rows"]:
+                if row["method"] == method and row.get("mode") == "drop" and row.get("val_accuracy") is not None:
+                    key = (row["keep"], row["rule"], row.get("budget", "per-layer"))
+                    cands.setdefault(key, []).append((row["val_accuracy"], row["accuracy"]))
+        keeps = sorted({k[0] for k in cands}, key=lambda k: -Fraction(k))
+        for keep in keeps:
+            options = {k: v for k, v in cands.items() if k[0] == keep and len(v) == max(len(w) for w in cands.values())}
+            if not options:
+                continue
+            best = max(options, key=lambda k: sum(v for v, _ in options[k]) / len(options[k]))
+            for key, vals in sorted(options.items(), key=lambda kv: -sum(v for v, _ in kv[1])):
+                mv = 100 * sum(v for v, _ in vals) / len(vals)
+                mt = 100 * sum(t for _, t in vals) / len(vals)
+                rows_out.append(f"| {method} | {keep} | {key[1]} | {key[2]} | {mv:.2f} | {mt:.2f} | "
+                                f"{'**chosen**' if key == best else ''} |")
+    if not rows_out:
+        return []
+    return lines + ["| | keep | rule | budget | mean validation % | mean test % (reported) | |",
+                    "|---|---|---|---|---|---|---|", *rows_out, ""]
+
+
 def markdown(reports: list[dict], command: str) -> str:
     reports = sorted(reports, key=_order)
     lines = [f"Command: `{command}`", "",
@@ -173,6 +221,10 @@ def markdown(reports: list[dict], command: str) -> str:
              "share = (acc - no experts) / (full - no experts).", ""]
     keeps = list(dict.fromkeys(row["keep"] for r in reports for row in r["rows"]))
     rules = [rule for rule in RULES if any(row.get("rule") == rule for r in reports for row in r["rows"])]
+    if any("val_full" in r for r in reports):
+        lines[2] += (f" Validation: {next(r['validation'] for r in reports if 'validation' in r)}, never trained on "
+                     "(the models of train_vit_experts.sh) nor calibrated on; every choice below is made there.")
+    lines += chosen_on_validation(reports)
     lines += targets(reports)
     for keep in keeps:
         lines += [f"### Keep {keep}", "",
@@ -283,6 +335,8 @@ def main(argv=None) -> None:
     p.add_argument("--renorm-reuse", action="store_true", help="renorm rows use the drop subsets of every rule "
                    "(saves the loss rule's second search, for the ViTs)")
     p.add_argument("--calib-limit", type=int, default=10000)
+    p.add_argument("--validation", type=int, default=5000, help="the last N training images: the validation split")
+    p.add_argument("--budgets", type=_csv, default=["per-layer", "global"], help="the loss rule's budgets")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 beside another job on 2 cores)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

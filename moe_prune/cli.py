@@ -128,7 +128,8 @@ def _int_list(text: str) -> list[int]:
 def cmd_train(args) -> None:
     from .train import TrainConfig, train_models
 
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      validation=args.validation)
     vit = {**VIT_DEFAULTS, **(_json_arg(args.vit) if args.vit else {})} if args.model == "vit" else None
     for out, result in train_models(args.model, args.experts, args.data, args.out_dir, vit=vit,
                                     scale_init=args.scale_init, config=cfg,
@@ -396,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "WebP, BMP, GIF; in class sub-folders or not, recursive; its train/ if it has train/ and val/), a "
                    ".txt listing image paths, a .npy/.npz (uint8 images NHW, NHWC or NCHW; or float model inputs as "
                    "they are, e.g. tokens [N, M, D] for a bare Soft MoE layer), 'fashion-mnist' or 'mnist' (train "
-                   "split), an IDX folder, or 'sample' (the bundled images). Images go through the model's own "
+                   "split), an IDX folder, or 'sample' (the bundled images 0-499; 500-999 are its test half). Images go through the model's own "
                    "preprocessing (see --mean)")
     s.add_argument("--calib-limit", type=int, default=10000, help="use at most this many calibration inputs (of a "
                    "folder: spread evenly over it, so every class is in)")
@@ -497,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=256, help="training batch size")
     s.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     s.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the batch order")
+    s.add_argument("--validation", type=int, default=0, help="hold out the last N training images (never trained "
+                   "on): the validation split that later choices (calibration rules, heal settings) are made on; "
+                   "recorded in the checkpoint")
     s.add_argument("--out-dir", default="runs", help="the folder the checkpoints go to")
     s.set_defaults(func=cmd_train)
 
@@ -510,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default="fashion-mnist", help="labelled test data: a folder of images in class "
                    "sub-folders (its val/ or test/ if it has them; classes sorted by name as torchvision's ImageFolder, "
                    "or named by a classes.txt, one per line in the model's class order), 'fashion-mnist', 'mnist', "
-                   "'sample', an IDX folder, or an .npz with `images` and `labels`")
+                   "'sample' (the bundled images 500-999; its calibration half is 0-499), an IDX folder, or an .npz "
+                   "with `images` and `labels`")
     s.add_argument("--calib", help="calibration data for the static subset (see compress --calib; a folder's train/; "
                    "default: --data, whose train split or train/ folder is used when it has one)")
     s.add_argument("--calib-limit", type=int, default=10000, help="use at most this many calibration inputs")

@@ -407,7 +407,7 @@ def _held_out(calib, model, options=None):
     options = options or DataOptions()
     text = str(calib)
     path = Path(text)
-    if text.endswith((".npy", ".npz", ".txt")) or text == "sample":
+    if text.endswith((".npy", ".npz", ".txt")):
         return None
     if path.is_dir() and not any(path.glob("*-idx3-ubyte*")) and split_folder(path, "train") == path:
         return None  # one folder of images: nothing held out

@@ -2,7 +2,8 @@
 
     source                                   -> Examples (N inputs, labels or None), decoded per batch
       "fashion-mnist" | "mnist" | IDX folder -> the split's uint8 images and labels (held in memory: 47 MB)
-      "sample"                               -> the bundled 1,000 Fashion-MNIST test images
+      "sample"                               -> the bundled 1,000 Fashion-MNIST test images, in halves:
+                                                calibration reads 0-499, evaluation 500-999
       X.npy / X.npz                          -> uint8 images (NHW, NHWC or NCHW; memory-mapped .npy) or float
                                                 model inputs as they are; an .npz's `labels` array is used
       LIST.txt                               -> image paths, one per line (relative to the list's folder)
@@ -35,6 +36,7 @@ from .errors import DataError
 from .preprocess import Preprocess
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+SAMPLE_HALF = 500  # the bundled sample: images 0-499 calibrate, 500-999 are scored
 _TRAIN_DIRS, _EVAL_DIRS = ("train",), ("val", "valid", "validation", "test")
 
 
@@ -474,10 +476,15 @@ def open_data(source, split: str, preprocess: Preprocess | None, options: DataOp
 
     text = os.fspath(source)
     path = Path(text)
-    if text == "sample" or text in ("fashion-mnist", "mnist") or (path.is_dir() and _is_idx(path)):
-        split_ = "test" if text == "sample" else split
-        images, labels = load_images(source, split=split_)
-        return ArrayExamples(images, labels, preprocess, f"{text} ({split_} split)")
+    if text == "sample":
+        # The bundled 1,000 test images, in halves: calibration reads 0-499, evaluation 500-999 (as the demo does).
+        images, labels = load_images("sample", split="test")
+        half = slice(0, SAMPLE_HALF) if split == "train" else slice(SAMPLE_HALF, None)
+        where = "sample (images 0-499)" if split == "train" else "sample (images 500-999)"
+        return ArrayExamples(images[half], labels[half], preprocess, where)
+    if text in ("fashion-mnist", "mnist") or (path.is_dir() and _is_idx(path)):
+        images, labels = load_images(source, split=split)
+        return ArrayExamples(images, labels, preprocess, f"{text} ({split} split)")
     if text.endswith((".npy", ".npz")):
         arr, labels, where = _npy(path)
         if labelled and labels is None:

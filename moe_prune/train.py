@@ -40,10 +40,12 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
+    validation: int = 0  # the last N training images held out: the validation split (see `validation_split`)
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.weight_decay < 0:
-            raise ConfigError(f"train config: epochs and batch_size must be >= 1, lr > 0, weight_decay >= 0; got {self}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.weight_decay < 0 or self.validation < 0:
+            raise ConfigError(f"train config: epochs and batch_size must be >= 1, lr > 0, weight_decay >= 0, "
+                              f"validation >= 0; got {self}")
 
 
 def init_router_scale(model: nn.Module, value: float) -> None:
@@ -232,6 +234,11 @@ def train_models(family: str, experts, data: str = "fashion-mnist", out_dir: str
 
     train_set = load_images(data, split="train")
     test_set = load_images(data, split="test")
+    if config.validation:  # held out: never trained on; later choices are made on it (README, Results)
+        if config.validation >= len(train_set[0]):
+            raise ConfigError(f"--validation {config.validation}: the training split has only {len(train_set[0])} images")
+        train_set = (train_set[0][:-config.validation], train_set[1][:-config.validation])
+        meta = {**(meta or {}), "validation": {"split": "train", "first": len(train_set[0]), "count": config.validation}}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # kept on failure: it holds the .resume files of finished epochs
     for n in experts:

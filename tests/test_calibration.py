@@ -506,21 +506,28 @@ def test_batch_order_does_not_change_the_subsets(rule, family):
     assert rc != ra
 
 
+def _two_moe_layers(seed: int, experts: int):
+    """A 3-block ViT on 8x8 images whose blocks 1 and 2 are Soft MoE layers, routing sharpened (scale 5)."""
+    from moe_prune.models import SoftMoEViT, ViTConfig
+
+    torch.manual_seed(seed)
+    model = SoftMoEViT(ViTConfig(num_experts=experts, moe_layer_index=1, img_size=8, patch_size=4, in_chans=1,
+                                 num_classes=5, embed_dim=16, depth=3, num_heads=2)).eval()
+    with torch.no_grad():
+        for layer in moe_layers(model).values():
+            layer.scale.fill_(5.0)
+    return model
+
+
 def test_the_whole_model_guard_catches_what_the_per_layer_check_misses():
     """Two Soft MoE layers, search inputs and held-out calibration inputs from different ranges: each layer's
     greedy subset beats that layer's combine-mass top k on the search inputs, yet the whole greedy model is worse
     than the all-mass model (what --rule mass writes) on the held-out inputs. The rule returns the all-mass
     subsets; the KLs are recomputed here from the models' outputs, independently of the rule's bookkeeping."""
     from moe_prune.calibration import choose_subsets, loss_subsets
-    from moe_prune.models import SoftMoEViT, ViTConfig
     from moe_prune.selection import with_experts
 
-    torch.manual_seed(12)
-    model = SoftMoEViT(ViTConfig(num_experts=6, moe_layer_index=1, img_size=8, patch_size=4, in_chans=1,
-                                 num_classes=5, embed_dim=16, depth=3, num_heads=2)).eval()
-    with torch.no_grad():
-        for layer in moe_layers(model).values():
-            layer.scale.fill_(5.0)
+    model = _two_moe_layers(seed=12, experts=6)
     g = torch.Generator().manual_seed(12)
     search, held = torch.rand(32, 1, 8, 8, generator=g), torch.rand(32, 1, 8, 8, generator=g) * 3 - 1
     subsets, record = loss_subsets(model, [search, held], 2, limit=32, chunk=32)
@@ -548,14 +555,8 @@ def test_global_budget_spends_the_uniform_expert_flops_where_the_loss_drops_most
     FLOPs), split as the loss asks. Checked against brute force over every split and subset (68 models) and
     against the all-mass model, the KLs recomputed here in float64."""
     from moe_prune.calibration import choose_subsets
-    from moe_prune.models import SoftMoEViT, ViTConfig
 
-    torch.manual_seed(3)
-    model = SoftMoEViT(ViTConfig(num_experts=4, moe_layer_index=1, img_size=8, patch_size=4, in_chans=1,
-                                 num_classes=5, embed_dim=16, depth=3, num_heads=2)).eval()
-    with torch.no_grad():
-        for layer in moe_layers(model).values():
-            layer.scale.fill_(5.0)
+    model = _two_moe_layers(seed=3, experts=4)
     x = torch.rand(48, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     names = list(moe_layers(model))
 

@@ -191,7 +191,8 @@ def cmd_compress(args) -> None:
         from .healing import HealConfig
 
         heal = HealConfig(steps=args.heal_steps, lr=args.heal_lr, temperature=args.heal_temperature,
-                          parts=args.heal_parts, seed=args.heal_seed, held_out=args.heal_held_out)
+                          parts=args.heal_parts, seed=args.heal_seed, held_out=args.heal_held_out,
+                          max_epochs=args.heal_max_epochs, patience=args.heal_patience)
     r = compress_from_data(_source(args, src), out, args.keep, args.calib, calib_limit=args.calib_limit, batch_size=args.batch_size,
                            mode=args.mode, rule=args.rule, heal=heal, create_folder=_folder_form(out, args.out),
                            meta={"command": _command(args)}, options=_data_options(args), device=args.device,
@@ -203,13 +204,15 @@ def cmd_compress(args) -> None:
         print(f"  {name or '(layer)'}: kept experts {ids.tolist()} (rule: {args.rule})")
     if r["heal"] is not None:
         h = r["heal"]
-        line = f"  healed: {h['config']['steps']} steps in {h['seconds']:.0f} s, distillation loss {h['loss_before']:.4g} -> {h['loss_after']:.4g}"
+        line = f"  healed: {h['steps_run']} of {h['steps_planned']} steps in {h['seconds']:.0f} s, distillation loss {h['loss_before']:.4g} -> {h['loss_after']:.4g}"
         held = h.get("held_out") or {}
         if held.get("best_step") is not None:
             first, best = held["losses"][0]["loss"], min(x["loss"] for x in held["losses"])
             kept = "the unhealed weights kept: healing never beat them there" if held["best_step"] == 0 else \
                 f"weights of step {held['best_step']} kept"
             line += f" (on {held['inputs']} held-out inputs: {first:.4g} -> {best:.4g}, {kept})"
+        if h.get("stopped"):
+            line += f"; stopped early: {h['stopped']}"
         if "accuracy_after" in h:
             line += (f"; held-out accuracy {100 * h['accuracy_before']:.2f}% -> {100 * h['accuracy_after']:.2f}% "
                      f"(full model {100 * h['accuracy_full']:.2f}%)")
@@ -278,7 +281,8 @@ def cmd_serve(args) -> None:
 CALIBRATION_RULES = ("loss", "reconstruct", "output", "mass")
 DEFAULT_RULE = "loss"
 HEAL_DEFAULTS = argparse.Namespace(steps=3000, lr=1e-2, temperature=2.0, parts="experts+router+head", seed=0,
-                                   held_out=0.1)
+                                   held_out=0.1, max_epochs=20.0,
+                                   patience=3)
 
 VIT_DEFAULTS = dict(
     img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,
@@ -424,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heal-held-out", type=float, default=HEAL_DEFAULTS.held_out, help="share of the calibration "
                    "inputs --heal never trains on: their loss is measured every tenth of the steps and the best "
                    "weights kept (the unhealed ones if healing never beats them); 0: none")
+    s.add_argument("--heal-max-epochs", type=float, default=HEAL_DEFAULTS.max_epochs, help="at most this many "
+                   "passes of --heal over the calibration inputs, whatever --heal-steps says; 0: no cap")
+    s.add_argument("--heal-patience", type=_non_negative, default=HEAL_DEFAULTS.patience, help="stop --heal once "
+                   "this many held-out measurements in a row did not improve on the best; 0: run every step")
     s.add_argument("--out", required=True, help="the output: " + OUT_RULE.format(
         suffix="safetensors", name="NAME.keepKofN.MODE.safetensors"))
     s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="the output's weights (default: the checkpoint's "

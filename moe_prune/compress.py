@@ -260,7 +260,8 @@ def compress_and_heal(model: nn.Module, subsets: dict, calib_batches, mode: str 
     acc = lambda m: accuracy(m, *check) if isinstance(check, tuple) else accuracy(m, check)  # noqa: E731
     before = acc(small) if check is not None else None
     result = heal(small, model, calib_batches, config, progress=progress)
-    record = {k: result[k] for k in ("config", "loss_before", "loss_after", "seconds", "trained", "held_out")}
+    record = {k: result[k] for k in ("config", "loss_before", "loss_after", "seconds", "trained", "held_out",
+                                           "steps_run", "steps_planned", "stopped")}
     if check is not None:
         record.update(accuracy_full=acc(model), accuracy_before=before, accuracy_after=acc(small))
     return small, record

@@ -45,6 +45,12 @@ class HealConfig:
             loss is measured before healing and every tenth of the steps, and the weights of the best
             measurement are kept, so healing never leaves the model worse on them than it found it. 0: none
             (with fewer than 10 inputs there is none either).
+        max_epochs: at most this many passes over the training inputs, whatever `steps` says (healing sized to
+            the data: 2,000 calibration inputs get 282 steps of 128, not 3,000). 0: no cap.
+        patience: stop once this many held-out measurements in a row did not improve on the best (0: never stop
+            early). Without a held-out slice there is nothing to stop on.
+        nothing_below: skip healing when the held-out loss before it is already below this (the compressed model
+            already answers as the full one does there).
 
     Example:
         >>> HealConfig(steps=200, lr=5e-4)
@@ -57,6 +63,9 @@ class HealConfig:
     parts: str = "experts+router+head"
     seed: int = 0
     held_out: float = 0.1
+    max_epochs: float = 20.0
+    patience: int = 3
+    nothing_below: float = 1e-6
 
     def __post_init__(self):
         for name, flag, value in (("steps", "--heal-steps", self.steps), ("batch_size", "batch size", self.batch_size)):
@@ -69,6 +78,12 @@ class HealConfig:
             raise ConfigError(f"heal: parts={self.parts!r}; choose one of {', '.join(PARTS)}")
         if not (isinstance(self.held_out, (int, float)) and 0 <= self.held_out < 1):
             raise ConfigError(f"heal: held_out={self.held_out!r}; give a share in [0, 1)")
+        if not (isinstance(self.max_epochs, (int, float)) and self.max_epochs >= 0):
+            raise ConfigError(f"heal: max_epochs={self.max_epochs!r}; give 0 (no cap) or more")
+        if not (isinstance(self.patience, int) and self.patience >= 0):
+            raise ConfigError(f"heal: patience={self.patience!r}; give 0 (never stop early) or more")
+        if not (isinstance(self.nothing_below, (int, float)) and self.nothing_below >= 0):
+            raise ConfigError(f"heal: nothing_below={self.nothing_below!r}; give 0 or more")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -269,12 +284,19 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
 
     watched = [{"step": 0, "loss": held_loss()}]
     best = {"step": 0, "loss": watched[0]["loss"], "state": {n: p.detach().clone() for n, p in params.items()}}
+    stopped = None
+    if held is not None and watched[0]["loss"] < config.nothing_below:
+        stopped = "nothing to heal: the held-out loss was already below nothing_below"
+    steps = config.steps
+    if config.max_epochs:
+        steps = min(steps, max(1, math.ceil(config.max_epochs * n_train / config.batch_size)))
     opt = torch.optim.Adam(list(params.values()), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(n_train, generator=gen)
     pos, running, history = 0, None, []
-    every = max(1, config.steps // 10)
-    bar = progress_bar(range(config.steps), enabled=progress, desc="healing", unit="step")
+    every = max(1, steps // 10)
+    bar = progress_bar(range(0 if stopped else steps), enabled=progress, desc="healing", unit="step")
+    since_best = 0
     try:
         for step in bar:
             if pos + config.batch_size > len(order):
@@ -298,7 +320,7 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
             running = value if running is None else 0.95 * running + 0.05 * value
             if progress:
                 bar.set_postfix(loss=f"{running:.4f}")
-            if (step + 1) % every == 0 or step + 1 == config.steps:
+            if (step + 1) % every == 0 or step + 1 == steps:
                 history.append({"step": step + 1, "loss": running})
                 if held is not None:
                     value = held_loss()
@@ -306,11 +328,17 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
                     if math.isfinite(value) and value < best["loss"]:
                         best = {"step": step + 1, "loss": value,
                                 "state": {n: p.detach().clone() for n, p in params.items()}}
+                        since_best = 0
+                    else:
+                        since_best += 1
+                    if config.patience and since_best >= config.patience:
+                        stopped = f"the held-out loss did not improve in {since_best} measurements"
+                        break
     finally:
         for p, r in zip(frozen, was):
             p.requires_grad_(r)
         bar.close()
-    if held is not None and best["step"] != config.steps:
+    if held is not None and best["step"] != (watched[-1]["step"] if watched else 0):
         with torch.no_grad():  # back to the best measured weights (the unhealed ones if healing never helped)
             for n, p in params.items():
                 p.copy_(best["state"][n])
@@ -318,4 +346,6 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
     after = distillation_loss(student, teacher, x_all, config.temperature, targets=cached)
     return {"loss_before": before, "loss_after": after, "trained": sorted(params), "seconds": time.perf_counter() - t0,
             "held_out": {"inputs": n_held, "losses": watched, "best_step": best["step"] if held is not None else None},
+            "steps_run": watched[-1]["step"] if held is not None else steps, "steps_planned": steps,
+            "stopped": stopped,
             "history": history, "config": config.to_dict()}

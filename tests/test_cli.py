@@ -126,7 +126,10 @@ def test_demo_and_bench_on_a_tiny_checkpoint(tmp_path, ckpt, capsys):
     assert summary["k"] == 4 and set(summary["accuracy"]) >= {"full", "static", "static_mass", "healed", "alg1",
                                                                "random_mean", "no_experts"}
     healed = moe_prune.summary(summary["healed"])["meta"]["heal"]
-    assert healed["config"]["steps"] == 30 and healed["loss_after"] < healed["loss_before"]
+    assert healed["config"]["steps"] == 30
+    # this untrained model's logits are near zero: its held-out loss may already be below nothing_below
+    assert healed["loss_after"] < healed["loss_before"] or (
+        healed["stopped"].startswith("nothing to heal") and healed["loss_after"] == healed["loss_before"])
     assert "compressed + healed" in capsys.readouterr().out
     assert all(os.path.exists(p) for p in summary["speed"]["onnx"].values())
     bench = tmp_path / "bench"

@@ -112,7 +112,7 @@ def test_every_step_works_on_a_converted_user_model(tmp_path):
         subsets, _ = choose_subsets(net, batches, "1/8", rule=rule)
         assert {name: len(s) for name, s in subsets.items()} == {"blocks.0.moe": 2, "blocks.1.moe": 2}
     subsets, _ = choose_subsets(net, batches, "1/8", rule="loss")
-    small, record = moe_prune.compress_and_heal(net, subsets, batches, config=HealConfig(steps=30))
+    small, record = moe_prune.compress_and_heal(net, subsets, batches, config=HealConfig(steps=30, held_out=0.0, max_epochs=0))  # few inputs: no guard, no cap
     assert record["loss_after"] < record["loss_before"]
     assert sum(p.numel() for p in small.parameters()) < 0.3 * sum(p.numel() for p in net.parameters())
     assert type(small) is UserNet

@@ -12,7 +12,9 @@ anything imported it; the module is now moe_prune/healing.py (test_public_heal_i
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import json
+import re
 import os
 import shutil
 import struct
@@ -130,7 +132,10 @@ def test_heal_lowers_the_distillation_loss(family, config, factor):
     assert before64 > 1e-4, "nothing to heal: the test could not fail"
     assert after64 < factor * before64, (before64, after64)
     assert r["config"] == config.to_dict() and r["trained"] == sorted(trainable(student, config.parts))
-    assert [h["step"] for h in r["history"]] == list(range(config.steps // 10, config.steps + 1, config.steps // 10))
+    every = r["steps_planned"] // 10
+    assert r["steps_planned"] == min(config.steps, -(-20 * (len(x) - 6) // config.batch_size))  # 20 epochs of 58
+    assert r["steps_run"] <= r["steps_planned"] and (r["steps_run"] == r["steps_planned"] or r["stopped"])
+    assert [h["step"] for h in r["history"]] == list(range(every, r["steps_run"] + 1, every))
 
 
 def test_heal_takes_a_list_of_batches():
@@ -150,7 +155,8 @@ def test_heal_a_model_converted_from_soft_moe():
     student = compress_model(teacher, {n: torch.tensor([4]) for n in moe_layers(teacher)})
     g = torch.Generator().manual_seed(0)
     x = torch.cat([x0, torch.randn(27, 1, 28, 28, generator=g)])  # the fixture's inputs are standard normal
-    config = HealConfig(steps=20, batch_size=16, lr=1e-3, parts="experts+router")
+    # patience 0: its 3 held-out inputs are too few to stop on (the first steps raise their loss)
+    config = HealConfig(steps=20, batch_size=16, lr=1e-3, parts="experts+router", patience=0)
     before64 = loss64(student, teacher, x, config.temperature, False)
     r = heal(student, teacher, x, config, progress=False)
     after64 = loss64(student, teacher, x, config.temperature, False)
@@ -165,7 +171,7 @@ def test_heal_a_layer_converted_from_soft_moe_pytorch_on_its_own_tokens():
     teacher, x = fixture_model("lucidrains_layer", moe_prune.from_lucidrains)
     assert isinstance(teacher, SoftMoE) and teacher.config.token_gain and not teacher.config.phi_norm
     student = compress_model(teacher, {"": torch.tensor([0, 2, 4, 6])})
-    config = HealConfig(steps=60, batch_size=3, lr=3e-3, parts="experts+router")
+    config = HealConfig(steps=60, batch_size=3, lr=3e-3, parts="experts+router", max_epochs=0)  # few tokens: no cap
     # the layer's router tensors here are phi and the token gain (no scale: phi is not normalized)
     assert set(trainable(student, "experts+router")) == {"experts.w1", "experts.b1", "experts.w2", "experts.b2",
                                                          "phi", "norm_weight"}
@@ -336,7 +342,7 @@ def test_cli_healed_checkpoint_loads_records_and_exports(workspace, tmp_path):
     p = _cli("compress", workspace / "m.safetensors", "--calib", workspace / "calib.npy", "--heal",
              "--heal-steps", "20", "--out", out, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    assert "healed: 20 steps" in p.stdout and f"wrote {out}" in p.stdout
+    assert re.search(r"healed: \d+ of \d+ steps", p.stdout) and f"wrote {out}" in p.stdout
     small = moe_prune.load(out)
     assert small.moe.config.num_held == 1 and small.moe.experts.w1.shape[0] == 1  # keep 1/8 of 8
     meta = moe_prune.summary(out)["meta"]
@@ -482,7 +488,8 @@ def test_cli_defaults_agree_with_the_library():
     defaults = HealConfig()
     assert vars(cli.HEAL_DEFAULTS) == {k: getattr(defaults, k) for k in vars(cli.HEAL_DEFAULTS)}
     # every HealConfig field the CLI sets has a flag; batch_size is the library's default
-    assert set(vars(cli.HEAL_DEFAULTS)) == {"steps", "lr", "temperature", "parts", "seed", "held_out"}
+    assert set(vars(cli.HEAL_DEFAULTS)) == {"steps", "lr", "temperature", "parts", "seed", "held_out",
+                                          "max_epochs", "patience"}
     p = cli.build_parser()
     args = p.parse_args(["compress", "m.safetensors", "--calib", "x.npy", "--out", "o.safetensors"])
     assert (args.rule, args.heal_steps, args.heal_lr, args.heal_temperature, args.heal_parts, args.heal_seed) == (
@@ -538,6 +545,40 @@ def test_a_diverging_heal_returns_the_unhealed_weights():
     after = state(student)
     assert all(torch.equal(after[n], before[n]) for n in before)
     assert record["loss_after"] == pytest.approx(record["loss_before"])
+    # patience 3: three measurements without improvement (every 2 steps) stop it after 6 of the 20 steps
+    assert record["steps_run"] == 6 and "did not improve in 3" in record["stopped"]
+    assert [x["step"] for x in held["losses"]] == [0, 2, 4, 6]
+
+
+def test_patience_zero_runs_every_step():
+    teacher, student = compressed("mnist")
+    record = heal(student, teacher, inputs_for("mnist"), HealConfig(steps=20, batch_size=16, lr=1e3, patience=0),
+                  progress=False)
+    assert record["steps_run"] == 20 and record["stopped"] is None
+    assert [x["step"] for x in record["held_out"]["losses"]] == list(range(0, 21, 2))
+    assert record["held_out"]["best_step"] == 0  # the guard still returns the unhealed weights
+
+
+def test_healing_is_sized_to_the_data():
+    """max_epochs caps the steps at that many passes over the inputs trained on (58 of 64: 6 held out)."""
+    teacher, student = compressed("mnist")
+    config = HealConfig(steps=1000, batch_size=32, lr=1e-3, max_epochs=2, patience=0)
+    record = heal(student, teacher, inputs_for("mnist"), config, progress=False)
+    assert record["steps_planned"] == record["steps_run"] == 4  # ceil(2 * 58 / 32)
+    record = heal(student, teacher, inputs_for("mnist"), replace(config, steps=3, max_epochs=0), progress=False)
+    assert record["steps_planned"] == 3
+
+
+def test_nothing_to_heal_takes_no_step():
+    """All experts kept: the student answers as the teacher does, so no step is taken and no weight moves."""
+    teacher = CASES["mnist"][0]()
+    student = compress_model(teacher, {n: torch.arange(layer.config.num_experts) for n, layer in moe_layers(teacher).items()})
+    before = state(student)
+    record = heal(student, teacher, inputs_for("mnist"), HealConfig(steps=20, batch_size=16, lr=1e-2), progress=False)
+    assert record["steps_run"] == 0 and record["stopped"].startswith("nothing to heal")
+    assert record["history"] == [] and record["held_out"]["losses"][0]["loss"] < 1e-6
+    after = state(student)
+    assert all(torch.equal(after[n], before[n]) for n in before)
 
 
 def test_the_guard_keeps_the_best_held_out_step():

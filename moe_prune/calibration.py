@@ -270,7 +270,7 @@ def _kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.Tenso
 
 def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop", candidates: int = 8,
                  limit: int = 2048, chunk: int = 512, progress: bool = False,
-                 budget: str = "per-layer") -> tuple[dict, dict]:
+                 budget: str = "per-layer", rounds: int | None = None) -> tuple[dict, dict]:
     """The `loss` rule: each layer's subset built expert by expert to minimize the model's distillation loss.
 
     Layers in order (earlier ones pruned to their subsets, later ones full). At each step the loss's gradient at
@@ -278,7 +278,10 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
     (one backward pass ranks all experts); the `candidates` best by that prediction are then run for real and
     the one giving the lowest KL(full model || pruned model) over the first `limit` calibration inputs is added.
     The candidates run in `mode` (the compressed checkpoint's); the prediction uses drop-mode shares. A bare
-    layer's output is the model's output, so there the rule is `reconstruct`.
+    layer's output is the model's output, so there the rule is `reconstruct`. With `rounds` R below a layer's k,
+    the layer takes R predictions instead of k: each round adds the best candidate run and then the next best
+    predicted experts, so that k are chosen in R rounds (a cost of R * (3 + candidates) passes over `limit`
+    inputs per layer, whatever k).
 
     Two guards against greedy misses. Per layer, the greedy subset is compared with the layer's combine-mass top k
     on the search inputs (earlier layers pruned, later ones full) and the lower loss kept. Then the whole model:
@@ -333,7 +336,9 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
         held = layer.held_experts(dev)
         K, S = len(held), layer.config.slots_per_expert
         chosen: list[int] = []  # stack positions
-        for _ in range(ks[name]):
+        n_rounds = min(ks[name], rounds or ks[name])
+        for r in range(n_rounds):
+            adds = -(-(ks[name] - len(chosen)) // (n_rounds - r))  # this round's share of what is left
             # 1. rank every unchosen expert by the first-order change of the loss from adding it
             predicted = torch.zeros(K, dtype=torch.float64, device=dev)
             current = held[torch.tensor(sorted(chosen), dtype=torch.long)]
@@ -364,8 +369,11 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
             trials = [(kl_of({name: held[torch.tensor(sorted(chosen + [int(e)]), dtype=torch.long)]}), int(e))
                       for e in order]
             chosen.append(min(trials)[1])
+            predicted[chosen[-1]] = float("inf")
+            chosen += torch.sort(predicted, stable=True).indices[: adds - 1].tolist()  # then by prediction
             if bar is not None:
-                bar.update()
+                bar.update(adds)
+                bar.set_postfix(layer=name or "(layer)", chosen=f"{len(chosen)}/{ks[name]}")
         greedy = held[torch.tensor(sorted(chosen), dtype=torch.long)]
         by_mass = _mass_top(pruned, runs, name, layer, [chunks[i] for i in own], ks[name], subsets)
         others = {n: subsets.get(n) for n in layers if n != name}
@@ -381,6 +389,7 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
     record["whole_model"] = _whole_model_guard(model, batches, keep, subsets, runs, pruned, limit, chunk, dev)
     if record["whole_model"]["chosen"] == "mass":
         subsets = {n: torch.as_tensor(ids) for n, ids in record["whole_model"]["mass_subsets"].items()}
+    record["search"] = {"inputs": chunks.num_inputs, "candidates": candidates, "rounds": rounds}
     return subsets, record
 
 
@@ -553,7 +562,7 @@ def _mass_top(pruned, runs, name, layer, chunks, k, subsets) -> torch.Tensor:
 
 
 def choose_subsets(model: nn.Module, batches: Sequence, keep, rule: str = DEFAULT_RULE, mode: str = "drop",
-                   progress: bool = False, budget: str = "per-layer") -> tuple[dict, dict]:
+                   progress: bool = False, budget: str = "per-layer", search: dict | None = None) -> tuple[dict, dict]:
     """The static subset of every Soft MoE layer from calibration inputs, by `rule` (see the module docstring).
 
     Args:
@@ -564,6 +573,7 @@ def choose_subsets(model: nn.Module, batches: Sequence, keep, rule: str = DEFAUL
         progress: show progress bars.
         budget: "per-layer" (every layer keeps `keep` of its experts) or "global" (the `loss` rule spends the same
             expert FLOPs where they lower the loss most: layers may keep different numbers; see global_loss_subsets).
+        search: the `loss` rule's search settings (`limit`, `candidates`, `rounds`: see loss_subsets).
 
     Returns:
         (subsets {layer name: router ids [k]}, record for the checkpoint's metadata: the rule and, per layer,
@@ -591,7 +601,8 @@ def choose_subsets(model: nn.Module, batches: Sequence, keep, rule: str = DEFAUL
         subsets, errors = reconstruct_subsets(model, batches, keep, progress=progress)
         return subsets, {"rule": rule, "relative_output_error": errors}
     if rule == "loss":
-        subsets, losses = loss_subsets(model, batches, keep, mode=mode, progress=progress, budget=budget)
+        subsets, losses = loss_subsets(model, batches, keep, mode=mode, progress=progress, budget=budget,
+                                       **(search or {}))
         key = "relative_output_error" if isinstance(model, SoftMoE) else "distillation_kl"
         return subsets, {"rule": rule, key: losses}
     sums = calibrate(model, batches, progress=progress) if rule == "mass" else output_sums(model, batches, progress)

@@ -118,8 +118,10 @@ def train(
     progress: bool = True,
     meta: dict | None = None,
     device=None,
+    val_set: tuple | None = None,
 ) -> dict:
-    """Train a classifier with Adam and cross-entropy; evaluate on the test set after every epoch.
+    """Train a classifier with Adam and cross-entropy; watch the accuracy after every epoch on `val_set` (then the
+    test set is read once, at the end) or, without one, on the test set (nothing is chosen on it: fixed epochs).
 
     Args:
         model: a moe-prune model (its parameters are trained in place).
@@ -130,9 +132,11 @@ def train(
         progress: show progress bars with loss and accuracy.
         meta: extra metadata for the checkpoint.
         device: where to train ("auto": a GPU when torch sees one; None: where the model is).
+        val_set: the validation split (images, labels), watched every epoch in place of the test set.
 
     Returns:
-        {"test_accuracy": float, "history": [{"epoch", "loss", "train_accuracy", "test_accuracy", "seconds"}]}.
+        {"test_accuracy": float, "history": [{"epoch", "loss", "train_accuracy", "val_accuracy" (with val_set) or
+        "test_accuracy", "seconds"}]}.
 
     Example:
         >>> model = MnistSoftMoE(MnistConfig(num_experts=16))
@@ -173,22 +177,25 @@ def train(
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(-1) == y).sum().item()
             bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.4f}")
-        test_acc = accuracy(model, *test_set)
+        # With a validation split, each epoch is watched there and the test set is read once, at the end.
+        watched = "val_accuracy" if val_set is not None else "test_accuracy"
+        acc_now = accuracy(model, *(val_set if val_set is not None else test_set))
         history.append({
             "epoch": epoch + 1, "loss": loss_sum / total, "train_accuracy": correct / total,
-            "test_accuracy": test_acc, "seconds": time.perf_counter() - t0,
+            watched: acc_now, "seconds": time.perf_counter() - t0,
         })
         bar.close()
         epochs.update()
         if progress:
             h = history[-1]
             epochs.write(f"epoch {epoch + 1}/{config.epochs}: loss {h['loss']:.4f}, train acc {h['train_accuracy']:.4f}, "
-                         f"test acc {test_acc:.4f} ({h['seconds']:.0f} s)", file=sys.stderr)
+                         f"{watched.split('_')[0]} acc {acc_now:.4f} ({h['seconds']:.0f} s)", file=sys.stderr)
         if resume is not None and epoch + 1 < config.epochs:
             _save_resume(resume, model, opt, epoch + 1, history, fingerprint)
     epochs.close()
     model.eval()
-    result = {"test_accuracy": history[-1]["test_accuracy"], "history": history}
+    test_acc = history[-1]["test_accuracy"] if val_set is None else accuracy(model, *test_set)
+    result = {"test_accuracy": test_acc, "history": history}
     if out is not None:
         from .preprocess import for_model
 
@@ -234,9 +241,11 @@ def train_models(family: str, experts, data: str = "fashion-mnist", out_dir: str
 
     train_set = load_images(data, split="train")
     test_set = load_images(data, split="test")
+    val_set = None
     if config.validation:  # held out: never trained on; later choices are made on it (README, Results)
         if config.validation >= len(train_set[0]):
             raise ConfigError(f"--validation {config.validation}: the training split has only {len(train_set[0])} images")
+        val_set = (train_set[0][-config.validation:], train_set[1][-config.validation:])
         train_set = (train_set[0][:-config.validation], train_set[1][:-config.validation])
         meta = {**(meta or {}), "validation": {"split": "train", "first": len(train_set[0]), "count": config.validation}}
     out_dir = Path(out_dir)
@@ -252,4 +261,4 @@ def train_models(family: str, experts, data: str = "fashion-mnist", out_dir: str
         out = out_dir / f"{family}-e{n}{suffix}.safetensors"
         print(f"training {out} ({sum(p.numel() for p in model.parameters()):,} parameters)", file=sys.stderr)
         yield out, train(model, train_set, test_set, config, out=out,
-                         meta={**(meta or {}), "router_scale_init": scale_init}, device=device)
+                         meta={**(meta or {}), "router_scale_init": scale_init}, device=device, val_set=val_set)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from moe_prune import with_experts
 from moe_prune.calibration import (
-    DEFAULT_RULE, RULES, _gram, choose_subsets, greedy_subset, reconstruct_subsets, subset_error,
+    DEFAULT_RULE, RULES, _gram, choose_subsets, greedy_subset, loss_subsets, reconstruct_subsets, subset_error,
 )
 from moe_prune.compress import compress_model
 from moe_prune.errors import SelectionError
@@ -583,3 +583,32 @@ def test_global_budget_spends_the_uniform_expert_flops_where_the_loss_drops_most
         record["distillation_kl"]["whole_model"]["chosen"] == "mass"
     with pytest.raises(SelectionError, match="global"):
         choose_subsets(model, [x], 2, rule="mass", budget="global")
+
+
+def test_rounds_cut_the_loss_rules_passes():
+    """`rounds` sets the prediction rounds per layer: k = 4 of 6 experts in 1 round costs one prediction and one
+    round of candidate runs, against 4 of each expert by expert; rounds >= k is the expert-by-expert search."""
+    import moe_prune.calibration as calibration
+
+    m, batches = mnist(3), images(3)
+    calls = []
+    real = calibration._kl
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    def passes(**search):
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp_:
+            mp_.setattr(calibration, "_kl", counting)
+            subsets, record = loss_subsets(m, batches, 4, **search)
+        return len(calls), subsets, record
+
+    every, a, _ = passes(candidates=8)
+    same, b, _ = passes(candidates=8, rounds=4)
+    once, c, record = passes(candidates=8, rounds=1)
+    assert every == same and all(torch.equal(a[n], b[n]) for n in a)
+    # per chunk (one: 40 inputs): expert by expert 4 predictions + 6 + 5 + 4 + 3 candidate runs; one round 1 + 6
+    assert every - once == (4 + 6 + 5 + 4 + 3) - (1 + 6)
+    assert len(c["moe"]) == 4 and record["search"] == {"inputs": 40, "candidates": 8, "rounds": 1}

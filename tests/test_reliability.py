@@ -725,3 +725,29 @@ def test_the_console_script_prints_one_line(workspace):
     proc = subprocess.run([str(MOE_PRUNE), "eval", "m.safetensors", "--random-seeds", "0"], cwd=workspace,
                           capture_output=True, text=True, env=ONE_THREAD)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--random-seeds 0" in proc.stderr, proc.stderr
+
+
+def test_training_watches_validation_and_reads_the_test_set_once(monkeypatch):
+    """With a validation split every epoch is measured there; the test set is evaluated once, at the end."""
+    import moe_prune.train as train_module
+    from moe_prune.models import MnistConfig, MnistSoftMoE
+    from moe_prune.train import TrainConfig, train
+
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(96, 28, 28, generator=g) * 255).to(torch.uint8).numpy()
+    labels = torch.randint(0, 10, (96,), generator=g).numpy()
+    train_set, val_set, test_set = (images[:64], labels[:64]), (images[64:80], labels[64:80]), (images[80:], labels[80:])
+    seen = []
+    real = train_module.accuracy
+
+    def counting(model, x, y, *args, **kwargs):
+        seen.append(len(x))
+        return real(model, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "accuracy", counting)
+    torch.manual_seed(0)
+    result = train(MnistSoftMoE(MnistConfig(num_experts=4)), train_set, test_set, TrainConfig(epochs=3, batch_size=32),
+                   progress=False, val_set=val_set)
+    assert seen == [16, 16, 16, 16]  # three epochs on the 16 validation images, then the 16 test images once
+    assert all("val_accuracy" in h and "test_accuracy" not in h for h in result["history"])
+    assert 0 <= result["test_accuracy"] <= 1

@@ -2,7 +2,7 @@
 that trains a soft-moe SoftMoEVisionTransformer as `self.model`, with its hyper-parameters, optimizer state and
 loops inside. Then moe-prune reads it directly:
 
-    python examples/lightning_checkpoint.py last.ckpt            # needs pytorch-lightning and ../shared/fixtures
+    python examples/lightning_checkpoint.py last.ckpt            # needs pytorch-lightning (uses tests/fixtures)
     moe-prune info last.ckpt
     moe-prune compress last.ckpt --calib sample --out small.safetensors
     moe-prune export small.safetensors --out small.onnx
@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-FIXTURE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "bwconrad_vit_mnist"
+FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "bwconrad_vit_mnist"
 
 
 def module_with(state: dict) -> nn.Module:

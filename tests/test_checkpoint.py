@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +16,9 @@ from moe_prune.checkpoint import convert_file as _convert_file
 from moe_prune.errors import CheckpointError, ConfigError, OutputError
 from moe_prune.models import MnistConfig, MnistSoftMoE
 
-from conftest import FIXTURES
+from conftest import FIXTURES, SHARED_FIXTURES
 
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"shared fixtures not found at {FIXTURES}")
+FIXTURE_NAMES = ("bwconrad_vit_mnist", "lucidrains_layer")
 
 
 def fixture(name):
@@ -32,7 +33,25 @@ def run(model, x):
         return model(x)
 
 
-@needs_fixtures
+def _files(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_fixtures_ship_in_the_repository():
+    """The parity tests read tests/fixtures, in the repository: a plain clone runs them (nothing skips)."""
+    assert FIXTURES.parent == Path(__file__).resolve().parent
+    for name in FIXTURE_NAMES:
+        assert {"config.json", "input.npy", "output.npy", "model.safetensors"} <= set(_files(FIXTURES / name)), name
+
+
+@pytest.mark.skipif(not SHARED_FIXTURES.is_dir(), reason=f"no shared copy at {SHARED_FIXTURES} to compare with")
+def test_fixtures_match_the_shared_copy():
+    """The in-repository fixtures are byte for byte the ones the libraries wrote into ../shared/fixtures."""
+    assert _files(FIXTURES) == _files(SHARED_FIXTURES)
+    for rel in _files(SHARED_FIXTURES):
+        assert (FIXTURES / rel).read_bytes() == (SHARED_FIXTURES / rel).read_bytes(), f"tests/fixtures/{rel} differs"
+
+
 @pytest.mark.parametrize("name,loader", [("bwconrad_vit_mnist", moe_prune.from_bwconrad),
                                          ("lucidrains_layer", moe_prune.from_lucidrains)])
 def test_fixture_reproduces_library_output(name, loader):
@@ -46,7 +65,6 @@ def test_fixture_reproduces_library_output(name, loader):
     assert (run(model, x) - y).abs().max() <= 1e-4
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", ["bwconrad_vit_mnist", "lucidrains_layer"])
 def test_convert_then_load_reproduces(name, tmp_path):
     path, kwargs, x, y = fixture(name)
@@ -59,7 +77,6 @@ def test_convert_then_load_reproduces(name, tmp_path):
     assert s["moe_layers"][0]["router_experts"] == kwargs["num_experts"]
 
 
-@needs_fixtures
 def test_convert_cli(tmp_path, capsys):
     from moe_prune.cli import main
 
@@ -75,7 +92,6 @@ def test_convert_cli(tmp_path, capsys):
     assert info["parameters"] == 1199756
 
 
-@needs_fixtures
 def test_bwconrad_kwargs_that_contradict_the_tensors():
     path, kwargs, _, _ = fixture("bwconrad_vit_mnist")
     with pytest.raises(CheckpointError, match="do not match"):
@@ -88,7 +104,6 @@ def test_bwconrad_kwargs_that_contradict_the_tensors():
         moe_prune.from_bwconrad(path, **kwargs, mlp_layer=torch.nn.Linear)
 
 
-@needs_fixtures
 def test_lucidrains_kwargs_that_contradict_the_tensors():
     path, kwargs, _, _ = fixture("lucidrains_layer")
     with pytest.raises(CheckpointError):

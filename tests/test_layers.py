@@ -5,10 +5,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_prune.errors import ConfigError
 from moe_prune.experts import CPU_POLICY, set_policy
 from moe_prune.layers import SoftMoE, SoftMoEConfig, routing_ref
+
+from routing_oracle import routing_float64
 
 
 def weights(layer, x, mask=None):
@@ -151,22 +154,142 @@ def test_mask_excludes_padded_tokens():
         torch.testing.assert_close(layer(x2, mask=mask)[1, :4], y[1, :4])
 
 
-def test_routing_ref_matches_layer_routing():
-    layer = make(token_gain=True)
-    x = torch.randn(2, 5, 12)
-    d, c = routing_ref(x, layer.phi, layer.scale, layer.norm_weight, eps=layer.config.eps)
-    d2, c2 = weights(layer, x)
-    torch.testing.assert_close(d, d2)
-    torch.testing.assert_close(c, c2)
+ROUTERS = [  # every router option of SoftMoEConfig: token_norm, token_gain, phi_norm (scale), slots per expert
+    dict(token_norm="l2", token_gain=False, phi_norm=True, S=2),
+    dict(token_norm="l2", token_gain=True, phi_norm=True, S=1),
+    dict(token_norm="l2", token_gain=True, phi_norm=False, S=3),
+    dict(token_norm="layer", token_gain=True, phi_norm=True, S=2),
+    dict(token_norm="layer", token_gain=False, phi_norm=False, S=1),
+    dict(token_norm="none", token_gain=False, phi_norm=True, S=2),
+    dict(token_norm="none", token_gain=True, phi_norm=False, S=1),
+]
 
 
+def router_layer(opts, eps=1e-6):
+    o = dict(opts)
+    layer = make(E=5, S=o.pop("S"), D=12, eps=eps, **o)
+    with torch.no_grad():
+        if layer.scale is not None:
+            layer.scale.fill_(3.0)  # routing far from uniform, so a wrong axis or norm shows
+    return layer
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("M", [1, 33])
+@pytest.mark.parametrize("opts", ROUTERS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_routing_matches_the_independent_oracle(opts, M, masked):
+    """routing_ref and the layer's own routing both equal the float64 oracle written out in routing_oracle.py."""
+    layer = router_layer(opts)
+    x = 2 * torch.randn(3, M, 12) + 0.5  # a non-zero mean: LayerNorm's centring matters
+    mask = None
+    if masked:
+        mask = torch.rand(3, M) > 0.3
+        mask[0, 0] = True
+        mask[1] = False  # an input with every token padded: uniform dispatch, zero combine
+    want_d, want_c = routing_float64(x, layer.phi, layer.scale, layer.norm_weight,
+                                     token_norm=opts["token_norm"], eps=layer.config.eps, mask=mask)
+    d, c = routing_ref(x, layer.phi, layer.scale, layer.norm_weight, token_norm=opts["token_norm"],
+                       eps=layer.config.eps, mask=mask)
+    torch.testing.assert_close(d.double(), want_d, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(c.double(), want_c, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        d, c = weights(layer, x, mask)
+    torch.testing.assert_close(d.double(), want_d, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(c.double(), want_c, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("token_norm", ["l2", "layer"])
+def test_routing_eps_is_the_layers_own(token_norm):
+    """A large eps changes the routing of small tokens: the oracle, given the layer's eps, still agrees."""
+    layer = router_layer(dict(token_norm=token_norm, token_gain=True, phi_norm=True, S=2), eps=0.5)
+    x = 0.05 * torch.randn(2, 9, 12)  # norms and variances below eps
+    want_d, want_c = routing_float64(x, layer.phi, layer.scale, layer.norm_weight, token_norm=token_norm, eps=0.5)
+    with torch.no_grad():
+        d, c = weights(layer, x)
+    torch.testing.assert_close(d.double(), want_d, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(c.double(), want_c, atol=1e-6, rtol=1e-5)
+    other_d, _ = routing_float64(x, layer.phi, layer.scale, layer.norm_weight, token_norm=token_norm, eps=1e-6)
+    assert (other_d - want_d).abs().max() > 1e-3  # eps is not a no-op here: the check above could fail
+
+
+@pytest.mark.parametrize("mode", ["drop", "renorm"])
+def test_kept_weights_match_the_oracle(mode):
+    """drop: the full routing's kept columns; renorm: the routing of a router holding only the kept experts."""
+    layer = router_layer(dict(token_norm="l2", token_gain=True, phi_norm=True, S=2))
+    x = torch.randn(2, 8, 12)
+    kept = torch.tensor([0, 3, 4])
+    cols = (kept.unsqueeze(-1) * 2 + torch.arange(2)).flatten()  # [K*S]
+    args = (layer.scale, layer.norm_weight)
+    if mode == "drop":
+        want_d, want_c = (w[..., cols] for w in routing_float64(x, layer.phi, *args))
+    else:
+        want_d, want_c = routing_float64(x, layer.phi[:, kept], *args)
+    with torch.no_grad():
+        d, c = layer.route(x).kept_weights(cols, mode)
+    torch.testing.assert_close(d.double(), want_d, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(c.double(), want_c, atol=1e-6, rtol=1e-5)
+
+
+class _Ops(TorchDispatchMode):
+    """Records every aten op a call dispatches: a Python loop over experts shows up as ops repeated per expert."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(layer, x, **kw) -> list[str]:
+    with torch.no_grad(), _Ops() as ops:
+        layer(x, **kw)
+    return ops.ops
+
+
+# The regimes that run the experts stacked (no Python loop over experts): (policy changes, forward keywords for a
+# layer of E experts). Full layer: rows per expert (B*S = 4) below CPU_POLICY.loop_rows, or loop_rows=None at any
+# row count (CUDA_POLICY); a shared subset of small experts (gathered); per-input subsets of small experts
+# (gathered per row) or of experts padded over the stack (loop_overhead=None, as on CUDA).
+def _shared(E):
+    return dict(experts=torch.arange(0, E, 2))  # [K]: K = 2 of 3 experts, 5 of 9
+
+
+def _per_input(E):
+    K = (E + 1) // 2
+    return dict(experts=torch.stack([torch.arange(K), torch.arange(E - K, E)]))  # [B=2, K]
+
+
+STACKED = {
+    "full, few rows": (dict(), lambda E: {}),
+    "full, never loop": (dict(loop_rows=None), lambda E: dict(rows=70)),  # 70*S = 140 rows per expert
+    "shared subset": (dict(), _shared),
+    "per input, gathered": (dict(), _per_input),
+    "per input, padded": (dict(row_gather_limit=0, loop_overhead=None), _per_input),
+}
+
+
+@pytest.mark.parametrize("regime", STACKED)
 @pytest.mark.parametrize("kind", KINDS)
-def test_experts_are_stacked_not_looped(kind):
-    layer = make(expert=kind)
-    h1 = 2 * 10 if kind == "geglu" else 10
-    assert layer.experts.w1.shape == (6, 12, h1)
-    assert layer.experts.w2.shape == (6, 10, 12)
-    assert (layer.experts.b1 is None) == (kind == "relu_mlp")
+def test_experts_are_stacked_not_looped(kind, regime):
+    """Where the policy says batched, the ops a call dispatches are the same for 3 and for 9 experts (kept experts
+    growing with them): a Python loop over experts would dispatch its matmuls once per expert."""
+    changes, call = STACKED[regime]
+    runs = {}
+    for E in (3, 9):
+        layer = set_policy(make(E=E, expert=kind), CPU_POLICY, **changes)
+        h1 = 2 * 10 if kind == "geglu" else 10
+        assert layer.experts.w1.shape == (E, 12, h1) and layer.experts.w2.shape == (E, 10, 12)
+        assert (layer.experts.b1 is None) == (kind == "relu_mlp")
+        kw = call(E)
+        x = torch.randn(kw.pop("rows", 2), 7, 12)  # B=2 by default: 2*S = 4 rows per expert, below loop_rows
+        runs[E] = dispatched_ops(layer, x, **kw)
+    assert runs[3] == runs[9], f"{regime}: {len(runs[3])} ops for 3 experts, {len(runs[9])} for 9"
+    # The probe sees a loop where there is one: the policy's many-rows regime runs one matmul pair per expert.
+    x = torch.randn(2, 7, 12)
+    looped = {E: dispatched_ops(set_policy(make(E=E, expert=kind), CPU_POLICY, loop_rows=1), x) for E in (3, 9)}
+    assert len(looped[9]) > len(looped[3])
 
 
 @pytest.mark.parametrize(

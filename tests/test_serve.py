@@ -1,5 +1,6 @@
 """Serving (Triton model repository, ONNX Runtime predictor) and calibration sharded over processes."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -16,13 +17,32 @@ from moe_prune.models import MnistConfig, MnistSoftMoE
 from moe_prune.selection import calibrate, with_selection
 from moe_prune.serve import Predictor, model_config, parse_model_config, write_triton_repo
 
-pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] (the [serve] extra) is needed to parse configs")
+# Each capability gates only the tests that use it: parsing a Triton config needs tritonclient (the [serve] extra);
+# the torchrun calibration tests need torch.distributed with gloo and the console script, not tritonclient.
+
+
+def importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+HAS_TRITONCLIENT = importable("tritonclient.grpc")
+needs_tritonclient = pytest.mark.skipif(not HAS_TRITONCLIENT,
+                                        reason="tritonclient[grpc] (the [serve] extra) is needed to parse configs")
+HAS_GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
+needs_gloo = pytest.mark.skipif(not HAS_GLOO, reason="torchrun on the CPU needs torch.distributed with gloo")
+MOE_PRUNE = Path(sys.executable).with_name("moe-prune")
+needs_cli = pytest.mark.skipif(not MOE_PRUNE.is_file(), reason=f"the moe-prune console script is not at {MOE_PRUNE}")
 
 
 def tiny():
     return MnistSoftMoE(MnistConfig(num_experts=16)).eval()
 
 
+@needs_tritonclient
 @pytest.mark.parametrize("variant", ["compressed", "alg2"])
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])
 def test_triton_repo_config_parses_and_names_the_tensors(tmp_path, variant, kind):
@@ -41,6 +61,7 @@ def test_triton_repo_config_parses_and_names_the_tensors(tmp_path, variant, kind
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["fmnist_small"]  # no staging left
 
 
+@needs_tritonclient  # write_triton_repo parses the config it writes
 def test_triton_repo_replaces_a_model_whole(tmp_path):
     write_triton_repo(tiny(), tmp_path, "m")
     first = (tmp_path / "m" / "1" / "model.onnx").read_bytes()
@@ -49,6 +70,7 @@ def test_triton_repo_replaces_a_model_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+@needs_tritonclient
 def test_config_parser_rejects_garbage():
     with pytest.raises(moe_prune.ExportError):
         parse_model_config("name: 'x' max_batch_size: lots")
@@ -93,9 +115,7 @@ def _one_and_two_processes(tmp_path, seed: int, options: list) -> tuple[dict, di
     src = moe_prune.save(tiny(), tmp_path / "m.safetensors")
     calib = tmp_path / "calib.npy"
     np.save(calib, (np.random.default_rng(seed).random((100, 28, 28)) * 255).astype(np.uint8))
-    exe = str(Path(sys.executable).with_name("moe-prune"))
-    if not Path(exe).exists():
-        pytest.skip("the moe-prune console script is not installed")
+    exe = str(MOE_PRUNE)
     args = ["compress", str(src), "--keep", "1/4", "--calib", str(calib), "--batch-size", "16", *options]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([exe, *args, "--out", str(tmp_path / "one.safetensors")], capture_output=True, text=True, env=env)
@@ -108,6 +128,8 @@ def _one_and_two_processes(tmp_path, seed: int, options: list) -> tuple[dict, di
 
 
 @pytest.mark.slow
+@needs_gloo
+@needs_cli
 def test_two_process_calibration_equals_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo): the compressed checkpoint equals the single-process one."""
     # --rule mass sums in fixed point (bit-exact over any sharding); the other rules all-reduce float64 sums
@@ -118,6 +140,8 @@ def test_two_process_calibration_equals_one_process(tmp_path):
 
 
 @pytest.mark.slow
+@needs_gloo
+@needs_cli
 @pytest.mark.parametrize("rule, extra", [("reconstruct", []), ("output", []),
                                          ("loss", ["--heal", "--heal-steps", "20", "--heal-held-out", "0"])])
 def test_two_process_rules_and_healing_equal_one_process(tmp_path, rule, extra):

@@ -25,6 +25,7 @@ _EXPORTS = {
     **dict.fromkeys(["compress_and_heal", "compress_file", "compress_layer", "compress_model", "static_subsets"],
                     "compress"),
     **dict.fromkeys(["HealConfig", "heal"], "healing"),
+    **dict.fromkeys(["QuantConfig", "quantize_", "quantize_file"], "quantize"),
     **dict.fromkeys(["export_onnx"], "export"),
     **dict.fromkeys(["SoftMoE", "SoftMoEConfig"], "layers"),
     **dict.fromkeys(["MnistConfig", "MnistSoftMoE", "SoftMoEViT", "ViTConfig", "build", "model_spec", "moe_layers"],

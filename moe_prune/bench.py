@@ -124,7 +124,15 @@ def check_compressed_from(full, small, full_path, small_path) -> None:
         if healed:
             continue  # its experts were trained on purpose; the provenance is checked from its metadata above
         with torch.no_grad():
-            if not torch.equal(f.experts.w1[rows], s.experts.w1):
+            w1 = f.experts.w1[rows]
+            if s.config.quant == "int8":  # the full model's rows, quantized as `--quantize int8` does it
+                from .quantize import quantize_weights
+
+                q, scale = quantize_weights(w1.to(s.experts.w1_scale.dtype))
+                same = torch.equal(q, s.experts.w1) and torch.equal(scale, s.experts.w1_scale)
+            else:
+                same = torch.equal(w1, s.experts.w1)
+            if not same:
                 refuse(f"{where}: the kept experts' weights differ from the full model's experts {origin}")
 
 

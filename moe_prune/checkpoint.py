@@ -351,7 +351,15 @@ def load(path, *, device: str | torch.device = "cpu", dtype=None, model: nn.Modu
     _check_layout(built, opened.header, opened.path)
     assign_weights(built, opened.tensors(), opened.path, device, dtype)
     built.checkpoint_meta = opened.meta
-    return built.eval()
+    return _inference_only(built).eval()
+
+
+def _inference_only(model: nn.Module) -> nn.Module:
+    """A model with int8 experts (moe_prune.quantize) is inference-only: its parameters are frozen, so that only a
+    call that means to train asks for gradients through the experts (and is refused there)."""
+    from .quantize import quantized_layers
+
+    return model.requires_grad_(False) if quantized_layers(model) else model
 
 
 def _load_into(opened: Opened, model: nn.Module, device, dtype) -> nn.Module:
@@ -367,7 +375,7 @@ def _load_into(opened: Opened, model: nn.Module, device, dtype) -> nn.Module:
     _check_layout(model, {k: ("", list(v.shape)) for k, v in state.items()}, opened.path)
     assign_weights(model, state, opened.path, device, dtype)
     model.checkpoint_meta = opened.meta
-    return model.eval()
+    return _inference_only(model).eval()
 
 
 def _check_layout(model: nn.Module, header: dict[str, tuple[str, list[int]]], where, allow_extra: bool = False) -> None:
@@ -394,14 +402,24 @@ def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], where, devi
         dtype: the floating dtype of every weight; None: `checkpoint_dtype(state)` (the file's own).
 
     Raises:
-        CheckpointError: non-float weights or NaN/Inf values, naming `where` (the file or the model).
+        CheckpointError: non-float weights (int8 ones where the layer is quantized), NaN/Inf values, int8 weights
+            outside [-127, 127] or negative scales, naming `where` (the file or the model).
     """
     expected = model.state_dict()
     for name, t in state.items():
         if name in expected and expected[name].is_floating_point() and not t.is_floating_point():
             raise CheckpointError(f"{where}: tensor {name} is {t.dtype}; the model needs floating-point weights")
+        if name in expected and expected[name].dtype == torch.int8 and t.dtype != torch.int8:
+            raise CheckpointError(f"{where}: tensor {name} is {t.dtype}; its Soft MoE layer is quantized (quant "
+                                  "int8 in the config) and needs int8 expert weights; the checkpoint is damaged")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{where}: tensor {name} holds NaN or Inf values; the checkpoint is damaged")
+        # int8 expert weights are symmetric (moe_prune.quantize): -128 and negative scales are never written.
+        if t.dtype == torch.int8 and t.numel() and int(t.min()) < -127:
+            raise CheckpointError(f"{where}: tensor {name} holds -128; int8 expert weights lie in [-127, 127]; "
+                                  "the checkpoint is damaged")
+        if name.endswith(("experts.w1_scale", "experts.w2_scale")) and t.is_floating_point() and bool((t < 0).any()):
+            raise CheckpointError(f"{where}: tensor {name} holds negative scales; the checkpoint is damaged")
     # One float dtype for the whole model (its matmuls need one): the file's, unless told.
     dtype = dtype or checkpoint_dtype(state)
     state = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}
@@ -587,9 +605,9 @@ def summary(path) -> dict:
 
     Returns:
         A JSON-able dict: path, bytes (the file's), weight_bytes (its tensors'), native, family, config, dtype,
-        parameters, expert_parameters, moe_layers (per
+        parameters, expert_parameters, expert_bytes (the experts' tensors', scales included), moe_layers (per
         layer: name, experts in the router, experts held, slots, hidden, kind, original ids of the held experts,
-        parameters), meta, and for another library's file `found` (format, library, prefix, each argument's
+        parameters, expert_parameters, expert_bytes, quant), meta, and for another library's file `found` (format, library, prefix, each argument's
         source: see `open_checkpoint`).
 
     Example:
@@ -616,12 +634,15 @@ def summary(path) -> dict:
             "kept_original_ids": origin,
             "parameters": sum(n for k, n in count.items() if k.startswith(prefix)),
             "expert_parameters": sum(n for k, n in count.items() if k.startswith(prefix + "experts.")),
+            "expert_bytes": sum(n * _itemsize(header[k][0]) for k, n in count.items() if k.startswith(prefix + "experts.")),
+            "quant": cfg.get("quant"),
         })
     out = {
         "path": str(path), "bytes": _size(opened.path), "weight_bytes": weight_bytes, "native": opened.native,
         "family": spec["family"], "config": spec.get("config", {}),
         "dtype": ", ".join(d for d, _ in dtypes.most_common()),
         "parameters": sum(count.values()), "expert_parameters": sum(layer["expert_parameters"] for layer in layers),
+        "expert_bytes": sum(layer["expert_bytes"] for layer in layers),
         "moe_layers": layers, "meta": meta,
     }
     if spec["family"] == "module":
@@ -657,7 +678,8 @@ def _itemsize(dt: str) -> int:
 
 
 def _dtype_name(dt: str) -> str:
-    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}.get(dt, dt.lower())
+    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64", "I32": "int32",
+            "I16": "int16", "I8": "int8", "U8": "uint8"}.get(dt, dt.lower())
 
 
 def convert_file(source, out: str | os.PathLike, fmt: str = "auto", kwargs: dict | None = None,

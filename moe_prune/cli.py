@@ -182,10 +182,12 @@ def cmd_bench(args) -> None:
 def cmd_compress(args) -> None:
     from .compress import compress_from_data
     from .files import resolve_out
-    from .reports import human_bytes, human_count
 
     src = Path(args.checkpoint)
-    out = resolve_out(args.out, ".safetensors", f"{src.name.split('.')[0]}.keep{args.keep.replace('/', 'of')}.{args.mode}.safetensors")
+    if args.calib is None:  # --quantize alone: the checkpoint's experts as they are (a compressed one, typically)
+        return _quantize_only(args, src)
+    int8 = ".int8" if args.quantize else ""
+    out = resolve_out(args.out, ".safetensors", f"{src.name.split('.')[0]}.keep{args.keep.replace('/', 'of')}.{args.mode}{int8}.safetensors")
     heal = None
     if args.heal:
         from .healing import HealConfig
@@ -196,7 +198,7 @@ def cmd_compress(args) -> None:
     r = compress_from_data(_source(args, src), out, args.keep, args.calib, calib_limit=args.calib_limit, batch_size=args.batch_size,
                            mode=args.mode, rule=args.rule, heal=heal, create_folder=_folder_form(out, args.out),
                            meta={"command": _command(args)}, options=_data_options(args), device=args.device,
-                           dtype=args.dtype, budget=args.budget)
+                           dtype=args.dtype, budget=args.budget, quantize=args.quantize)
     if r is None:  # a torchrun rank other than 0: rank 0 reports
         return
     before, after = r["before"], r["after"]
@@ -219,12 +221,42 @@ def cmd_compress(args) -> None:
         else:
             line += "; no held-out accuracy (--calib has no test split or val/ folder)"
         print(line)
+    _print_sizes(before, after)
+    print(f"wrote {r['path']}")
+
+
+def _print_sizes(before: dict, after: dict) -> None:
+    from .reports import human_bytes, human_count
+
     for key, label in (("parameters", "parameters"), ("expert_parameters", "expert parameters")):
+        if before[key] <= after[key]:  # quantizing alone adds the scales and removes nothing: bytes say it
+            continue
         print(f"  {label:<18} {human_count(before[key]):>9} -> {human_count(after[key]):>9}  ({before[key] / after[key]:.2f}x smaller)")
+    if any(layer.get("quant") for layer in after["moe_layers"]):  # int8 experts: their bytes, scales included
+        print(f"  {'expert weights':<18} {human_bytes(before['expert_bytes']):>9} -> {human_bytes(after['expert_bytes']):>9}  "
+              f"({before['expert_bytes'] / after['expert_bytes']:.2f}x smaller, int8 with per-channel scales)")
     print(f"  {'weights':<18} {human_bytes(before['weight_bytes']):>9} -> {human_bytes(after['weight_bytes']):>9}  "
           f"({before['weight_bytes'] / after['weight_bytes']:.2f}x smaller, {after['dtype']})")
     if before["native"]:  # another library's file also holds what is not weights (optimizer state, ...)
         print(f"  {'file size':<18} {human_bytes(before['bytes']):>9} -> {human_bytes(after['bytes']):>9}  ({before['bytes'] / after['bytes']:.2f}x smaller)")
+
+
+def _quantize_only(args, src: Path) -> None:
+    """`compress CKPT --quantize int8` without --calib: quantize the experts the checkpoint holds, nothing chosen."""
+    from .files import resolve_out
+    from .quantize import quantize_file
+
+    given = [flag for flag in ("--keep", "--heal", "--rule", "--budget", "--mode", "--calib-limit")
+             if any(a == flag or a.startswith(flag + "=") for a in args.argv)]
+    if not args.quantize or given:
+        why = f"{', '.join(given)} choose{'s' if len(given) == 1 else ''} experts on it" if given else "it is the data the experts are chosen on"
+        raise ConfigError(f"compress: --calib is required ({why}); without it only --quantize int8 runs, on the "
+                          "experts the checkpoint holds (e.g. a compressed one); see `moe-prune compress --help`")
+    out = resolve_out(args.out, ".safetensors", f"{src.name.split('.')[0]}.int8.safetensors")
+    r = quantize_file(_source(args, src), out, args.quantize, meta={"command": _command(args)},
+                      create_folder=_folder_form(out, args.out))
+    print(f"  quantized the experts of {src} as they are ({args.quantize}, nothing recalibrated)")
+    _print_sizes(r["before"], r["after"])
     print(f"wrote {r['path']}")
 
 
@@ -296,7 +328,7 @@ class _Help(argparse.HelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if "%(default)" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if "%(default)" in text or any(default is v for v in (None, False, argparse.SUPPRESS)) or not action.option_strings:
             return text
         shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
         return f"{text} (default: {shown})".replace("%", "%%")
@@ -397,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "float rounding) and rank 0 writes.")
     s.add_argument("checkpoint", help="the checkpoint (moe-prune's .safetensors, or a soft-moe / soft-moe-pytorch checkpoint: .safetensors, sharded index, .pt/.pth/.bin, Lightning .ckpt)")
     s.add_argument("--keep", default="1/8", help="fraction ('1/8', 0.125) or count (16) of experts to keep")
-    s.add_argument("--calib", required=True, help="calibration data (labels unused): a folder of images (PNG, JPEG, "
+    s.add_argument("--calib", help="calibration data (labels unused; required, except with --quantize alone, which "
+                   "quantizes the experts the checkpoint holds): a folder of images (PNG, JPEG, "
                    "WebP, BMP, GIF; in class sub-folders or not, recursive; its train/ if it has train/ and val/), a "
                    ".txt listing image paths, a .npy/.npz (uint8 images NHW, NHWC or NCHW; or float model inputs as "
                    "they are, e.g. tokens [N, M, D] for a bare Soft MoE layer), 'fashion-mnist' or 'mnist' (train "
@@ -436,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
         suffix="safetensors", name="NAME.keepKofN.MODE.safetensors"))
     s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="the output's weights (default: the checkpoint's "
                    "own; calibration and healing compute in fp32 either way)")
+    s.add_argument("--quantize", choices=["int8"], help="store the kept experts' weights as int8 with one scale per "
+                   "output channel (a quarter of their bytes; router, norms and head keep --dtype), after calibration "
+                   "and healing, which run in float. Without --calib: quantize the experts the checkpoint holds "
+                   "(e.g. a compressed checkpoint), nothing chosen. `export` keeps them int8 (integer matmuls for large experts)")
     s.set_defaults(func=cmd_compress)
 
     s = command("bench", checkpoint=True, device=True, help="latency of the full, compressed, Algorithm 2 and Algorithm 1 models side by side, against the bounds",

@@ -75,7 +75,10 @@ def compress_layer(layer: SoftMoE, kept, mode: str = "drop", name: str = "") -> 
         >>> small = compress_layer(model.moe, [2, 5])
     """
     from .checkpoint import model_dtype
+    from .quantize import refuse_quantized
 
+    # Refused rather than sliced: the subsets are chosen on the float model's outputs, and quantizing is last.
+    refuse_quantized([name] if layer.config.quant is not None else [], "compress_model", "compressing")
     plan = _plan(layer.config, kept, mode, name)
     new = {}
     for key, t in layer.state_dict().items():
@@ -134,7 +137,7 @@ def _owner(key: str, names) -> str | None:
 
 
 def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike, mode: str = "drop",
-                  meta: dict | None = None, dtype=None) -> Path:
+                  meta: dict | None = None, dtype=None, quantize=None) -> Path:
     """Write a compressed checkpoint from a native one, reading only the kept experts' tensors.
 
     A checkpoint of another library (see `checkpoint.open_checkpoint`) is converted in memory first. The output
@@ -147,21 +150,26 @@ def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike,
         mode: "drop" or "renorm".
         meta: extra metadata (merged over the source's, which is kept under "source_meta").
         dtype: the output's float dtype (None: the source's; "fp16", "bf16", "fp32" or a torch dtype).
+        quantize: None, or "int8" (a quantize.QuantConfig): the kept experts' weights are quantized last.
 
     Returns:
         The output path.
 
     Raises:
-        CheckpointError, SelectionError, OutputError.
+        CheckpointError, SelectionError (also: a source whose experts are already int8), OutputError.
 
     Example:
         >>> compress_file("model.safetensors", {"moe": [3, 9]}, "small.safetensors")
     """
+    from .quantize import refuse_quantized, spec_quantized
+
     opened = open_checkpoint(src)
+    refuse_quantized(spec_quantized(opened.spec), opened.path, "compressing")
     if not opened.native:
         model = load(src)
-        small = compress_model(model, subsets, mode)
-        record = {**(meta or {}), "source_meta": opened.meta, "mode": mode, "kept_experts": kept_record(small)}
+        small = _quantize_last(compress_model(model, subsets, mode), quantize, dtype or file_dtype(opened))
+        record = {**(meta or {}), "source_meta": opened.meta, "mode": mode, "kept_experts": kept_record(small),
+                  **_quant_record(quantize)}
         return save(small, out, meta=record, inputs=(opened.path,), dtype=dtype or file_dtype(opened))
     spec, src_meta, header = opened.spec, opened.meta, opened.header
     src = opened.path
@@ -195,9 +203,31 @@ def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike,
     except Exception as e:
         raise CheckpointError(f"{src}: could not read tensors ({e}); is the file truncated or corrupted?") from None
     assign_weights(target, state, src, "cpu")  # in the source's dtype (float32 if it mixes dtypes), as `load` does
+    target = _quantize_last(target, quantize, dtype)
     record = {**(meta or {}), "source_meta": src_meta, "mode": mode,
-              "kept_experts": kept_record(target)}
+              "kept_experts": kept_record(target), **_quant_record(quantize)}
     return save(target, out, meta=record, inputs=(src,), dtype=dtype)
+
+
+def _quantize_last(model: nn.Module, quantize, dtype=None) -> nn.Module:
+    """The compressed model with its experts quantized (quantize: None, "int8" or a QuantConfig), in the output's
+    float dtype first, so that each scale is rounded to that dtype before the int8 weights are computed from it."""
+    from .checkpoint import _dtype
+    from .quantize import as_quant_config, quantize_
+
+    config = as_quant_config(quantize)
+    if config is None:
+        return model
+    dtype = _dtype(dtype)
+    return quantize_(model.to(dtype) if dtype is not None else model, config)
+
+
+def _quant_record(quantize) -> dict:
+    """{"quantize": what was done} for the metadata of a quantized output; {} for a float one."""
+    from .quantize import as_quant_config
+
+    config = as_quant_config(quantize)
+    return {} if config is None else {"quantize": config.record()}
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
@@ -270,8 +300,9 @@ def compress_and_heal(model: nn.Module, subsets: dict, calib_batches, mode: str 
 def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progress: bool = True,
                         meta: dict | None = None, rule: str = DEFAULT_RULE, heal=None,
                         check: tuple | None = None, device=None, dtype=None,
-                        budget: str = "per-layer") -> tuple[Path, dict]:
-    """Calibrate on data by `rule`, then write the compressed checkpoint, healed if `heal` (a HealConfig) is given.
+                        budget: str = "per-layer", quantize=None) -> tuple[Path, dict]:
+    """Calibrate on data by `rule`, then write the compressed checkpoint, healed if `heal` (a HealConfig) is given,
+    its kept experts quantized last if `quantize` ("int8" or a quantize.QuantConfig) is given.
 
     The full model is loaded for calibration (a Soft MoE layer's input depends on the earlier layers). Without
     healing it is then released and the output assembled from slices of the source file; with healing it is
@@ -293,7 +324,11 @@ def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progr
     # keeps the checkpoint's own dtype.
     from .devices import resolve_device
 
+    from .quantize import as_quant_config, refuse_quantized, spec_quantized
+
     opened = open_checkpoint(src)
+    refuse_quantized(spec_quantized(opened.spec), opened.path, "calibrating and compressing")
+    as_quant_config(quantize)  # a bad kind is an error before the calibration runs
     model = load(src, dtype=torch.float32, device=resolve_device(device))
     keep_per_layer(model, keep)  # a bad `keep` is an error before the calibration runs
     subsets, calibration = choose_subsets(model, calib_batches, keep, rule=rule, mode=mode, progress=progress,
@@ -304,16 +339,20 @@ def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progr
     record = {**(meta or {}), "keep": str(keep), **calibration}  # the rule and its scores or output errors
     if heal is None and opened.native:  # assembled from slices of the file: the dropped experts are never read again
         del model
-        return compress_file(src, subsets, out, mode=mode, meta=record, dtype=dtype), subsets
+        return compress_file(src, subsets, out, mode=mode, meta=record, dtype=dtype, quantize=quantize), subsets
     if heal is None:  # another library's file was converted in memory: compress what is loaded
         small = compress_model(model, subsets, mode)
-        record = {**record, "source_meta": opened.meta, "mode": mode, "kept_experts": kept_record(small)}
+        small = _quantize_last(small, quantize, dtype or file_dtype(opened))
+        record = {**record, "source_meta": opened.meta, "mode": mode, "kept_experts": kept_record(small),
+                  **_quant_record(quantize)}
         return save(small, out, meta=record, inputs=(opened.path,), dtype=dtype or file_dtype(opened)), subsets
     small, healed = compress_and_heal(model, subsets, calib_batches, mode=mode, config=heal, check=check,
                                       progress=progress)  # every rank: data-parallel under torchrun
     if not writer:
         return None, subsets
-    record = {**record, "heal": healed, "source_meta": opened.meta, "mode": mode, "kept_experts": kept_record(small)}
+    small = _quantize_last(small, quantize, dtype or file_dtype(opened))  # healed in float, quantized last
+    record = {**record, "heal": healed, "source_meta": opened.meta, "mode": mode, "kept_experts": kept_record(small),
+              **_quant_record(quantize)}
     return save(small, out, meta=record, inputs=(opened.path,), dtype=dtype or file_dtype(opened)), subsets
 
 
@@ -321,7 +360,7 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
                        calib_limit: int | None = 10000, batch_size: int = 256, mode: str = "drop",
                        rule: str = DEFAULT_RULE, heal=None, create_folder: bool = False,
                        meta: dict | None = None, options=None, device=None, dtype=None,
-                       budget: str = "per-layer") -> dict | None:
+                       budget: str = "per-layer", quantize=None) -> dict | None:
     """Check everything, calibrate on `calib`, write the compressed checkpoint (the `moe-prune compress` command).
 
     `keep` and the calibration inputs are checked against the checkpoint's header before the model is loaded;
@@ -342,6 +381,8 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
         device: where calibration and healing compute ("auto": a GPU when torch sees one; see devices.py).
         dtype: the output's float dtype ("fp16", "bf16", "fp32"; None: the checkpoint's own).
         budget: "per-layer" or "global" (the loss rule's one budget across layers; see calibration.choose_subsets).
+        quantize: None, or "int8" (a quantize.QuantConfig): the kept experts' weights are written as int8 with
+            per-output-channel scales, after calibration and healing (which run in float).
 
     Returns:
         {"path", "subsets" {layer name: ids}, "before" and "after" (checkpoint.summary of both), "heal" (the
@@ -372,6 +413,10 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
     device = resolve_device(device)  # a device this machine lacks fails before any work
     src, out = as_file(checkpoint), Path(out)
     model = skeleton(src)  # what the checkpoint takes, read from its header: the checks below come first
+    from .quantize import as_quant_config, quantized_layers, refuse_quantized
+
+    refuse_quantized(quantized_layers(model), src, "calibrating and compressing")
+    as_quant_config(quantize)
     keep_per_layer(model, keep)
     if out.parent.exists():
         check_output(out, inputs=(src,))
@@ -390,7 +435,7 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
             device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU under torchrun
         path, subsets = compress_checkpoint(src, out, keep, batches, mode=mode, progress=rank == 0, meta=record,
                                             rule=rule, heal=heal, check=check, device=device, dtype=dtype,
-                                            budget=budget)
+                                            budget=budget, quantize=quantize)
     report_skipped(batches.examples)
     if rank != 0:
         return None

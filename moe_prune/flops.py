@@ -9,6 +9,9 @@ Soft MoE layer with M tokens, width D, E experts of S slots, K kept:
     dispatch 2*M*(K*S)*D,  combine 2*M*(K*S)*D_out,  experts (K*S) * expert FLOPs per slot
 Elementwise work (norms, softmax, GELU) is left out: it is small beside the matmuls and the same in both models.
 
+Weight bytes count every stored value at the model's float width (4 bytes), except int8 experts' weights
+(moe_prune.quantize): 1 byte each, plus their float scales, one per output channel of w1 and w2 (`Cost.int8`).
+
 Per-input subsets (Algorithm 1) compute K experts per input, as a shared subset does, but a batch reads the weights
 of every expert some input kept: U(B) of them (`union`; about E * (1 - (1 - K/E)^B) if choices were uniform, 126 of
 128 at B = 32, K = 16), so their weight bytes grow with the batch while their FLOPs per input do not. Neither ratio
@@ -31,10 +34,12 @@ KINDS = ("embed", "attention", "dense_mlp", "router", "dispatch", "combine", "ex
 
 @dataclass
 class Cost:
-    """FLOPs and weight parameters per input, by layer kind."""
+    """FLOPs and weight parameters per input, by layer kind; `int8`: how many of those parameters are stored as
+    int8 (1 byte each), by kind."""
 
     flops: dict = field(default_factory=lambda: defaultdict(float))
     params: dict = field(default_factory=lambda: defaultdict(float))
+    int8: dict = field(default_factory=lambda: defaultdict(float))
 
     @property
     def total_flops(self) -> float:
@@ -44,9 +49,16 @@ class Cost:
     def total_params(self) -> float:
         return sum(self.params.values())
 
+    def weight_bytes(self, bytes_per_param: int = 4) -> dict:
+        """Bytes of the weights by kind: int8 parameters 1 byte, the others `bytes_per_param`."""
+        return {k: v * bytes_per_param - self.int8.get(k, 0.0) * (bytes_per_param - 1) for k, v in self.params.items()}
+
+    def total_weight_bytes(self, bytes_per_param: int = 4) -> float:
+        return sum(self.weight_bytes(bytes_per_param).values())
+
     def as_dict(self, bytes_per_param: int = 4) -> dict:
-        return {"flops": dict(self.flops), "weight_bytes": {k: v * bytes_per_param for k, v in self.params.items()},
-                "total_flops": self.total_flops, "total_weight_bytes": self.total_params * bytes_per_param}
+        return {"flops": dict(self.flops), "weight_bytes": self.weight_bytes(bytes_per_param),
+                "total_flops": self.total_flops, "total_weight_bytes": self.total_weight_bytes(bytes_per_param)}
 
 
 def expert_flops_per_slot(layer: SoftMoE) -> float:
@@ -56,10 +68,19 @@ def expert_flops_per_slot(layer: SoftMoE) -> float:
 
 
 def expert_params(layer: SoftMoE) -> float:
+    """Stored values of one expert: its weights and biases, and for int8 experts their scales too."""
     c = layer.config
     h1 = 2 * c.hidden if c.expert == "geglu" else c.hidden
     bias = h1 + c.out_features if c.has_bias else 0
-    return c.dim * h1 + c.hidden * c.out_features + bias
+    scales = h1 + c.out_features if c.quant is not None else 0
+    return c.dim * h1 + c.hidden * c.out_features + bias + scales
+
+
+def expert_int8_params(layer: SoftMoE) -> float:
+    """How many of one expert's values are int8 (its w1 and w2 when the layer is quantized; else 0)."""
+    c = layer.config
+    h1 = 2 * c.hidden if c.expert == "geglu" else c.hidden
+    return c.dim * h1 + c.hidden * c.out_features if c.quant is not None else 0
 
 
 def moe_cost(layer: SoftMoE, tokens: int, kept: int | None = None, mode: str = "drop", dynamic: bool = False,
@@ -82,6 +103,7 @@ def moe_cost(layer: SoftMoE, tokens: int, kept: int | None = None, mode: str = "
     cost.flops["experts"] += K * S * expert_flops_per_slot(layer)
     cost.params["router"] += D * router_cols + (1 if c.phi_norm else 0) + (D if c.token_gain else 0)
     cost.params["experts"] += (K if union is None else union) * expert_params(layer)
+    cost.int8["experts"] += (K if union is None else union) * expert_int8_params(layer)
     return cost
 
 
@@ -147,7 +169,7 @@ def bounds(full: Cost, reduced: Cost) -> dict:
     kinds = sorted(set(full.flops) | set(full.params), key=lambda k: KINDS.index(k) if k in KINDS else 99)
     return {
         "flop_ratio": ratio(full.total_flops, reduced.total_flops),
-        "bytes_ratio": ratio(full.total_params, reduced.total_params),
+        "bytes_ratio": ratio(full.total_weight_bytes(), reduced.total_weight_bytes()),
         "by_kind": {k: {"flops": (full.flops.get(k, 0.0), reduced.flops.get(k, 0.0)),
                         "weight_params": (full.params.get(k, 0.0), reduced.params.get(k, 0.0))} for k in kinds},
     }
@@ -156,7 +178,7 @@ def bounds(full: Cost, reduced: Cost) -> dict:
 def roofline_seconds(cost: Cost, batch: int, flops_per_s: float, bytes_per_s: float, bytes_per_param: int = 4) -> float:
     """The least time a pass over `batch` inputs can take: its FLOPs at peak, or its weights read once, whichever
     is longer (activations are left out, as everywhere here)."""
-    return max(batch * cost.total_flops / flops_per_s, cost.total_params * bytes_per_param / bytes_per_s)
+    return max(batch * cost.total_flops / flops_per_s, cost.total_weight_bytes(bytes_per_param) / bytes_per_s)
 
 
 def roofline_ratio(full: Cost, reduced: Cost, batch: int, flops_per_s: float, bytes_per_s: float) -> float:

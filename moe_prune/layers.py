@@ -33,6 +33,8 @@ __all__ = ["SoftMoEConfig", "SoftMoE", "Routing", "StackedExperts", "expert_acti
            "normalize_tokens", "router_weight", "EXPERT_KINDS", "MODES"]
 
 TokenNorm = Literal["l2", "layer", "none"]
+# How a layer's expert weights are stored: float (None) or int8 with per-output-channel scales.
+EXPERT_QUANTS = (None, "int8")
 Mode = Literal["drop", "renorm"]
 MODES = ("drop", "renorm")
 
@@ -60,6 +62,9 @@ class SoftMoEConfig:
         present: the router experts whose weights this layer holds, ascending (a compressed `drop`-mode
             checkpoint keeps all of Phi but only these experts); None means all E.
         origin: the experts' ids in the model this layer was compressed from, for reports; None means own ids.
+        quant: "int8": the experts' w1 and w2 are stored as int8 with one scale per output channel (tensors
+            `experts.w1_scale` [E, H1], `experts.w2_scale` [E, D_out]; see moe_prune.quantize); None: float
+            weights. The router, norms and every other tensor keep their float dtype either way.
 
     Example:
         >>> cfg = SoftMoEConfig(dim=64, num_experts=8, slots_per_expert=1, hidden=128)
@@ -82,6 +87,7 @@ class SoftMoEConfig:
     out_dim: int | None = None
     present: tuple[int, ...] | None = None
     origin: tuple[int, ...] | None = field(default=None, compare=False)
+    quant: str | None = None
 
     def __post_init__(self):
         for name in ("dim", "num_experts", "slots_per_expert", "hidden"):
@@ -108,6 +114,8 @@ class SoftMoEConfig:
                     f"Soft MoE config: present must be distinct ascending expert ids in [0, {self.num_experts}), "
                     f"got {list(p)}"
                 )
+        if self.quant not in EXPERT_QUANTS:
+            raise ConfigError(f"Soft MoE config: quant must be null or one of {list(EXPERT_QUANTS[1:])}, got {self.quant!r}")
         if self.origin is not None:
             object.__setattr__(self, "origin", tuple(int(i) for i in self.origin))
             if len(self.origin) != self.num_held:
@@ -139,8 +147,9 @@ class SoftMoEConfig:
         for key in ("present", "origin"):
             if d[key] is not None:
                 d[key] = list(d[key])
-        if d["expert_bias"] is None:  # the kind's default: specs written before the field existed stay as they were
-            del d["expert_bias"]
+        for key in ("expert_bias", "quant"):  # unset: specs written before the field existed stay as they were
+            if d[key] is None:
+                del d[key]
         return d
 
     @classmethod
@@ -322,7 +331,7 @@ class SoftMoE(nn.Module):
         self.phi = nn.Parameter(torch.randn(c.dim, c.num_experts, c.slots_per_expert) / math.sqrt(c.dim))
         self.scale = nn.Parameter(torch.ones(1)) if c.phi_norm else None
         self.norm_weight = nn.Parameter(torch.ones(c.dim)) if c.token_gain else None
-        self.experts = StackedExperts(c.expert, c.num_held, c.dim, c.hidden, c.out_features, c.has_bias)
+        self.experts = StackedExperts(c.expert, c.num_held, c.dim, c.hidden, c.out_features, c.has_bias, quant=c.quant)
         # None: the Triton kernel for CUDA inference when triton is installed, else torch. True/False forces one.
         self.use_triton: bool | None = None
 

@@ -65,7 +65,8 @@ def format_summary(s: dict) -> str:
         held = layer["experts_held"]
         kept = layer["kept_original_ids"]
         rows.append([
-            layer["name"], layer["router_experts"], held, layer["slots_per_expert"], layer["hidden"], layer["expert"],
+            layer["name"], layer["router_experts"], held, layer["slots_per_expert"], layer["hidden"],
+            layer["expert"] + (f", {layer['quant']}" if layer.get("quant") else ""),
             f"{layer['parameters']:,}",
             "all" if kept is None else ",".join(map(str, kept)) if len(kept) <= 16 else f"{len(kept)} ids (see --json)",
         ])

@@ -28,6 +28,7 @@ from .errors import ExportError, first_line
 from .export import choice_output, eval_mode, random_input
 from .onnx_files import PREPROCESS_KEY, check_external_data, op_histogram, read_preprocess
 from .preprocess import Preprocess
+from .quantize import graph_numerics
 from .selection import pruned_layers, recorded_choices
 
 
@@ -138,6 +139,9 @@ def validate_onnx(
 ) -> ValidationReport:
     """Check an exported model: the ONNX checker, then ONNX Runtime (CPU) against PyTorch on random batches.
 
+    A model with int8 experts runs in torch with the graph's numerics (`quantize.graph_numerics`: activation rows
+    quantized to int8 where the graph runs integer matmuls, i.e. for experts of ExecutionPolicy.graph_int8_min
+    weights or more).
     An element passes when |onnx - torch| <= atol + rtol * |torch| (numpy.allclose). The max rel error is
     reported over elements with |torch| > atol (relative error of values near 0 says nothing). If the graph has
     "experts.*" outputs (export_onnx(with_choice=True)) they must equal the experts PyTorch ran.
@@ -217,7 +221,8 @@ def validate_onnx(
                               preprocess=recorded or preprocess, pixels=pixels, record_problem=problem)
     gen = torch.Generator().manual_seed(seed)
     param = next(model.parameters(), None)
-    with eval_mode(model), recorded_choices(choices) as seen, torch.no_grad():
+    # int8 experts: torch with the graph's numerics (activation rows quantized too), so that like meets like
+    with eval_mode(model), graph_numerics(model), recorded_choices(choices) as seen, torch.no_grad():
         for B in batch_sizes:
             check_b = BatchCheck(B, n_batches, 0.0, 0.0, True, True if choice_names else None)
             for _ in range(n_batches):

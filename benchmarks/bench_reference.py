@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from moe_prune.bench import BenchSetup, benchmark, reduced_model
-from moe_prune.checkpoint import load
-from moe_prune.models import SoftMoEViT, ViTConfig
-from moe_prune.pipeline import default_checkpoint
-from moe_prune.reports import bench_plot, format_bench, write_json, write_text
-from moe_prune.timing import BenchConfig
+from moe_prune.measurement.bench import BenchSetup, benchmark, reduced_model
+from moe_prune.core.checkpoint import load
+from moe_prune.core.models import SoftMoEViT, ViTConfig
+from moe_prune.flows.demo import default_checkpoint
+from moe_prune.measurement.reports import bench_plot, format_bench, write_json, write_text
+from moe_prune.measurement.timing import BenchConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 import moe_prune as mp
-from moe_prune.calibration import choose_subsets
-from moe_prune.compress import compress_model
-from moe_prune.data import calibration_batches, load_images
-from moe_prune.evaluate import accuracy
+from moe_prune.selection.calibration import choose_subsets
+from moe_prune.compression.compress import compress_model
+from moe_prune.data.mnist import calibration_batches, load_images
+from moe_prune.measurement.evaluate import accuracy
 
 # (name, rule, search settings): the settings in use before this study first
 SETTINGS = [
@@ -44,7 +44,7 @@ SETTINGS = [
 
 
 def random_vit_s() -> torch.nn.Module:
-    from moe_prune.models import SoftMoEViT, ViTConfig
+    from moe_prune.core.models import SoftMoEViT, ViTConfig
 
     torch.manual_seed(0)
     return SoftMoEViT(ViTConfig(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=384, depth=12,

@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 
 import moe_prune as mp
-from moe_prune.calibration import DEFAULT_RULE, RULES, choose_subsets
-from moe_prune.compress import compress_and_heal, compress_model
-from moe_prune.data import calibration_batches, load_images
-from moe_prune.evaluate import accuracy, mean_std, random_accuracies, random_per_input_accuracies
-from moe_prune.healing import HealConfig
-from moe_prune.models import moe_layers
-from moe_prune.selection import keep_per_layer, with_experts, with_selection
+from moe_prune.selection.calibration import DEFAULT_RULE, RULES, choose_subsets
+from moe_prune.compression.compress import compress_and_heal, compress_model
+from moe_prune.data.mnist import calibration_batches, load_images
+from moe_prune.measurement.evaluate import accuracy, mean_std, random_accuracies, random_per_input_accuracies
+from moe_prune.compression.healing import HealConfig
+from moe_prune.core.models import moe_layers
+from moe_prune.selection.scores import keep_per_layer, with_experts, with_selection
 
 
 def _csv(text: str) -> list[str]:
@@ -288,7 +288,7 @@ def plot(reports: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    from moe_prune.reports import save_figure
+    from moe_prune.measurement.reports import save_figure
 
     families = {}
     for r in reports:

@@ -45,8 +45,8 @@ def write_layer_checkpoint(path: pathlib.Path, dim: int, experts: int, hidden: i
     import torch
 
     from moe_prune import SoftMoE, SoftMoEConfig
-    from moe_prune.checkpoint import FORMAT_VERSION, NATIVE_KEY
-    from moe_prune.models import model_spec
+    from moe_prune.core.checkpoint import FORMAT_VERSION, NATIVE_KEY
+    from moe_prune.core.models import model_spec
 
     with torch.device("meta"):  # names, shapes and spec, no memory
         layer = SoftMoE(SoftMoEConfig(dim=dim, num_experts=experts, slots_per_expert=1, hidden=hidden))
@@ -86,8 +86,8 @@ def _child(job: str, src: str, out: str, ids: list[int]) -> None:
     import torch
 
     import moe_prune
-    from moe_prune.checkpoint import native_info
-    from moe_prune.compress import compress_file, compress_model
+    from moe_prune.core.checkpoint import native_info
+    from moe_prune.compression.compress import compress_file, compress_model
 
     if job == "baseline":
         native_info(src)
@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from moe_prune.timing import environment
-    from moe_prune.reports import write_json, write_text
+    from moe_prune.measurement.timing import environment
+    from moe_prune.measurement.reports import write_json, write_text
 
     env = environment()
     # what environment() cannot see: the niceness and thread settings the run was started with

@@ -58,8 +58,8 @@ def write_model(path: pathlib.Path) -> int:
     import torch
 
     import moe_prune
-    from moe_prune.models import SoftMoEViT, ViTConfig
-    from moe_prune.preprocess import Preprocess
+    from moe_prune.core.models import SoftMoEViT, ViTConfig
+    from moe_prune.data.preprocess import Preprocess
 
     torch.manual_seed(0)
     model = SoftMoEViT(ViTConfig(num_experts=32, moe_layer_index=2, img_size=224, patch_size=16, in_chans=3,
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sizes = [int(v) for v in args.sizes.split(",")]
 
-    from moe_prune.reports import table, write_json, write_text
-    from moe_prune.timing import environment
+    from moe_prune.measurement.reports import table, write_json, write_text
+    from moe_prune.measurement.timing import environment
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="data_memory.", dir=args.workdir))
     try:

@@ -85,7 +85,7 @@ def _compress(ckpt, calib, out, device, extra, timeout) -> dict:
 
 def _accuracy(path, images, labels) -> float:
     import moe_prune
-    from moe_prune.evaluate import accuracy
+    from moe_prune.measurement.evaluate import accuracy
 
     return accuracy(moe_prune.load(path), images, labels)
 
@@ -96,9 +96,9 @@ def step_parity(args, work: pathlib.Path) -> dict:
     import torch
 
     import moe_prune
-    from moe_prune.data import load_images
-    from moe_prune.models import SoftMoEViT, ViTConfig
-    from moe_prune.pipeline import default_checkpoint
+    from moe_prune.data.mnist import load_images
+    from moe_prune.core.models import SoftMoEViT, ViTConfig
+    from moe_prune.flows.demo import default_checkpoint
 
     images, labels = load_images("sample", split="test")
     calib = work / "calib.npy"
@@ -142,7 +142,7 @@ def step_parity(args, work: pathlib.Path) -> dict:
 def step_torchrun(args, work: pathlib.Path) -> dict:
     """The same compress under torchrun, one process on the GPU (NCCL), against the single-process file."""
     import moe_prune
-    from moe_prune.pipeline import default_checkpoint
+    from moe_prune.flows.demo import default_checkpoint
 
     calib = work / "calib.npy"
     one = _compress(default_checkpoint(), calib, work / "one.safetensors", args.device, ["--rule", "mass"],
@@ -175,11 +175,11 @@ def step_latency(args) -> dict:
     """torch eager on the device: full, compressed, Algorithm 2 and Algorithm 1, layer alone and whole model."""
     import torch
 
-    from moe_prune.compress import compress_model
-    from moe_prune.flops import bounds, model_cost, moe_cost
-    from moe_prune.models import SoftMoEViT, ViTConfig, moe_layers
-    from moe_prune.selection import keep_per_layer, random_subsets, with_selection
-    from moe_prune.timing import BenchConfig, alternate
+    from moe_prune.compression.compress import compress_model
+    from moe_prune.measurement.flops import bounds, model_cost, moe_cost
+    from moe_prune.core.models import SoftMoEViT, ViTConfig, moe_layers
+    from moe_prune.selection.scores import keep_per_layer, random_subsets, with_selection
+    from moe_prune.measurement.timing import BenchConfig, alternate
 
     configs = {
         "vit_s16": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     args.budget = lambda want: max(10.0, min(want, args.budget_s - (time.perf_counter() - start)))
     if args.out is None:
         args.out = RESULTS / "gpu_check.json" if args.device == "cuda" else pathlib.Path(tempfile.gettempdir()) / "gpu_check.json"
-    from moe_prune.reports import write_json, write_text
-    from moe_prune.timing import environment
+    from moe_prune.measurement.reports import write_json, write_text
+    from moe_prune.measurement.timing import environment
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     env = environment("cuda" if args.device == "cuda" else "cpu")

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 import moe_prune as mp
-from moe_prune.calibration import choose_subsets
-from moe_prune.compress import compress_and_heal
-from moe_prune.data import calibration_batches, load_images
-from moe_prune.evaluate import accuracy
-from moe_prune.healing import HealConfig
+from moe_prune.selection.calibration import choose_subsets
+from moe_prune.compression.compress import compress_and_heal
+from moe_prune.data.mnist import calibration_batches, load_images
+from moe_prune.measurement.evaluate import accuracy
+from moe_prune.compression.healing import HealConfig
 
 VARIANTS = [("default", {}), ("parts", {"parts": "experts"}), ("parts", {"parts": "experts+router"}),
             ("lr", {"lr": 1e-3}), ("lr", {"lr": 3e-3}), ("steps", {"steps": 1000}),

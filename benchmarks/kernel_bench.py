@@ -28,8 +28,8 @@ import sys
 
 import torch
 
-from moe_prune.timing import environment as bench_environment
-from moe_prune.reports import write_json
+from moe_prune.measurement.timing import environment as bench_environment
+from moe_prune.measurement.reports import write_json
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -121,7 +121,7 @@ def bench_grouped_gpu(batches, dtypes, peak: float | None, warmup_ms: int, rep_m
     """The grouped-expert kernel against torch's grouped path on B inputs x `keep` experts each (one slot)."""
     import triton.testing
 
-    from moe_prune.experts import StackedExperts
+    from moe_prune.core.experts import StackedExperts
 
     out = []
     for shape, s in EXPERTS.items():

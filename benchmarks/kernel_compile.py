@@ -35,8 +35,8 @@ import time
 
 import torch
 
-from moe_prune.timing import environment as bench_environment
-from moe_prune.reports import write_json
+from moe_prune.measurement.timing import environment as bench_environment
+from moe_prune.measurement.reports import write_json
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget

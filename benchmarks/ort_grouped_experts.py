@@ -27,12 +27,12 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-import moe_prune.experts as experts_mod
-from moe_prune.timing import BenchConfig, alternate, ort_session
-from moe_prune.timing import environment as bench_environment
-from moe_prune.export import export_onnx
-from moe_prune.layers import StackedExperts
-from moe_prune.reports import table, write_json, write_text
+import moe_prune.core.experts as experts_mod
+from moe_prune.measurement.timing import BenchConfig, alternate, ort_session
+from moe_prune.measurement.timing import environment as bench_environment
+from moe_prune.onnx.export import export_onnx
+from moe_prune.core.layers import StackedExperts
+from moe_prune.measurement.reports import table, write_json, write_text
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -27,13 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_reference import VITS  # noqa: E402
 
-from moe_prune.bench import reduced_model  # noqa: E402
-from moe_prune.export import export_onnx  # noqa: E402
-from moe_prune.models import SoftMoEViT, ViTConfig, moe_layers  # noqa: E402
-from moe_prune.reports import table, write_json, write_text  # noqa: E402
-from moe_prune.selection import with_selection  # noqa: E402
-from moe_prune.timing import environment, ort_session  # noqa: E402
-from moe_prune.validate import validate_onnx  # noqa: E402
+from moe_prune.measurement.bench import reduced_model  # noqa: E402
+from moe_prune.onnx.export import export_onnx  # noqa: E402
+from moe_prune.core.models import SoftMoEViT, ViTConfig, moe_layers  # noqa: E402
+from moe_prune.measurement.reports import table, write_json, write_text  # noqa: E402
+from moe_prune.selection.scores import with_selection  # noqa: E402
+from moe_prune.measurement.timing import environment, ort_session  # noqa: E402
+from moe_prune.onnx.validate import validate_onnx  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -26,13 +26,13 @@ import sys
 
 import torch
 
-import moe_prune.experts as experts_mod
-from moe_prune.timing import BenchConfig, alternate, machine_roofline
-from moe_prune.timing import environment as bench_environment
-from moe_prune.flops import model_cost, roofline_ratio
-from moe_prune.layers import Routing, SoftMoE, SoftMoEConfig
-from moe_prune.reports import table, write_json, write_text
-from moe_prune.selection import select_experts
+import moe_prune.core.experts as experts_mod
+from moe_prune.measurement.timing import BenchConfig, alternate, machine_roofline
+from moe_prune.measurement.timing import environment as bench_environment
+from moe_prune.measurement.flops import model_cost, roofline_ratio
+from moe_prune.core.layers import Routing, SoftMoE, SoftMoEConfig
+from moe_prune.measurement.reports import table, write_json, write_text
+from moe_prune.selection.scores import select_experts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -49,11 +49,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import moe_prune
-from moe_prune.experts import StackedExperts
-from moe_prune.quantize import quantize_, quantize_file
-from moe_prune.reports import table, write_json, write_text
-from moe_prune.timing import BenchConfig, alternate, bench_models, ort_session
-from moe_prune.timing import environment as bench_environment
+from moe_prune.core.experts import StackedExperts
+from moe_prune.compression.quantize import quantize_, quantize_file
+from moe_prune.measurement.reports import table, write_json, write_text
+from moe_prune.measurement.timing import BenchConfig, alternate, bench_models, ort_session
+from moe_prune.measurement.timing import environment as bench_environment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -67,7 +67,7 @@ OPSETS = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
 
 def expert_stack(K: int, D: int, H: int) -> StackedExperts:
     """K int8 GELU experts with biases, quantized from random float weights."""
-    from moe_prune.layers import SoftMoE, SoftMoEConfig
+    from moe_prune.core.layers import SoftMoE, SoftMoEConfig
 
     layer = SoftMoE(SoftMoEConfig(dim=D, num_experts=K, slots_per_expert=1, hidden=H)).eval()
     with torch.no_grad():
@@ -215,7 +215,7 @@ class _Experts(torch.nn.Module):
 
 def form_torch_export(e, path, per_expert: bool, int8_activations: bool | None):
     """The graph moe-prune's exporter writes for these experts (int8_activations None: its choice by size)."""
-    from moe_prune.export import _int8_weights_as_cast
+    from moe_prune.onnx.export import _int8_weights_as_cast
 
     e = copy.deepcopy(e)
     e.int8_activations = int8_activations
@@ -291,7 +291,7 @@ def part_forms(args) -> tuple[list, str]:
 def _forms_conclusion(rows: list) -> str:
     """Per shape and batch: the fastest form, the fastest of those whose answers do not depend on the batch, and
     what `export` wrote; then the rule that follows (ExecutionPolicy.graph_int8_min)."""
-    from moe_prune.experts import CPU_POLICY
+    from moe_prune.core.experts import CPU_POLICY
 
     # independent of the batch: checked at every batch size above 1 (at batch 1 there are no batch mates)
     steady_forms = [n for n in FORMS if n != "fp32" and all(r["forms"][n]["batch_independent"] for r in rows)]
@@ -333,13 +333,13 @@ class _Session(torch.nn.Module):
 
 
 def _accuracy(model, test):
-    from moe_prune.evaluate import accuracy
+    from moe_prune.measurement.evaluate import accuracy
 
     return accuracy(model, *test, batch_size=500)
 
 
 def _costs(models: dict) -> dict:
-    from moe_prune.flops import model_cost
+    from moe_prune.measurement.flops import model_cost
 
     return {name: model_cost(m) for name, m in models.items()}
 
@@ -348,11 +348,11 @@ def one_family(name: str, src: pathlib.Path, work: pathlib.Path, test, args, hea
                keep: str = "1/8") -> dict:
     """Compress `src` (keep, rule mass, on 2,000 Fashion-MNIST training images; healed if heal_steps), quantize
     the compressed file, measure accuracy (torch, ONNX Runtime), bytes and latency of full / fp32 / int8."""
-    from moe_prune.compress import compress_from_data
-    from moe_prune.experts import CPU_POLICY, set_policy
-    from moe_prune.export import VALIDATION_TOLERANCE, example_input, export_checkpoint, export_onnx
-    from moe_prune.healing import HealConfig
-    from moe_prune.validate import validate_onnx
+    from moe_prune.compression.compress import compress_from_data
+    from moe_prune.core.experts import CPU_POLICY, set_policy
+    from moe_prune.onnx.export import VALIDATION_TOLERANCE, example_input, export_checkpoint, export_onnx
+    from moe_prune.compression.healing import HealConfig
+    from moe_prune.onnx.validate import validate_onnx
 
     tag = f"{name}{'.healed' if heal_steps else ''}"
     fp32 = work / f"{tag}.keep{keep.replace('/', 'of')}.safetensors"
@@ -406,10 +406,10 @@ def one_family(name: str, src: pathlib.Path, work: pathlib.Path, test, args, hea
 def vit_s16_layer(work: pathlib.Path, args) -> dict:
     """A ViT-S/16-sized Soft MoE layer (D 384, 128 GELU experts of hidden 1536, 197 tokens), random weights, 16
     experts kept: bytes and latency only."""
-    from moe_prune.compress import compress_model
-    from moe_prune.export import export_onnx
-    from moe_prune.layers import SoftMoE, SoftMoEConfig
-    from moe_prune.validate import validate_onnx
+    from moe_prune.compression.compress import compress_model
+    from moe_prune.onnx.export import export_onnx
+    from moe_prune.core.layers import SoftMoE, SoftMoEConfig
+    from moe_prune.onnx.validate import validate_onnx
 
     torch.manual_seed(0)
     full = SoftMoE(SoftMoEConfig(dim=384, num_experts=128, slots_per_expert=1, hidden=1536)).eval()
@@ -418,7 +418,7 @@ def vit_s16_layer(work: pathlib.Path, args) -> dict:
     models = {"full fp32": full, "compressed fp32": small, "compressed int8": int8}
     example = torch.randn(2, 197, 384)
     onnx_paths = {}
-    from moe_prune.export import VALIDATION_TOLERANCE
+    from moe_prune.onnx.export import VALIDATION_TOLERANCE
 
     validation = {}
     for k, m in models.items():
@@ -429,7 +429,7 @@ def vit_s16_layer(work: pathlib.Path, args) -> dict:
         validation[k] = {"atol": atol, "rtol": rtol, "max_abs": max(c.max_abs for c in report.checks),
                          "MatMulInteger": report.ops.get("MatMulInteger", 0)}
         onnx_paths[k] = out
-    from moe_prune.flops import model_cost
+    from moe_prune.measurement.flops import model_cost
 
     costs = {k: model_cost(m, tokens=197) for k, m in models.items()}
     expert_bytes = {k: sum(t.numel() * t.element_size() for n, t in m.state_dict().items() if n.startswith("experts."))
@@ -499,7 +499,7 @@ def _models_tables(results: list) -> tuple[str, str]:
 
 
 def part_models(args) -> tuple[list, str, str]:
-    from moe_prune.data import load_images
+    from moe_prune.data.mnist import load_images
 
     if args.work is None:
         with tempfile.TemporaryDirectory(prefix="quantize_int8.") as tmp:

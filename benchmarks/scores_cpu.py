@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from moe_prune.timing import environment as bench_environment
-from moe_prune.reports import write_json
+from moe_prune.measurement.timing import environment as bench_environment
+from moe_prune.measurement.reports import write_json
 import torch.nn.functional as F
 
 from moe_prune.kernels.routing import expert_scores_ref, soft_moe_routing_ref

@@ -73,14 +73,14 @@ def checkpoint_for(config: str, work: Path) -> tuple[Path, Path | None]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_reference import VITS  # the reference architectures, defined once
 
-    from moe_prune.pipeline import default_checkpoint
+    from moe_prune.flows.demo import default_checkpoint
 
     if config == "default":
         return default_checkpoint(), None
     import torch
 
-    from moe_prune.checkpoint import save
-    from moe_prune.models import SoftMoEViT, ViTConfig
+    from moe_prune.core.checkpoint import save
+    from moe_prune.core.models import SoftMoEViT, ViTConfig
 
     ckpt, calib = work / f"{config}.safetensors", work / f"{config}.calib.npy"
     if not ckpt.exists():
@@ -270,7 +270,7 @@ def run_config(config: str, args, python: str) -> dict:
 
 
 def markdown(result: dict) -> str:
-    from moe_prune.reports import table
+    from moe_prune.measurement.reports import table
 
     lines = [f"# Serving under load: `moe-prune serve` (Triton Inference Server via PyTriton)\n",
              f"Command: `{result['command']}`\n",
@@ -321,8 +321,8 @@ def main(argv=None) -> None:
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     if not Path(args.serve_python).exists():
         sys.exit(f"serve_load: no serving Python at {args.serve_python}; `make serve-env` makes one")
-    from moe_prune.timing import environment
-    from moe_prune.reports import write_json, write_text
+    from moe_prune.measurement.timing import environment
+    from moe_prune.measurement.reports import write_json, write_text
 
     configs = [c for c in args.configs.split(",") if c]
     for config in configs:  # exports first: they load torch models and must not overlap the timed load

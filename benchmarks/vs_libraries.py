@@ -27,12 +27,12 @@ import sys
 import torch
 from torch import nn
 
-from moe_prune.timing import BenchConfig, alternate
-from moe_prune.timing import environment as bench_environment
-from moe_prune.checkpoint import from_lucidrains
-from moe_prune.layers import SoftMoE, SoftMoEConfig
-from moe_prune.reports import table, write_json, write_text
-from moe_prune.selection import select_experts
+from moe_prune.measurement.timing import BenchConfig, alternate
+from moe_prune.measurement.timing import environment as bench_environment
+from moe_prune.core.checkpoint import from_lucidrains
+from moe_prune.core.layers import SoftMoE, SoftMoEConfig
+from moe_prune.measurement.reports import table, write_json, write_text
+from moe_prune.selection.scores import select_experts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 import moe_prune as mp
-from moe_prune.data import iterate_batches, load_images
-from moe_prune.evaluate import accuracy
-from moe_prune.pipeline import default_checkpoint
+from moe_prune.data.mnist import iterate_batches, load_images
+from moe_prune.measurement.evaluate import accuracy
+from moe_prune.flows.demo import default_checkpoint
 
 
 def main() -> None:

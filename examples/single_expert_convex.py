@@ -48,8 +48,8 @@ from pathlib import Path
 
 import torch
 
-from moe_prune.layers import SoftMoE, SoftMoEConfig
-from moe_prune.reports import save_figure, table, write_json
+from moe_prune.core.layers import SoftMoE, SoftMoEConfig
+from moe_prune.measurement.reports import save_figure, table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "convex_single_vs_many.json"

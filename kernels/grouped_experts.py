@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_prune.experts import expert_activation
+from moe_prune.core.experts import expert_activation
 
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _TL_DTYPES = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}

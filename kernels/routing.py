@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_prune.layers import normalize_tokens, router_weight, routing_ref
+from moe_prune.core.layers import normalize_tokens, router_weight, routing_ref
 
 # Softmax floor for padded (masked-out) tokens in the dispatch softmax: torch.finfo(float32).min, as routing_ref
 # fills them (a finite floor: a slot whose every token is padded gets uniform weights, not NaN).

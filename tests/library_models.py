@@ -160,7 +160,7 @@ class UserNet(nn.Module):
 def soft_moe_vit_state(model) -> dict[str, torch.Tensor]:
     """A moe-prune SoftMoEViT's weights in soft-moe's own layout (each expert a timm Mlp: fc1 [H, D], fc2 [D, H]):
     the state dict soft_moe.SoftMoEVisionTransformer would have saved for these weights."""
-    from moe_prune.models import moe_layers
+    from moe_prune.core.models import moe_layers
 
     state = {}
     moe = moe_layers(model)

@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from moe_prune import with_experts
-from moe_prune.calibration import (
+from moe_prune.selection.calibration import (
     DEFAULT_RULE, RULES, _gram, choose_subsets, greedy_subset, loss_subsets, reconstruct_subsets, subset_error,
 )
-from moe_prune.compress import compress_model
+from moe_prune.compression.compress import compress_model
 from moe_prune.errors import SelectionError
-from moe_prune.layers import SoftMoE, SoftMoEConfig
-from moe_prune.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig, moe_layers
+from moe_prune.core.layers import SoftMoE, SoftMoEConfig
+from moe_prune.core.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig, moe_layers
 
 E = 6  # experts in every model here: C(6, 2) = 15 subsets, brute force is cheap
 
@@ -508,7 +508,7 @@ def test_batch_order_does_not_change_the_subsets(rule, family):
 
 def _two_moe_layers(seed: int, experts: int):
     """A 3-block ViT on 8x8 images whose blocks 1 and 2 are Soft MoE layers, routing sharpened (scale 5)."""
-    from moe_prune.models import SoftMoEViT, ViTConfig
+    from moe_prune.core.models import SoftMoEViT, ViTConfig
 
     torch.manual_seed(seed)
     model = SoftMoEViT(ViTConfig(num_experts=experts, moe_layer_index=1, img_size=8, patch_size=4, in_chans=1,
@@ -524,8 +524,8 @@ def test_the_whole_model_guard_catches_what_the_per_layer_check_misses():
     greedy subset beats that layer's combine-mass top k on the search inputs, yet the whole greedy model is worse
     than the all-mass model (what --rule mass writes) on the held-out inputs. The rule returns the all-mass
     subsets; the KLs are recomputed here from the models' outputs, independently of the rule's bookkeeping."""
-    from moe_prune.calibration import choose_subsets, loss_subsets
-    from moe_prune.selection import with_experts
+    from moe_prune.selection.calibration import choose_subsets, loss_subsets
+    from moe_prune.selection.scores import with_experts
 
     model = _two_moe_layers(seed=12, experts=6)
     g = torch.Generator().manual_seed(12)
@@ -554,7 +554,7 @@ def test_global_budget_spends_the_uniform_expert_flops_where_the_loss_drops_most
     """--budget global on two Soft MoE layers of 4 experts, keep 2 each: 4 experts in all (equal sizes: equal
     FLOPs), split as the loss asks. Checked against brute force over every split and subset (68 models) and
     against the all-mass model, the KLs recomputed here in float64."""
-    from moe_prune.calibration import choose_subsets
+    from moe_prune.selection.calibration import choose_subsets
 
     model = _two_moe_layers(seed=3, experts=4)
     x = torch.rand(48, 1, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -588,7 +588,7 @@ def test_global_budget_spends_the_uniform_expert_flops_where_the_loss_drops_most
 def test_rounds_cut_the_loss_rules_passes():
     """`rounds` sets the prediction rounds per layer: k = 4 of 6 experts in 1 round costs one prediction and one
     round of candidate runs, against 4 of each expert by expert; rounds >= k is the expert-by-expert search."""
-    import moe_prune.calibration as calibration
+    import moe_prune.selection.calibration as calibration
 
     m, batches = mnist(3), images(3)
     calls = []

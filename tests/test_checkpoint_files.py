@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import moe_prune
 from moe_prune import CheckpointFile
-from moe_prune.checkpoint import read_header
+from moe_prune.core.checkpoint import read_header
 from moe_prune.cli import main
 from moe_prune.errors import CheckpointError, ConfigError, DefaultedWarning
 
@@ -267,7 +267,7 @@ def test_convert_command_needs_no_kwargs_for_a_lightning_ckpt(ckpt, tmp_path, vi
 def test_dtype_converts_the_output(tmp_path):
     """--dtype writes the compressed (or converted) checkpoint in another dtype; calibration stays in fp32, so the
     kept experts are the ones an fp32 output keeps."""
-    from moe_prune.pipeline import default_checkpoint
+    from moe_prune.flows.demo import default_checkpoint
 
     outs = {}
     for dtype in ("fp32", "fp16", "bf16"):

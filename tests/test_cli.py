@@ -10,7 +10,7 @@ import torch
 
 import moe_prune
 from moe_prune.cli import main
-from moe_prune.models import MnistConfig, MnistSoftMoE
+from moe_prune.core.models import MnistConfig, MnistSoftMoE
 
 
 @pytest.fixture()
@@ -77,7 +77,7 @@ def test_compress_bad_paths(tmp_path, ckpt, calib, args, match, capsys):
 
 
 def test_full_disk_leaves_nothing(tmp_path, ckpt, calib, monkeypatch, capsys):
-    import moe_prune.checkpoint as checkpoint
+    import moe_prune.core.checkpoint as checkpoint
 
     def full_disk(state, path, metadata=None):
         with open(path, "wb") as f:
@@ -157,8 +157,8 @@ def test_bench_without_a_gpu_says_so(tmp_path, ckpt, capsys):
 
 
 def test_looped_baseline_computes_the_same_model():
-    from moe_prune.bench import looped
-    from moe_prune.layers import SoftMoE, SoftMoEConfig
+    from moe_prune.measurement.bench import looped
+    from moe_prune.core.layers import SoftMoE, SoftMoEConfig
 
     for kind in ("gelu_mlp", "relu_mlp", "geglu"):
         layer = SoftMoE(SoftMoEConfig(dim=12, num_experts=6, slots_per_expert=2, hidden=8, expert=kind)).eval()
@@ -239,7 +239,7 @@ def test_checklist_marks_rule_and_verdict_agree(tmp_path):
     element's share of its tolerance), and a failing one is unmarked, so the verdict follows the marks."""
     import numpy as np
 
-    from moe_prune.validate import BatchCheck, ValidationReport, compare_batch
+    from moe_prune.onnx.validate import BatchCheck, ValidationReport, compare_batch
 
     ok, bad = BatchCheck(1, 1, 0.0, 0.0, True), BatchCheck(4, 1, 0.0, 0.0, True)
     ref = np.array([1e-3, 1.0])
@@ -258,7 +258,7 @@ def test_checklist_marks_rule_and_verdict_agree(tmp_path):
 
 
 def test_speedup_far_above_its_bound_is_flagged():
-    from moe_prune.reports import ABOVE_BOUND_NOTE, demo_speed, of_bound
+    from moe_prune.measurement.reports import ABOVE_BOUND_NOTE, demo_speed, of_bound
 
     assert of_bound(2.0, 2.0) == ("100%", False) and of_bound(2.4, 2.0) == ("120%", False)
     assert of_bound(6.66, 2.0) == ("333% !", True) and of_bound(1.0, None) == ("", False)
@@ -275,9 +275,9 @@ def test_speedup_far_above_its_bound_is_flagged():
 
 
 def test_random_subsets_of_a_compressed_model_are_router_ids(tmp_path, ckpt):
-    from moe_prune.compress import compress_file
-    from moe_prune.bench import reduced_model
-    from moe_prune.selection import random_subsets, with_experts
+    from moe_prune.compression.compress import compress_file
+    from moe_prune.measurement.bench import reduced_model
+    from moe_prune.selection.scores import random_subsets, with_experts
 
     small = moe_prune.load(compress_file(ckpt, {"moe": [3, 7, 9, 12, 15]}, tmp_path / "s.safetensors"))
     for seed in range(5):
@@ -299,7 +299,7 @@ def test_demo_on_a_compressed_checkpoint(tmp_path, ckpt, calib):
 
 
 def test_bench_on_a_bare_layer_times_tokens(tmp_path, capsys):
-    from moe_prune.layers import SoftMoE, SoftMoEConfig
+    from moe_prune.core.layers import SoftMoE, SoftMoEConfig
 
     layer = moe_prune.save(SoftMoE(SoftMoEConfig(dim=16, num_experts=8, slots_per_expert=1, hidden=8)),
                            tmp_path / "layer.safetensors")

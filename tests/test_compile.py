@@ -5,9 +5,9 @@ compiled layer computes what eager does."""
 import pytest
 import torch
 
-from moe_prune.experts import CPU_POLICY, set_policy
-from moe_prune.layers import SoftMoE, SoftMoEConfig
-from moe_prune.selection import with_experts, with_selection
+from moe_prune.core.experts import CPU_POLICY, set_policy
+from moe_prune.core.layers import SoftMoE, SoftMoEConfig
+from moe_prune.selection.scores import with_experts, with_selection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

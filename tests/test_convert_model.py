@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import moe_prune
-from moe_prune.calibration import RULES, choose_subsets
+from moe_prune.selection.calibration import RULES, choose_subsets
 from moe_prune.errors import ConfigError
-from moe_prune.layers import SoftMoE
-from moe_prune.models import moe_layers
+from moe_prune.core.layers import SoftMoE
+from moe_prune.core.models import moe_layers
 
 from library_models import Mlp, UserNet, soft_moe_layer_module, soft_moe_pytorch
 
@@ -92,8 +92,8 @@ def test_a_pruned_converted_layer_is_the_library_layer_with_dropped_experts_zero
 
 
 def test_every_step_works_on_a_converted_user_model(tmp_path):
-    from moe_prune.healing import HealConfig
-    from moe_prune.timing import BenchConfig, bench_models
+    from moe_prune.compression.healing import HealConfig
+    from moe_prune.measurement.timing import BenchConfig, bench_models
 
     torch.manual_seed(3)
     net = UserNet().eval()

@@ -19,10 +19,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_prune import data
-from moe_prune.data import iterate_batches, load_images, load_inputs, make_sample, to_tensor
+from moe_prune.data import mnist as data
+from moe_prune.data.mnist import iterate_batches, load_images, load_inputs, make_sample, to_tensor
 from moe_prune.errors import DataError
-from moe_prune.idx import read_idx
+from moe_prune.data.idx import read_idx
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_debian = pytest.mark.skipif(
@@ -495,9 +495,9 @@ def test_load_inputs_missing_or_garbage(tmp_path):
 
 
 def test_float_pixels_in_0_255_refused_for_a_model_trained_on_0_1_warned_for_a_converted_one(capsys):
-    from moe_prune.data import check_inputs
+    from moe_prune.data.mnist import check_inputs
     from moe_prune.errors import DataError
-    from moe_prune.models import MnistConfig, MnistSoftMoE
+    from moe_prune.core.models import MnistConfig, MnistSoftMoE
 
     x = np.random.default_rng(0).random((4, 1, 28, 28)).astype(np.float32)
     model = MnistSoftMoE(MnistConfig(num_experts=4))

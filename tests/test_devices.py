@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import moe_prune
-from moe_prune.calibration import RULES, choose_subsets
-from moe_prune.evaluate import measure
-from moe_prune.healing import HealConfig
-from moe_prune.models import SoftMoEViT, ViTConfig, moe_layers
+from moe_prune.selection.calibration import RULES, choose_subsets
+from moe_prune.measurement.evaluate import measure
+from moe_prune.compression.healing import HealConfig
+from moe_prune.core.models import SoftMoEViT, ViTConfig, moe_layers
 
 from other_device import OTHER, DeviceMixError, other_device, to_other
 
@@ -83,7 +83,7 @@ POLICIES = {  # each execution choice of StackedExperts.grouped, forced by its p
 
 @pytest.mark.parametrize("path", sorted(POLICIES))
 def test_the_sparse_per_input_path_on_the_models_device(path):
-    from moe_prune.experts import CPU_POLICY, set_policy
+    from moe_prune.core.experts import CPU_POLICY, set_policy
 
     def run(model, batches):
         set_policy(model, CPU_POLICY, **POLICIES[path])

@@ -33,9 +33,9 @@ from moe_prune import (
     with_selection,
 )
 from moe_prune.cli import main
-from moe_prune.export import example_input, export_onnx
-from moe_prune.onnx_files import check_external_data, op_histogram
-from moe_prune.validate import validate_onnx
+from moe_prune.onnx.export import example_input, export_onnx
+from moe_prune.onnx.files import check_external_data, op_histogram
+from moe_prune.onnx.validate import validate_onnx
 
 # float32 graph against float32 torch; the errors seen are ~1e-9 (MNIST) to ~5e-7 (ViT).
 ATOL, RTOL = 1e-5, 1e-4
@@ -272,7 +272,7 @@ def test_not_onnx_refused(tmp_path, content):
 
 
 def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
-    from moe_prune import onnx_files
+    from moe_prune.onnx import files as onnx_files
 
     model = _mnist()
     old = tmp_path / "m.onnx"
@@ -329,7 +329,7 @@ def test_fixed_batch_and_bad_options(tmp_path):
 def test_graph_algorithm1_equals_torch_choice_and_output(tmp_path, family, graph_path, monkeypatch):
     """Algorithm 1 in the graph: each input's own experts (a [B, k] choice output) and the output, both equal to
     PyTorch's at batch sizes other than the traced one; both graph formulations of the grouped experts."""
-    from moe_prune.experts import CPU_POLICY, set_policy
+    from moe_prune.core.experts import CPU_POLICY, set_policy
 
     model = set_policy(BUILD[family](), CPU_POLICY, graph_few_rows=0.0,
                        row_gather_limit=0 if graph_path == "padded over the stack" else 1 << 40)
@@ -391,7 +391,7 @@ def test_cli_export(tmp_path, capsys):
 def test_fp16_export_validates_and_halves_the_file(tmp_path, family):
     """`export --dtype fp16`: an fp16 graph (weights and input), validated by ONNX Runtime's CPU provider against
     PyTorch in fp16 at batch sizes 1 and 5, half the fp32 file, and close to the fp32 model's answers."""
-    from moe_prune.export import export_checkpoint
+    from moe_prune.onnx.export import export_checkpoint
 
     model = BUILD[family]()
     ckpt = moe_prune.save(model, tmp_path / "m.safetensors")

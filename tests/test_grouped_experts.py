@@ -27,7 +27,7 @@ from moe_prune.kernels.grouped_experts import (  # noqa: E402
     grouped_experts_ref,
     grouped_experts_supported,
 )
-from moe_prune.layers import StackedExperts  # noqa: E402
+from moe_prune.core.layers import StackedExperts  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

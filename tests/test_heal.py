@@ -27,13 +27,13 @@ import pytest
 import torch
 
 import moe_prune
-from moe_prune import cli
-from moe_prune.calibration import DEFAULT_RULE, RULES
-from moe_prune.compress import compress_and_heal, compress_from_data, compress_model
+from moe_prune.cli import parser as cli
+from moe_prune.selection.calibration import DEFAULT_RULE, RULES
+from moe_prune.compression.compress import compress_and_heal, compress_from_data, compress_model
 from moe_prune.errors import ConfigError
-from moe_prune.healing import PARTS, HealConfig, distillation_loss, heal, trainable
-from moe_prune.layers import SoftMoE, SoftMoEConfig
-from moe_prune.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig, moe_layers
+from moe_prune.compression.healing import PARTS, HealConfig, distillation_loss, heal, trainable
+from moe_prune.core.layers import SoftMoE, SoftMoEConfig
+from moe_prune.core.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig, moe_layers
 
 from conftest import FIXTURES
 
@@ -384,7 +384,7 @@ def test_cli_passes_every_heal_option_through(workspace, tmp_path):
 
 
 def test_compress_from_data_on_an_idx_folder_records_accuracies(workspace, tmp_path):
-    from moe_prune.data import load_images, to_tensor
+    from moe_prune.data.mnist import load_images, to_tensor
 
     folder = idx_folder(tmp_path / "data")
     out = tmp_path / "small.safetensors"
@@ -509,7 +509,7 @@ def test_cli_defaults_agree_with_the_library():
 
 def test_public_heal_is_the_function():
     """The function lives in moe_prune.healing: a module named like the function once shadowed it."""
-    import moe_prune.healing as module
+    import moe_prune.compression.healing as module
 
     assert moe_prune.heal is heal, f"moe_prune.heal is {moe_prune.heal!r}"
     assert module.heal is heal
@@ -519,8 +519,8 @@ def test_public_heal_is_the_function():
 
 
 def test_bench_accepts_a_healed_checkpoint_of_its_own_source_only(tmp_path):
-    from moe_prune.bench import check_compressed_from
-    from moe_prune.compress import compress_checkpoint
+    from moe_prune.measurement.bench import check_compressed_from
+    from moe_prune.compression.compress import compress_checkpoint
     from moe_prune.errors import CheckpointError
 
     torch.manual_seed(0)
@@ -595,7 +595,7 @@ def test_the_guard_keeps_the_best_held_out_step():
     held = record["held_out"]
     best = min(held["losses"], key=lambda x: x["loss"])
     assert held["best_step"] == best["step"] and best["loss"] <= held["losses"][0]["loss"]
-    from moe_prune.healing import distillation_loss
+    from moe_prune.compression.healing import distillation_loss
 
     n = held["inputs"]
     x = inputs_for("vit")

@@ -32,7 +32,7 @@ from moe_prune.kernels.routing import (  # noqa: E402
     soft_moe_routing,
     soft_moe_routing_ref,
 )
-from moe_prune.layers import SoftMoE, SoftMoEConfig, routing_ref  # noqa: E402
+from moe_prune.core.layers import SoftMoE, SoftMoEConfig, routing_ref  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The interpreter runs the kernel on CPU tensors; a compiled kernel needs CUDA tensors.
@@ -247,7 +247,7 @@ def test_layer_triton_path_matches_torch_path():
 
 def test_model_forward_and_selection_through_the_kernel():
     """The whole layer, its scores and Algorithm 1/2 selection: the kernel path gives the torch path's results."""
-    from moe_prune.selection import expert_scores, select_experts, with_selection
+    from moe_prune.selection.scores import expert_scores, select_experts, with_selection
 
     layer = SoftMoE(SoftMoEConfig(dim=24, num_experts=8, slots_per_expert=1, hidden=16)).eval().to(DEVICE)
     x = torch.randn(3, 17, 24, device=DEVICE)

@@ -35,7 +35,7 @@ def test_wheel_ships_kernels_and_assets(tmp_path):
     # import from the unpacked wheel alone (not the source tree): the kernels subpackage must be there
     probe = ("import sys; sys.path.insert(0, sys.argv[1]); import moe_prune.kernels, moe_prune.kernels.routing, moe_prune;"
              "assert moe_prune.__file__.startswith(sys.argv[1]), moe_prune.__file__;"
-             "from moe_prune.pipeline import default_checkpoint; assert default_checkpoint().is_file()")
+             "from moe_prune.flows.demo import default_checkpoint; assert default_checkpoint().is_file()")
     r = subprocess.run([sys.executable, "-c", probe, str(unpacked)], cwd=tmp_path, capture_output=True, text=True,
                        env={"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr

@@ -21,13 +21,14 @@ from PIL import Image
 
 import moe_prune
 from moe_prune.cli import build_parser, main
-from moe_prune.export import export_onnx
-from moe_prune.layers import SoftMoE, SoftMoEConfig
-from moe_prune.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig
-from moe_prune.onnx_files import PREPROCESS_KEY, read_preprocess, set_preprocess
-from moe_prune.preprocess import INTERPOLATIONS, Preprocess
-from moe_prune.serve import Predictor, model_config, parse_model_config
-from moe_prune.validate import validate_onnx
+from moe_prune.onnx.export import export_onnx
+from moe_prune.core.layers import SoftMoE, SoftMoEConfig
+from moe_prune.core.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig
+from moe_prune.onnx.files import PREPROCESS_KEY, read_preprocess, set_preprocess
+from moe_prune.data.preprocess import INTERPOLATIONS, Preprocess
+from moe_prune.serving.predictor import Predictor
+from moe_prune.serving.repository import model_config, parse_model_config
+from moe_prune.onnx.validate import validate_onnx
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -192,7 +193,7 @@ def test_validation_of_a_pixel_graph_passes_and_says_so(files):
 
 def test_a_wrong_mean_inside_the_graph_fails_validation(files, tmp_path, monkeypatch):
     """The graph normalizes with a wrong mean while the file records the right one: the numbers must catch it."""
-    import moe_prune.export as export
+    import moe_prune.onnx.export as export
 
     real = export.with_preprocess
     wrong = Preprocess(size=16, channels=3, mean=(0.406, 0.456, 0.485), std=STD)  # channels swapped (BGR)
@@ -341,7 +342,7 @@ def test_predictor_needs_no_torch(files, tmp_path):
             sys.modules[name] = None  # any import of them now raises ImportError
         import numpy as np
         from PIL import Image
-        from moe_prune.serve import Predictor
+        from moe_prune.serving.predictor import Predictor
         im = Image.fromarray(np.arange(40 * 30 * 3, dtype=np.uint8).reshape(30, 40, 3))
         a, b = Predictor({str(files["pixels"])!r}), Predictor({str(files["float"])!r})
         assert np.abs(a.logits([im]) - b.logits([im])).max() < 1e-5

@@ -24,17 +24,17 @@ import torch
 
 import moe_prune
 from moe_prune.cli import main
-from moe_prune.compress import compress_model
+from moe_prune.compression.compress import compress_model
 from moe_prune.errors import CheckpointError, ConfigError, ExportError, SelectionError
-from moe_prune.experts import CPU_POLICY, StackedExperts, int8_matmul, set_policy, w8a8_linear
-from moe_prune.export import export_onnx
-from moe_prune.flops import model_cost
-from moe_prune.healing import HealConfig, heal
-from moe_prune.layers import SoftMoE, SoftMoEConfig
-from moe_prune.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig
-from moe_prune.quantize import QuantConfig, graph_numerics, quantize_, quantize_file, quantize_weights
-from moe_prune.selection import with_experts, with_selection
-from moe_prune.validate import validate_onnx
+from moe_prune.core.experts import CPU_POLICY, StackedExperts, int8_matmul, set_policy, w8a8_linear
+from moe_prune.onnx.export import export_onnx
+from moe_prune.measurement.flops import model_cost
+from moe_prune.compression.healing import HealConfig, heal
+from moe_prune.core.layers import SoftMoE, SoftMoEConfig
+from moe_prune.core.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig
+from moe_prune.compression.quantize import QuantConfig, graph_numerics, quantize_, quantize_file, quantize_weights
+from moe_prune.selection.scores import with_experts, with_selection
+from moe_prune.onnx.validate import validate_onnx
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -423,7 +423,7 @@ def test_int8_bytes_in_the_cost_model():
 
 def test_bench_takes_an_int8_checkpoint_of_its_own_source_only(tmp_path):
     """`bench FULL --compressed SMALL.int8`: the int8 experts are the full model's kept rows, quantized."""
-    from moe_prune.bench import check_compressed_from
+    from moe_prune.measurement.bench import check_compressed_from
 
     torch.manual_seed(0)
     full_path = moe_prune.save(MnistSoftMoE(MnistConfig(num_experts=8)), tmp_path / "m.safetensors")

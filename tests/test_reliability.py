@@ -42,9 +42,9 @@ from hypothesis import strategies as st
 
 import moe_prune
 from moe_prune import CheckpointError, MnistConfig, MnistSoftMoE, SoftMoE, SoftMoEConfig
-from moe_prune.checkpoint import read_header, summary
-from moe_prune.compress import compress_checkpoint, compress_file
-from moe_prune.export import example_input, export_checkpoint, export_onnx
+from moe_prune.core.checkpoint import read_header, summary
+from moe_prune.compression.compress import compress_checkpoint, compress_file
+from moe_prune.onnx.export import example_input, export_checkpoint, export_onnx
 
 FUZZ = settings(
     max_examples=int(os.environ.get("MOE_PRUNE_FUZZ_EXAMPLES", "40")),
@@ -462,8 +462,8 @@ def test_killed_export_leaves_old_or_complete_output(big_layer):
 
 
 def test_resumed_training_is_bit_identical(tmp_path, monkeypatch):
-    from moe_prune import data
-    from moe_prune.train import TrainConfig, train
+    from moe_prune.data import mnist as data
+    from moe_prune.flows.train import TrainConfig, train
 
     images, labels = data.load_images("sample", split="test")
     train_set, test_set = (images[:320], labels[:320]), (images[320:400], labels[320:400])
@@ -507,7 +507,7 @@ def test_resumed_training_is_bit_identical(tmp_path, monkeypatch):
 
 
 def test_compress_twice_gives_identical_files(tmp_path):
-    from moe_prune.data import calibration_batches
+    from moe_prune.data.mnist import calibration_batches
 
     torch.manual_seed(0)
     src = moe_prune.save(MnistSoftMoE(MnistConfig(num_experts=16)), tmp_path / "m.safetensors")
@@ -554,7 +554,7 @@ def test_export_of_a_compressed_checkpoint_twice_runs_identically(tmp_path):
 def workspace(tmp_path_factory):
     """Inputs for the table: checkpoints (a model, a bare layer, a compressed one of another model, damaged
     headers) and calibration arrays of every wrong kind."""
-    from moe_prune.compress import compress_model
+    from moe_prune.compression.compress import compress_model
 
     ws = tmp_path_factory.mktemp("mistakes")
     torch.manual_seed(0)
@@ -599,7 +599,7 @@ def _fail_late(where: str, error):
 
 
 def _fail_validation(monkeypatch):
-    from moe_prune import validate
+    from moe_prune.onnx import validate
 
     real = validate.compare_batch
 
@@ -652,15 +652,15 @@ MISTAKES = {  # name: (argv, words the one line must hold, patch or None)
                                      _fail_validation),
     "late_triton_repo_validation_fails": (_T, ["OUT", "differs"], _fail_validation),
     "late_compress_fails_writing": ([*_C, "--calib", "sample"], ["disk full"],
-                                    _fail_late("moe_prune.checkpoint._sort_metadata", moe_prune.errors.OutputError("disk full"))),
+                                    _fail_late("moe_prune.core.checkpoint._sort_metadata", moe_prune.errors.OutputError("disk full"))),
     "late_demo_fails_in_export": (["demo", "--checkpoint", "m.safetensors", "--keep", "2", "--out-dir", "OUT/deeper",
                                    "--heal-steps", "10"],
                                   ["exporter broke"],
-                                  _fail_late("moe_prune.pipeline.benchmark", moe_prune.errors.ExportError("exporter broke"))),
+                                  _fail_late("moe_prune.flows.demo.benchmark", moe_prune.errors.ExportError("exporter broke"))),
     "late_eval_fails_writing": ([*_E, "--calib", "sample"], ["disk full"],
-                                _fail_late("moe_prune.reports.study_markdown", moe_prune.errors.OutputError("disk full"))),
+                                _fail_late("moe_prune.measurement.reports.study_markdown", moe_prune.errors.OutputError("disk full"))),
     "late_bench_fails_timing": (_B, ["timer broke"],
-                                _fail_late("moe_prune.bench.bench_models", moe_prune.errors.ConfigError("timer broke"))),
+                                _fail_late("moe_prune.measurement.bench.bench_models", moe_prune.errors.ConfigError("timer broke"))),
 }
 
 
@@ -729,9 +729,9 @@ def test_the_console_script_prints_one_line(workspace):
 
 def test_training_watches_validation_and_reads_the_test_set_once(monkeypatch):
     """With a validation split every epoch is measured there; the test set is evaluated once, at the end."""
-    import moe_prune.train as train_module
-    from moe_prune.models import MnistConfig, MnistSoftMoE
-    from moe_prune.train import TrainConfig, train
+    import moe_prune.flows.train as train_module
+    from moe_prune.core.models import MnistConfig, MnistSoftMoE
+    from moe_prune.flows.train import TrainConfig, train
 
     g = torch.Generator().manual_seed(0)
     images = (torch.rand(96, 28, 28, generator=g) * 255).to(torch.uint8).numpy()

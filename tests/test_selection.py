@@ -7,10 +7,10 @@ from hypothesis import strategies as st
 
 import moe_prune
 from moe_prune import expert_scores, parse_keep, select_experts, with_experts, with_selection
-from moe_prune.compress import compress_file, compress_model, static_subsets
+from moe_prune.compression.compress import compress_file, compress_model, static_subsets
 from moe_prune.errors import SelectionError
-from moe_prune.layers import SoftMoE, SoftMoEConfig
-from moe_prune.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig
+from moe_prune.core.layers import SoftMoE, SoftMoEConfig
+from moe_prune.core.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig
 
 
 
@@ -302,7 +302,7 @@ def test_compress_reads_only_kept_experts(tmp_path, monkeypatch):
                     return sl[idx]
             return S()
 
-    monkeypatch.setattr("moe_prune.compress.safe_open", Spy)
+    monkeypatch.setattr("moe_prune.compression.compress.safe_open", Spy)
     compress_file(src, {"moe": torch.tensor([2, 3, 9])}, tmp_path / "out.safetensors")
     expert_reads = [(n, i) for n, i in reads if ".experts." in n]
     assert expert_reads and all(i != "all" for _, i in expert_reads)

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import moe_prune
-from moe_prune.compress import compress_model
-from moe_prune.models import MnistConfig, MnistSoftMoE
-from moe_prune.selection import calibrate, with_selection
-from moe_prune.serve import Predictor, model_config, parse_model_config, write_triton_repo
+from moe_prune.compression.compress import compress_model
+from moe_prune.core.models import MnistConfig, MnistSoftMoE
+from moe_prune.selection.scores import calibrate, with_selection
+from moe_prune.serving.predictor import Predictor
+from moe_prune.serving.repository import model_config, parse_model_config, write_triton_repo
 
 # Each capability gates only the tests that use it: parsing a Triton config needs tritonclient (the [serve] extra);
 # the torchrun calibration tests need torch.distributed with gloo and the console script, not tritonclient.
@@ -77,7 +78,7 @@ def test_config_parser_rejects_garbage():
 
 
 def test_fixed_batch_model_is_refused(tmp_path):
-    from moe_prune.export import export_onnx
+    from moe_prune.onnx.export import export_onnx
 
     path = export_onnx(tiny(), tmp_path / "fixed.onnx", dynamic_batch=False)
     with pytest.raises(moe_prune.ExportError, match="batch"):
@@ -85,8 +86,8 @@ def test_fixed_batch_model_is_refused(tmp_path):
 
 
 def test_predictor_matches_pytorch(tmp_path):
-    from moe_prune.data import load_images, to_tensor
-    from moe_prune.export import export_onnx
+    from moe_prune.data.mnist import load_images, to_tensor
+    from moe_prune.onnx.export import export_onnx
 
     model = compress_model(tiny(), {"moe": torch.tensor([2, 3, 7])})
     path = export_onnx(model, tmp_path / "m.onnx")

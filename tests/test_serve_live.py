@@ -26,11 +26,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from moe_prune.compress import compress_model
-from moe_prune.export import export_onnx
-from moe_prune.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig
-from moe_prune.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from moe_prune.selection import with_selection
+from moe_prune.compression.compress import compress_model
+from moe_prune.onnx.export import export_onnx
+from moe_prune.core.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig
+from moe_prune.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from moe_prune.selection.scores import with_selection
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"

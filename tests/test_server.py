@@ -15,11 +15,11 @@ import torch
 
 import moe_prune
 from moe_prune.cli import main
-from moe_prune.compress import compress_model
-from moe_prune.export import export_onnx
-from moe_prune.models import MnistConfig, MnistSoftMoE
-from moe_prune.selection import with_selection
-from moe_prune.server import OnnxModel, ServeConfig, TensorSpec, start
+from moe_prune.compression.compress import compress_model
+from moe_prune.onnx.export import export_onnx
+from moe_prune.core.models import MnistConfig, MnistSoftMoE
+from moe_prune.selection.scores import with_selection
+from moe_prune.serving.server import OnnxModel, ServeConfig, TensorSpec, start
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +127,10 @@ def test_serve_path_imports_neither_torch_nor_triton(models, tmp_path):
         for name in ("torch", "triton"):
             sys.modules[name] = None  # any import of them now raises ImportError
         import numpy as np
-        import moe_prune, moe_prune.cli, moe_prune.server
+        import moe_prune, moe_prune.cli, moe_prune.serving.server
         rc = moe_prune.cli.main(["serve", {str(bad)!r}])
         assert rc == 2, rc
-        m = moe_prune.server.OnnxModel({str(models["compressed"])!r})
+        m = moe_prune.serving.server.OnnxModel({str(models["compressed"])!r})
         out = m([{{"input": np.zeros((3, 1, 28, 28), np.float32)}}])
         assert out[0]["output"].shape == (3, 10)
         assert isinstance(moe_prune.ServeError("x"), moe_prune.MoePruneError)
@@ -147,7 +147,7 @@ def test_package_names_still_resolve():
     """The public API is imported on first use; every listed name resolves, unknown names raise AttributeError."""
     for name in moe_prune.__all__:
         assert getattr(moe_prune, name) is not None, name
-    assert moe_prune.serve_model is moe_prune.server.serve
+    assert moe_prune.serve_model is moe_prune.serving.server.serve
     with pytest.raises(AttributeError):
         moe_prune.no_such_name
 

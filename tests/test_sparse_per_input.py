@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_prune.experts import CPU_POLICY, set_policy
-from moe_prune.layers import SoftMoE, SoftMoEConfig
-from moe_prune.selection import select_experts, with_selection
+from moe_prune.core.experts import CPU_POLICY, set_policy
+from moe_prune.core.layers import SoftMoE, SoftMoEConfig
+from moe_prune.selection.scores import select_experts, with_selection
 
 KINDS = ["gelu_mlp", "relu_mlp", "geglu"]
 REGIMES = {  # execution policies that force each path of StackedExperts.grouped

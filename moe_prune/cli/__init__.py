@@ -1,0 +1,5 @@
+"""TODO"""
+
+from .parser import build_parser, main
+
+__all__ = ["build_parser", "main"]

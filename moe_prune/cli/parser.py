@@ -1,0 +1,688 @@
+"""The `moe-prune` command: argparse only. Each subcommand parses, calls one library function, prints.
+
+Errors a user can cause (moe_prune.errors) print as one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError, MoePruneError
+
+
+def _command(args) -> str:
+    """The command line this run was called with, quoted so that it can be pasted back into a shell."""
+    return shlex.join(["moe-prune", *args.argv])
+
+
+def _no_plot_note(path) -> None:
+    print(f"moe-prune: note: {path} not written: matplotlib is not installed (pip install matplotlib, or the "
+          "[dev] extra)", file=sys.stderr)
+
+
+def _json_arg(text: str) -> dict:
+    """A JSON object given inline or as a path to a JSON file (a {"kwargs": {...}} wrapper is unwrapped)."""
+    from pathlib import Path
+
+    src = Path(text).read_text() if not text.lstrip().startswith("{") and Path(text).is_file() else text
+    try:
+        obj = json.loads(src)
+    except ValueError as e:
+        raise ConfigError(f"--kwargs: not a JSON object or a JSON file: {e}") from None
+    if not isinstance(obj, dict):
+        raise ConfigError("--kwargs: expected a JSON object")
+    return obj.get("kwargs", obj) if isinstance(obj.get("kwargs"), dict) else obj
+
+
+def _source(args, path):
+    """A checkpoint argument with the options that say how to read another library's file."""
+    from ..core.checkpoint import CheckpointFile
+
+    kwargs = _json_arg(args.kwargs) if getattr(args, "kwargs", None) else None
+    return CheckpointFile(path, kwargs=kwargs, ema=getattr(args, "ema", False),
+                          library=getattr(args, "source_format", "auto"))
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def _data_options(args):
+    """The data-reading and preprocessing options of a command, as datasets.DataOptions."""
+    from ..data.datasets import DataOptions
+
+    return DataOptions(workers=getattr(args, "workers", None), skip_bad=getattr(args, "skip_bad", False),
+                       cache_mb=getattr(args, "cache_mb", 1024.0), interpolation=getattr(args, "interpolation", None),
+                       crop_pct=getattr(args, "crop_pct", None), mean=getattr(args, "mean", None),
+                       std=getattr(args, "std", None))
+
+
+def cmd_info(args) -> None:
+    import warnings
+
+    from ..core.checkpoint import summary
+    from ..measurement.reports import format_summary
+
+    with warnings.catch_warnings():  # `info` says which values are defaults in its own lines
+        warnings.simplefilter("ignore")
+        s = summary(_source(args, args.checkpoint))
+    print(json.dumps(s, indent=2) if args.json else format_summary(s))
+
+
+def cmd_convert(args) -> None:
+    from ..core.checkpoint import convert_file
+    from ..core.files import resolve_out
+    from ..measurement.reports import format_found
+
+    kwargs = _json_arg(args.kwargs) if args.kwargs else None
+    stem = Path(args.source).name.split(".")[0]
+    out = resolve_out(args.out, ".safetensors", f"{stem}.native.safetensors")
+    with _folder_for(out, args.out):
+        overrides = {k: v for k, v in _data_options(args).preprocess_overrides().items() if v is not None}
+        model, found = convert_file(args.source, out, args.source_format, kwargs, ema=args.ema, preprocess=overrides,
+                                    dtype=args.dtype)
+    print("\n".join(format_found(found)))
+    print(f"converted {args.source} -> {out}")
+
+
+def _folder_form(out: Path, given: str) -> bool:
+    """Whether --out named a folder (see files.resolve_out), which the run creates if missing."""
+    return out.name != Path(given).name
+
+
+def _folder_for(out: Path, given: str):
+    """Create the folder of a folder-form --out for the run; else nothing to create."""
+    from ..core.files import output_folder
+
+    return output_folder(out.parent) if _folder_form(out, given) else contextlib.nullcontext()
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 2,4,8")
+    return values
+
+
+def cmd_train(args) -> None:
+    from ..flows.train import TrainConfig, train_models
+
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      validation=args.validation)
+    vit = {**VIT_DEFAULTS, **(_json_arg(args.vit) if args.vit else {})} if args.model == "vit" else None
+    for out, result in train_models(args.model, args.experts, args.data, args.out_dir, vit=vit,
+                                    scale_init=args.scale_init, config=cfg,
+                                    meta={"data": args.data, "command": _command(args)}, device=args.device):
+        print(f"{out}: test accuracy {result['test_accuracy']:.4f}")
+
+
+def _csv(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def cmd_eval(args) -> None:
+    from ..measurement.evaluate import StudyConfig, eval_checkpoints
+
+    config = StudyConfig(keeps=tuple(args.keep), modes=tuple(args.modes), batch_sizes=tuple(args.batch_sizes),
+                         random_seeds=args.random_seeds)
+    r = eval_checkpoints([_source(args, c) for c in args.checkpoints], data=args.data, calib=args.calib, calib_limit=args.calib_limit,
+                         config=config, out_dir=args.out_dir, command=_command(args), options=_data_options(args),
+                         device=args.device)
+    if not r["plotted"]:
+        _no_plot_note(r["plot"])
+    print(r["markdown"])
+    print(f"\nwrote {', '.join(map(str, r['files']))}")
+
+
+def cmd_demo(args) -> None:
+    from ..flows.demo import DemoConfig, run_demo
+    from ..measurement.reports import format_demo
+
+    config = DemoConfig(checkpoint=_source(args, args.checkpoint) if args.checkpoint else None, out_dir=args.out_dir, keep=args.keep, mode=args.mode,
+                        export=not args.no_export, bench=not args.no_bench,
+                        heal_steps=None if args.heal_steps == 0 else args.heal_steps, device=args.device)
+    print(format_demo(run_demo(config)))
+
+
+def cmd_bench(args) -> None:
+    from ..measurement.bench import bench_checkpoint
+    from ..measurement.timing import BenchConfig
+
+    config = BenchConfig(batch_sizes=tuple(args.batch_sizes), threads=args.threads, min_seconds=args.min_seconds)
+    r = bench_checkpoint(_source(args, args.checkpoint), compressed=args.compressed, keep=args.keep, mode=args.mode,
+                         provider=args.provider, layers_alone=not args.no_layer, config=config,
+                         out_dir=args.out_dir, command=_command(args), device=args.device)
+    if not r["plotted"]:
+        _no_plot_note(r["plot"])
+    print(r["result"]["text"])
+    print(f"\nwrote {', '.join(map(str, r['files']))}")
+
+
+def cmd_compress(args) -> None:
+    from ..compression.compress import compress_from_data
+    from ..core.files import resolve_out
+
+    src = Path(args.checkpoint)
+    if args.calib is None:  # --quantize alone: the checkpoint's experts as they are (a compressed one, typically)
+        return _quantize_only(args, src)
+    int8 = ".int8" if args.quantize else ""
+    out = resolve_out(args.out, ".safetensors", f"{src.name.split('.')[0]}.keep{args.keep.replace('/', 'of')}.{args.mode}{int8}.safetensors")
+    heal = None
+    if args.heal:
+        from ..compression.healing import HealConfig
+
+        heal = HealConfig(steps=args.heal_steps, lr=args.heal_lr, temperature=args.heal_temperature,
+                          parts=args.heal_parts, seed=args.heal_seed, held_out=args.heal_held_out,
+                          max_epochs=args.heal_max_epochs, patience=args.heal_patience)
+    r = compress_from_data(_source(args, src), out, args.keep, args.calib, calib_limit=args.calib_limit, batch_size=args.batch_size,
+                           mode=args.mode, rule=args.rule, heal=heal, create_folder=_folder_form(out, args.out),
+                           meta={"command": _command(args)}, options=_data_options(args), device=args.device,
+                           dtype=args.dtype, budget=args.budget, quantize=args.quantize)
+    if r is None:  # a torchrun rank other than 0: rank 0 reports
+        return
+    before, after = r["before"], r["after"]
+    for name, ids in r["subsets"].items():
+        print(f"  {name or '(layer)'}: kept experts {ids.tolist()} (rule: {args.rule})")
+    if r["heal"] is not None:
+        h = r["heal"]
+        line = f"  healed: {h['steps_run']} of {h['steps_planned']} steps in {h['seconds']:.0f} s, distillation loss {h['loss_before']:.4g} -> {h['loss_after']:.4g}"
+        held = h.get("held_out") or {}
+        if held.get("best_step") is not None:
+            first, best = held["losses"][0]["loss"], min(x["loss"] for x in held["losses"])
+            kept = "the unhealed weights kept: healing never beat them there" if held["best_step"] == 0 else \
+                f"weights of step {held['best_step']} kept"
+            line += f" (on {held['inputs']} held-out inputs: {first:.4g} -> {best:.4g}, {kept})"
+        if h.get("stopped"):
+            line += f"; stopped early: {h['stopped']}"
+        if "accuracy_after" in h:
+            line += (f"; held-out accuracy {100 * h['accuracy_before']:.2f}% -> {100 * h['accuracy_after']:.2f}% "
+                     f"(full model {100 * h['accuracy_full']:.2f}%)")
+        else:
+            line += "; no held-out accuracy (--calib has no test split or val/ folder)"
+        print(line)
+    _print_sizes(before, after)
+    print(f"wrote {r['path']}")
+
+
+def _print_sizes(before: dict, after: dict) -> None:
+    from ..measurement.reports import human_bytes, human_count
+
+    for key, label in (("parameters", "parameters"), ("expert_parameters", "expert parameters")):
+        if before[key] <= after[key]:  # quantizing alone adds the scales and removes nothing: bytes say it
+            continue
+        print(f"  {label:<18} {human_count(before[key]):>9} -> {human_count(after[key]):>9}  ({before[key] / after[key]:.2f}x smaller)")
+    if any(layer.get("quant") for layer in after["moe_layers"]):  # int8 experts: their bytes, scales included
+        print(f"  {'expert weights':<18} {human_bytes(before['expert_bytes']):>9} -> {human_bytes(after['expert_bytes']):>9}  "
+              f"({before['expert_bytes'] / after['expert_bytes']:.2f}x smaller, int8 with per-channel scales)")
+    print(f"  {'weights':<18} {human_bytes(before['weight_bytes']):>9} -> {human_bytes(after['weight_bytes']):>9}  "
+          f"({before['weight_bytes'] / after['weight_bytes']:.2f}x smaller, {after['dtype']})")
+    if before["native"]:  # another library's file also holds what is not weights (optimizer state, ...)
+        print(f"  {'file size':<18} {human_bytes(before['bytes']):>9} -> {human_bytes(after['bytes']):>9}  ({before['bytes'] / after['bytes']:.2f}x smaller)")
+
+
+def _quantize_only(args, src: Path) -> None:
+    """`compress CKPT --quantize int8` without --calib: quantize the experts the checkpoint holds, nothing chosen."""
+    from ..core.files import resolve_out
+    from ..compression.quantize import quantize_file
+
+    given = [flag for flag in ("--keep", "--heal", "--rule", "--budget", "--mode", "--calib-limit")
+             if any(a == flag or a.startswith(flag + "=") for a in args.argv)]
+    if not args.quantize or given:
+        why = f"{', '.join(given)} choose{'s' if len(given) == 1 else ''} experts on it" if given else "it is the data the experts are chosen on"
+        raise ConfigError(f"compress: --calib is required ({why}); without it only --quantize int8 runs, on the "
+                          "experts the checkpoint holds (e.g. a compressed one); see `moe-prune compress --help`")
+    out = resolve_out(args.out, ".safetensors", f"{src.name.split('.')[0]}.int8.safetensors")
+    r = quantize_file(_source(args, src), out, args.quantize, meta={"command": _command(args)},
+                      create_folder=_folder_form(out, args.out))
+    print(f"  quantized the experts of {src} as they are ({args.quantize}, nothing recalibrated)")
+    _print_sizes(r["before"], r["after"])
+    print(f"wrote {r['path']}")
+
+
+def cmd_export(args) -> None:
+    from ..onnx.export import export_checkpoint
+    from ..core.files import resolve_out
+
+    # The checkpoint's own preprocessing with --mean/--std/--interpolation/--crop-pct on top (the options every
+    # command that reads images shares); --preprocess puts it inside the graph.
+    pre = dict(preprocess=args.preprocess, mean=args.mean, std=args.std, interpolation=args.interpolation,
+               crop_pct=args.crop_pct)
+    if args.format == "triton-repo":
+        from ..serving.repository import export_triton_repo
+
+        root = export_triton_repo(_source(args, args.checkpoint), args.out, args.name, keep=args.keep, dynamic=args.dynamic,
+                                  per=args.per, mode=args.mode, atol=args.atol, kind=args.instance_kind,
+                                  max_batch_size=args.max_batch_size, opset=args.opset,
+                                  validate=not args.no_validate, **pre)
+        print(f"wrote the Triton model repository {args.out}: {root / 'config.pbtxt'}, {root / '1' / 'model.onnx'}")
+        print(f"serve it with: tritonserver --model-repository {Path(args.out).resolve()}")
+        return
+    out = resolve_out(args.out, ".onnx", f"{Path(args.checkpoint).name.split('.')[0]}.onnx")
+    with _folder_for(out, args.out):
+        path, report = export_checkpoint(
+            _source(args, args.checkpoint), out, keep=args.keep, dynamic=args.dynamic, per=args.per, mode=args.mode, opset=args.opset,
+            dynamo=args.exporter == "dynamo", atol=args.atol, validate=not args.no_validate,
+            keep_invalid=args.keep_invalid, dtype=args.dtype, **pre,
+        )
+        if report is not None:
+            print(report.format())
+            if not args.keep_invalid:  # a failure here takes back the folder this run made
+                report.raise_for_failure()
+    if report is not None:
+        report.raise_for_failure()  # the kept model and its folder stay; the message says where
+    print(f"exported {args.checkpoint} -> {path}")
+
+
+def cmd_serve(args) -> None:
+    import logging
+
+    from ..serving.server import ServeConfig, serve
+
+    # Logs go to stderr (PyTriton's and ours); stdout stays free for whoever wraps the server.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    serve(ServeConfig(model=args.model, name=args.name, host=args.host, http_port=args.http_port,
+                      grpc_port=args.grpc_port, metrics_port=args.metrics_port, max_batch_size=args.max_batch_size,
+                      queue_delay_us=args.queue_delay_us, threads=args.threads, provider=args.provider))
+
+
+# The Soft MoE ViT for 28x28 inputs: 49 patches + a class token, Soft MoE in the last 3 of 4 blocks.
+# Kept here rather than imported: the CLI (and `serve`) must not import torch. tests/test_heal.py checks they
+# equal calibration.RULES / DEFAULT_RULE and heal.HealConfig().
+CALIBRATION_RULES = ("loss", "reconstruct", "output", "mass")
+DEFAULT_RULE = "loss"
+HEAL_DEFAULTS = argparse.Namespace(steps=3000, lr=1e-2, temperature=2.0, parts="experts+router+head", seed=0,
+                                   held_out=0.1, max_epochs=20.0,
+                                   patience=3)
+
+VIT_DEFAULTS = dict(
+    img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,
+    moe_layer_index=1, slots_per_expert=1,
+)
+
+
+class _Help(argparse.HelpFormatter):
+    """Every option with a default value ends its help with "(default: X)"; flags are off unless given."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or any(default is v for v in (None, False, argparse.SUPPRESS)) or not action.option_strings:
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})".replace("%", "%%")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error printed as one line like every other error (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"moe-prune: error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
+OUT_RULE = ("a FILE.{suffix} is written exactly there (atomically); an existing folder or a path ending in '/' "
+            "gets {name} inside it (a missing folder is created, and removed again if the run fails)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    p = _Parser(
+        prog="moe-prune", formatter_class=_Help,
+        description="Run Soft MoE models with a fraction of their experts (Chung et al., TMLR 2025): "
+        "inspect, convert, select, compress, export to ONNX, benchmark, serve. Errors a user can cause print one line "
+        "and exit with status 2; outputs appear only when a run succeeds.",
+    )
+    p.add_argument("--version", action="version", version=f"moe-prune {__version__}")
+    p.add_argument("--traceback", action="store_true", help="show the full traceback of an error (for bug reports)")
+    # --traceback is also accepted after COMMAND; SUPPRESS keeps the subcommand from resetting the global flag.
+    common = _Parser(add_help=False)
+    common.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error (for bug reports)")
+    # How to read a checkpoint saved by another library: every command that takes a checkpoint has these.
+    source = _Parser(add_help=False)
+    source.add_argument("--kwargs", help="for a soft-moe / soft-moe-pytorch checkpoint: constructor arguments its "
+                        "tensor shapes cannot tell, as inline JSON or a JSON file (a soft-moe ViT's num_heads and "
+                        "global_pool); everything else is read from the file, see `moe-prune info`")
+    source.add_argument("--ema", action="store_true", help="take the checkpoint's EMA weights (an EMA entry such as "
+                        "state_dict_ema, or names under a prefix such as model_ema.)")
+    source.add_argument("--from", dest="source_format", choices=["auto", "bwconrad", "lucidrains"], default="auto",
+                        help="which library saved a checkpoint that is not moe-prune's: bwconrad (soft-moe), "
+                        "lucidrains (soft-moe-pytorch), or auto (from its tensor names)")
+    # The model's own input preprocessing (timm's evaluation transform), over what the checkpoint records.
+    preprocessing = _Parser(add_help=False)
+    preprocessing.add_argument("--mean", type=_floats, help="per-channel mean the model was trained with, e.g. "
+                               "0.485,0.456,0.406 (default: the checkpoint's record; moe-prune's own models 0, "
+                               "converted soft-moe ViTs timm's 0.5); written into every checkpoint the run makes")
+    preprocessing.add_argument("--std", type=_floats, help="per-channel std, e.g. 0.229,0.224,0.225 (default: as --mean)")
+    preprocessing.add_argument("--interpolation", choices=["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"],
+                               help="resize filter (default: the checkpoint's record; converted ViTs bicubic)")
+    preprocessing.add_argument("--crop-pct", type=float, help="center crop share: images are resized to input/crop_pct, "
+                               "then center-cropped (default: the checkpoint's record; converted ViTs 0.9)")
+    # How image folders are read.
+    reading = _Parser(add_help=False)
+    reading.add_argument("--workers", type=int, help="threads decoding images (default: up to 4, one per core)")
+    reading.add_argument("--skip-bad", action="store_true", help="leave out images that cannot be decoded (counted "
+                         "and reported) instead of stopping at the first")
+    reading.add_argument("--cache-mb", type=float, default=1024.0, help="keep a data set decoded in memory when it "
+                         "fits this many MB; larger ones are decoded again at each pass (memory stays one batch)")
+    # Where the models run.
+    running = _Parser(add_help=False)
+    running.add_argument("--device", default="auto", help="where torch computes: cpu, cuda, cuda:N, or auto (the "
+                         "first GPU torch sees, else the CPU)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def command(name, checkpoint: bool = False, data: bool = False, preprocess: bool = False, device: bool = False,
+                **kw):
+        parents = [common] + ([source] if checkpoint else []) + ([preprocessing] if preprocess else []) \
+            + ([reading] if data else []) + ([running] if device else [])
+        return sub.add_parser(name, parents=parents, formatter_class=_Help, **kw)
+
+    s = command("demo", checkpoint=True, device=True, help="the whole flow on the bundled checkpoint: select 1/8, compress, export, measure",
+                description="Load a checkpoint (default: the small Fashion-MNIST model shipped with moe-prune), "
+                "calibrate on half of the bundled sample and keep the top experts of every Soft MoE layer, write "
+                "the compressed checkpoint, measure accuracy kept on the other half (beside random subsets and "
+                "no experts), export full and reduced models to ONNX, validate them and benchmark them. The model "
+                "must take 28x28 one-channel images.")
+    s.add_argument("--checkpoint", help="a checkpoint of a 28x28 one-channel image classifier, moe-prune's or "
+                   "another library's (default: the bundled one)")
+    s.add_argument("--keep", default="1/8", help="fraction or count of experts to keep")
+    s.add_argument("--mode", choices=["drop", "renorm"], default="drop", help="drop (the paper) or renorm")
+    s.add_argument("--out-dir", default="demo-output", help="the folder the outputs go to")
+    s.add_argument("--no-export", action="store_true", help="skip the ONNX export and benchmark")
+    s.add_argument("--no-bench", action="store_true", help="export and validate, but skip the benchmark")
+    s.add_argument("--heal-steps", type=_non_negative, default=HEAL_DEFAULTS.steps,
+                   help="distillation steps for the healed checkpoint (0: no healing)")
+    s.set_defaults(func=cmd_demo)
+
+    s = command("compress", checkpoint=True, data=True, preprocess=True, device=True, help="calibrate, keep the best experts of every Soft MoE layer, write a smaller checkpoint",
+                description="Choose every Soft MoE layer's experts on calibration data by a rule (see --rule; "
+                "layers in order, each on the inputs it sees after the earlier ones are pruned), optionally recover the lost accuracy by "
+                "distillation from the full model on the same unlabeled images (--heal: only the kept experts "
+                "router and head are trained), and write a native checkpoint holding only those experts (re-indexed; "
+                "their original ids in its metadata, see `moe-prune info --json`). drop mode keeps all of the "
+                "router (the combine denominator needs every slot); renorm keeps only the kept columns. The "
+                "input is never modified; the output is written atomically. Under torchrun the calibration is sharded "
+                "over the processes (torchrun --nproc-per-node N --no-python moe-prune compress ...); with --rule mass "
+                "the result equals one process's exactly; --heal runs data-parallel over the processes (the same result to "
+                "float rounding) and rank 0 writes.")
+    s.add_argument("checkpoint", help="the checkpoint (moe-prune's .safetensors, or a soft-moe / soft-moe-pytorch checkpoint: .safetensors, sharded index, .pt/.pth/.bin, Lightning .ckpt)")
+    s.add_argument("--keep", default="1/8", help="fraction ('1/8', 0.125) or count (16) of experts to keep")
+    s.add_argument("--calib", help="calibration data (labels unused; required, except with --quantize alone, which "
+                   "quantizes the experts the checkpoint holds): a folder of images (PNG, JPEG, "
+                   "WebP, BMP, GIF; in class sub-folders or not, recursive; its train/ if it has train/ and val/), a "
+                   ".txt listing image paths, a .npy/.npz (uint8 images NHW, NHWC or NCHW; or float model inputs as "
+                   "they are, e.g. tokens [N, M, D] for a bare Soft MoE layer), 'fashion-mnist' or 'mnist' (train "
+                   "split), an IDX folder, or 'sample' (the bundled images 0-499; 500-999 are its test half). Images go through the model's own "
+                   "preprocessing (see --mean)")
+    s.add_argument("--calib-limit", type=int, default=10000, help="use at most this many calibration inputs (of a "
+                   "folder: spread evenly over it, so every class is in)")
+    s.add_argument("--batch-size", type=int, default=256, help="calibration batch size")
+    s.add_argument("--mode", choices=["drop", "renorm"], default="drop", help="drop (the paper) or renorm")
+    s.add_argument("--rule", choices=list(CALIBRATION_RULES), default=DEFAULT_RULE,
+                   help="how the kept experts are chosen: loss (greedy on the model's distillation loss), reconstruct "
+                   "(greedy on each layer's output error), output (combine weight x slot output size), mass "
+                   "(the paper's combine mass); the default measured best (README, 'Compressed checkpoints')")
+    s.add_argument("--budget", choices=["per-layer", "global"], default="per-layer",
+                   help="per-layer: every Soft MoE layer keeps --keep of its experts; global (with --rule loss): the "
+                   "same expert FLOPs in all, spent where the distillation loss drops most, so layers may keep "
+                   "different numbers")
+    s.add_argument("--heal", action="store_true", help="distill the full model into the compressed one on the "
+                   "calibration images (KL of the logits at a temperature; Adam); with a data set as --calib, "
+                   "accuracy before and after on its test split goes into the metadata")
+    s.add_argument("--heal-steps", type=int, default=HEAL_DEFAULTS.steps, help="Adam steps of --heal")
+    s.add_argument("--heal-lr", type=float, default=HEAL_DEFAULTS.lr, help="Adam learning rate of --heal")
+    s.add_argument("--heal-temperature", type=float, default=HEAL_DEFAULTS.temperature, help="softmax temperature of --heal")
+    s.add_argument("--heal-parts", choices=["experts", "experts+router", "experts+router+head"],
+                   default=HEAL_DEFAULTS.parts, help="what --heal trains: the kept experts; also the routers (phi, "
+                   "scale); also the classifier head. Everything else stays frozen")
+    s.add_argument("--heal-seed", type=int, default=HEAL_DEFAULTS.seed, help="seed of --heal's batch order")
+    s.add_argument("--heal-held-out", type=float, default=HEAL_DEFAULTS.held_out, help="share of the calibration "
+                   "inputs --heal never trains on: their loss is measured every tenth of the steps and the best "
+                   "weights kept (the unhealed ones if healing never beats them); 0: none")
+    s.add_argument("--heal-max-epochs", type=float, default=HEAL_DEFAULTS.max_epochs, help="at most this many "
+                   "passes of --heal over the calibration inputs, whatever --heal-steps says; 0: no cap")
+    s.add_argument("--heal-patience", type=_non_negative, default=HEAL_DEFAULTS.patience, help="stop --heal once "
+                   "this many held-out measurements in a row did not improve on the best; 0: run every step")
+    s.add_argument("--out", required=True, help="the output: " + OUT_RULE.format(
+        suffix="safetensors", name="NAME.keepKofN.MODE.safetensors"))
+    s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="the output's weights (default: the checkpoint's "
+                   "own; calibration and healing compute in fp32 either way)")
+    s.add_argument("--quantize", choices=["int8"], help="store the kept experts' weights as int8 with one scale per "
+                   "output channel (a quarter of their bytes; router, norms and head keep --dtype), after calibration "
+                   "and healing, which run in float. Without --calib: quantize the experts the checkpoint holds "
+                   "(e.g. a compressed checkpoint), nothing chosen. `export` keeps them int8 (integer matmuls for large experts)")
+    s.set_defaults(func=cmd_compress)
+
+    s = command("bench", checkpoint=True, device=True, help="latency of the full, compressed, Algorithm 2 and Algorithm 1 models side by side, against the bounds",
+                description="Export the full model, its reduced version (a compressed checkpoint, or one made "
+                "here by calibrating on the bundled sample), the Algorithm 2 (per batch) and the Algorithm 1 (per input) "
+                "models to ONNX, validate them, "
+                "then time them alternately on ONNX Runtime and in PyTorch eager at each batch size. Prints "
+                "p50/p90/p99 latency, throughput, peak memory and the speedup over the full model beside its "
+                "analytic bounds (FLOP ratio, weight-bytes ratio and the roofline of this machine's measured peak and "
+                "bandwidth, whole model and the Soft MoE layer alone). "
+                "A bare Soft MoE layer is timed on random tokens [B, 16, D]. "
+                "Writes bench.json, bench.md and bench.png (with matplotlib) to --out-dir.")
+    s.add_argument("checkpoint", help="the full checkpoint (moe-prune's .safetensors, or a soft-moe / soft-moe-pytorch checkpoint: .safetensors, sharded index, .pt/.pth/.bin, Lightning .ckpt)")
+    s.add_argument("--compressed", help="its compressed checkpoint (checked to come from CHECKPOINT; default: made "
+                   "here, see above)")
+    s.add_argument("--keep", default="1/8", help="experts kept")
+    s.add_argument("--mode", choices=["drop", "renorm"], default="drop", help="drop (the paper) or renorm")
+    s.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 32], help="comma-separated batch sizes")
+    s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
+                   help="ONNX Runtime execution provider (cuda/tensorrt need the [gpu] extra and an NVIDIA GPU)")
+    s.add_argument("--threads", type=int, help="intra-op threads for ONNX Runtime and torch (default: theirs)")
+    s.add_argument("--min-seconds", type=float, default=2.0, help="time each model at least this long per batch size")
+    s.add_argument("--no-layer", action="store_true", help="skip the Soft MoE layer-alone comparison")
+    s.add_argument("--out-dir", default="bench-output", help="the folder the outputs go to")
+    s.set_defaults(func=cmd_bench)
+
+    s = command("info", checkpoint=True, help="print a checkpoint's architecture, Soft MoE layers, experts and parameters",
+                description="Print a checkpoint's architecture, its Soft MoE layers (experts, slots, "
+                "hidden width, kept experts of a compressed checkpoint) and parameter counts. The header is "
+                "checked against the architecture as `load` checks it. For a soft-moe or soft-moe-pytorch "
+                "checkpoint (any format: .safetensors, sharded, .pt/.pth/.bin read with torch.load(weights_only=True), "
+                "Lightning .ckpt), also what was found: the file's format, the library, the prefix its names carry, "
+                "and each constructor argument with its source (the tensor shapes, the checkpoint's "
+                "hyper_parameters, --kwargs, or the library's default).")
+    s.add_argument("checkpoint", help="a checkpoint (moe-prune's .safetensors, or a soft-moe / soft-moe-pytorch checkpoint: .safetensors, sharded index, .pt/.pth/.bin, Lightning .ckpt)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(func=cmd_info)
+
+    s = command("convert", checkpoint=True, preprocess=True, help="convert a soft-moe / soft-moe-pytorch checkpoint to the native format",
+                description="Convert a checkpoint of soft_moe.SoftMoEVisionTransformer or SoftMoELayerWrapper "
+                "(bwconrad) or soft_moe_pytorch.SoftMoE (lucidrains) to a native checkpoint, which carries "
+                "its architecture and keeps the file's dtype. Every command reads such checkpoints directly; "
+                "converting saves re-reading them. The architecture comes from the tensor shapes; what they "
+                "cannot tell (a ViT's num_heads, global_pool) from the checkpoint's hyper_parameters, --kwargs, "
+                "or the library's default, and the output says which.")
+    s.add_argument("source", help="the library's checkpoint: .safetensors (or a sharded index), .pt/.pth/.bin, or a "
+                   "Lightning .ckpt")
+    s.add_argument("--out", required=True, help="the output: " + OUT_RULE.format(
+        suffix="safetensors", name="SOURCE.native.safetensors"))
+    s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="the output's weights (default: the source's)")
+    s.set_defaults(func=cmd_convert)
+
+    s = command("train", device=True, help="train Soft MoE classifiers (Chung et al.'s MNIST family, or the ViT) on IDX data",
+                description="Train one model per expert count with Adam (Chung et al.'s setup), evaluating on "
+                "the test split after each epoch. Writes OUT_DIR/{model}-e{n}.safetensors with the test accuracy, "
+                "history and command in its metadata; a killed run resumes from its last completed epoch.")
+    s.add_argument("--model", choices=["mnist", "vit"], default="mnist",
+                   help="mnist: Chung et al.'s 4-token model with experts of width 784/n; vit: a Soft MoE ViT for 28x28")
+    s.add_argument("--experts", type=_int_list, default=[2, 4, 8, 16, 32, 64, 128, 256, 512],
+                   help="comma-separated expert counts, one model each")
+    s.add_argument("--data", default="fashion-mnist",
+                   help="'fashion-mnist' (Debian's dataset-fashion-mnist), 'mnist', or a folder of the four IDX files")
+    s.add_argument("--vit", help="ViT constructor arguments as JSON, over the defaults " + json.dumps(VIT_DEFAULTS))
+    s.add_argument("--scale-init", type=float, default=1.0,
+                   help="initial router scale (inverse softmax temperature) of every Soft MoE layer; 1 as in "
+                   "soft-moe and vmoe. Larger values start with sharper routing")
+    s.add_argument("--epochs", type=int, default=15, help="epochs per model")
+    s.add_argument("--batch-size", type=int, default=256, help="training batch size")
+    s.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    s.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the batch order")
+    s.add_argument("--validation", type=int, default=0, help="hold out the last N training images (never trained "
+                   "on): the validation split that later choices (calibration rules, heal settings) are made on; "
+                   "recorded in the checkpoint")
+    s.add_argument("--out-dir", default="runs", help="the folder the checkpoints go to")
+    s.set_defaults(func=cmd_train)
+
+    s = command("eval", checkpoint=True, data=True, preprocess=True, device=True, help="the paper's accuracy study: Algorithms 1 and 2, static and random subsets, k = 0",
+                description="For each checkpoint and each k: accuracy with Algorithm 1 (per-input top k), "
+                "Algorithm 2 (per-batch top k, at several batch sizes), the static subset calibrated on --calib, "
+                "and random subsets (mean ± std over seeds), in drop and renorm modes; beside the full model "
+                "and the no-experts baseline (k = 0). For models with at most 16 experts every k from 1 to n-1. "
+                "Writes eval.json, eval.md and eval.png (with matplotlib) to --out-dir.")
+    s.add_argument("checkpoints", nargs="+", help="checkpoints of image classifiers (moe-prune's .safetensors, or a soft-moe / soft-moe-pytorch checkpoint: .safetensors, sharded index, .pt/.pth/.bin, Lightning .ckpt)")
+    s.add_argument("--data", default="fashion-mnist", help="labelled test data: a folder of images in class "
+                   "sub-folders (its val/ or test/ if it has them; classes sorted by name as torchvision's ImageFolder, "
+                   "or named by a classes.txt, one per line in the model's class order), 'fashion-mnist', 'mnist', "
+                   "'sample' (the bundled images 500-999; its calibration half is 0-499), an IDX folder, or an .npz "
+                   "with `images` and `labels`")
+    s.add_argument("--calib", help="calibration data for the static subset (see compress --calib; a folder's train/; "
+                   "default: --data, whose train split or train/ folder is used when it has one)")
+    s.add_argument("--calib-limit", type=int, default=10000, help="use at most this many calibration inputs")
+    s.add_argument("--keep", type=_csv, default=["1/2", "1/4", "1/8"], help="comma-separated fractions or counts")
+    s.add_argument("--modes", type=_csv, default=["drop", "renorm"], help="drop and/or renorm")
+    s.add_argument("--batch-sizes", type=_int_list, default=[1, 32, 256], help="batch sizes for Algorithm 2")
+    s.add_argument("--random-seeds", type=int, default=10, help="random subsets per k (at least 1)")
+    s.add_argument("--out-dir", default="eval", help="the folder eval.json, eval.md and eval.png go to")
+    s.set_defaults(func=cmd_eval)
+
+    s = command("export", checkpoint=True, preprocess=True, help="export a checkpoint to ONNX (full, compressed, or Algorithm 1 or 2 in the graph) and validate it",
+                description="Export a native checkpoint (full or compressed) to ONNX with a dynamic batch axis "
+                "(input 'input', output 'output'), then check it: the ONNX checker, and ONNX Runtime against "
+                "PyTorch on random batches of two batch sizes. With --keep and --dynamic the graph runs "
+                "Chung et al.'s Algorithm 2 per batch (scores, TopK, only the kept experts computed), or with "
+                "--per input Algorithm 1 (each input's own top experts, only its kept slots computed), and "
+                "also outputs the chosen expert ids of each layer ('experts.<layer>'). A large model's weights "
+                "go to OUT.data beside it. With --preprocess the graph takes uint8 pixels [B, H, W, C] and "
+                "normalizes them itself (the checkpoint's mean/std, or --mean/--std); every file records its "
+                "preprocessing in its metadata (moe_prune.preprocess), which moe_prune.Predictor reads to "
+                "resize, crop and normalize images of any size. The model appears at --out only when it passed "
+                "validation (see --keep-invalid); exit status 2 if validation fails.")
+    s.add_argument("checkpoint", help="a checkpoint, full or compressed (moe-prune's .safetensors, or a soft-moe / soft-moe-pytorch checkpoint: .safetensors, sharded index, .pt/.pth/.bin, Lightning .ckpt)")
+    s.add_argument("--out", required=True, help="onnx: " + OUT_RULE.format(suffix="onnx", name="NAME.onnx")
+                   + "; triton-repo: the repository folder")
+    s.add_argument("--keep", help="with --dynamic: experts to keep per batch in every layer, a fraction (1/8) or a count")
+    s.add_argument("--dynamic", action="store_true", help="select the experts inside the graph (see --per)")
+    s.add_argument("--per", choices=("batch", "input"), default="batch",
+                   help="with --dynamic: 'batch' (Algorithm 2, one subset per batch) or 'input' (Algorithm 1, each "
+                        "input its own experts at about the cost of a shared subset; answers do not depend on the "
+                        "other inputs of a batch, the one to serve behind dynamic batching)")
+    s.add_argument("--mode", choices=["drop", "renorm"], help="with --keep: drop (the paper; the default) or renorm")
+    s.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    s.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
+                   help="torchscript (exports every moe-prune model, folds static subsets) or dynamo (torch.export)")
+    s.add_argument("--atol", type=float, default=1e-4, help="validation tolerance of an fp32 graph, 0 or more (rtol is "
+                   "1e-3); an fp16 graph is validated at atol = rtol = 2e-2")
+    s.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="the graph's weights and input: fp16 "
+                   "halves the file and is what GPUs without bf16 (RTX 2080 Ti) serve; validated against PyTorch in fp16")
+    s.add_argument("--no-validate", action="store_true", help="skip the validation")
+    s.add_argument("--keep-invalid", action="store_true",
+                   help="write the model to --out even when it fails validation (for inspection; the error says where)")
+    s.add_argument("--format", choices=["onnx", "triton-repo"], default="onnx",
+                   help="onnx (a file) or triton-repo: a model repository for NVIDIA Triton Inference Server at --out "
+                   "(OUT/NAME/1/model.onnx and OUT/NAME/config.pbtxt, checked with Triton's own ModelConfig protobuf)")
+    s.add_argument("--name", help="with triton-repo: the model's name (default: the checkpoint's file name)")
+    s.add_argument("--instance-kind", choices=["cpu", "gpu"], default="cpu", help="with triton-repo: KIND_CPU or KIND_GPU")
+    s.add_argument("--max-batch-size", type=int, default=64, help="with triton-repo: the largest dynamic batch (at least 1)")
+    s.add_argument("--preprocess", action="store_true",
+                   help="put the model's input normalization inside the graph: its input becomes uint8 pixels "
+                   "[B, H, W, C] at the model's input size (/ 255, NHWC -> NCHW and (x - mean) / std run in the graph; "
+                   "resize and crop stay outside, e.g. in moe_prune.Predictor). Validation feeds random pixels "
+                   "and compares with PyTorch on the same pixels normalized in numpy. Without it the file still "
+                   "records the preprocessing in its metadata (moe_prune.preprocess); --mean, --std, "
+                   "--interpolation and --crop-pct override the checkpoint's")
+    s.set_defaults(func=cmd_export)
+
+    s = command("serve", help="serve an ONNX model on NVIDIA Triton Inference Server (PyTriton), HTTP and gRPC, no torch",
+                description="Start Triton Inference Server (the tritonserver binary that the nvidia-pytriton "
+                "package ships) with MODEL.onnx bound to it: ONNX Runtime runs in this process, Triton forms "
+                "dynamic batches from queued requests, and the model's input and output names, dtypes and "
+                "shapes come from the ONNX graph (GET /v2/models/NAME shows them). Needs neither torch nor "
+                "triton: in a clone, pip install --no-deps .; pip install numpy onnxruntime nvidia-pytriton. "
+                "Requests of the wrong shape or dtype, or larger than --max-batch-size, get an error answer. "
+                "A model exported with --preprocess takes uint8 pixels [B, H, W, C] at its input size. "
+                "Ready means answering: /v2/health/ready says 200 only once the model is loaded, and the log "
+                "says 'ready' after a first request through the server's own HTTP endpoint was answered. "
+                "Logs go to stderr; SIGINT or SIGTERM stops the server cleanly. "
+                "Which model: dynamic batching puts a request in one ONNX Runtime call with others, so serve "
+                "the full, the compressed or the Algorithm 1 (per input: export --keep 1/8 --dynamic --per "
+                "input) model when answers must not depend on what a request is batched with; an Algorithm 2 "
+                "(per batch) model picks its experts for the whole server batch.")
+    s.add_argument("model", help="the .onnx file (from moe-prune export; its .onnx.data beside it, if any)")
+    s.add_argument("--name", help="the model's name on the server (default: the file name without .onnx)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 accepts other machines)")
+    s.add_argument("--http-port", type=int, default=8000, help="HTTP/REST (KServe v2) port")
+    s.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
+    s.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
+    s.add_argument("--max-batch-size", type=int, default=64, help="the largest dynamic batch, and request")
+    s.add_argument("--queue-delay-us", type=int, default=100,
+                   help="how long a request may wait for others to batch with, in microseconds")
+    s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ONNX Runtime's, one per core)")
+    s.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                   help="ONNX Runtime execution provider (cuda: onnxruntime-gpu instead of onnxruntime, NVIDIA GPU)")
+    s.add_argument("--verbose", action="store_true", help="debug logging")
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """moe-prune's own warnings as one line on stderr, like its errors; others as Python prints them."""
+    import warnings
+
+    from ..errors import DefaultedWarning
+
+    if issubclass(category, DefaultedWarning):
+        print(f"moe-prune: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv  # what the records say this run was (see _command), not sys.argv of whoever called main
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            args.func(args)
+    except MoePruneError as e:
+        if args.traceback:
+            raise
+        print(f"moe-prune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moe-prune: interrupted; no output was left half-written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -42,7 +42,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 from moe_prune.kernels import grouped_experts as grouped
-from moe_prune.kernels.routing import _soft_moe_routing_kernel, kernel_args, routing_config
+from moe_prune.kernels.routing import _soft_moe_routing_kernel, kernel_args
+from moe_prune.kernels.launch import routing_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -163,7 +164,7 @@ def compile_grouped(dtype: str, kind: str, shape: str, arch: int, workdir: pathl
     T = min(R, R // cfg.block_m + min(E, R))
     rows, tile_experts = _aligned(T * cfg.block_m, dtype=torch.int32), _aligned(T, dtype=torch.int32)
     _, args, constexprs = grouped.kernel_args(x, w1, b1, w2, b2, y, rows, tile_experts, kind, cfg,
-                                              grouped._TL_DTYPES[dtype])
+                                              grouped.TL_DTYPES[dtype])
     signature, consts, attrs = _signature(args, constexprs, grouped._grouped_experts_kernel)
     src = triton.compiler.ASTSource(fn=grouped._grouped_experts_kernel, signature=signature, constexprs=consts,
                                     attrs=attrs)

@@ -36,23 +36,20 @@ and a second launch. The fused launch recomputes nothing for experts with D_out 
 it computes the first matmul 3 times (6 on the FMA path). benchmarks/kernel_bench.py on a GPU should decide
 whether a two-launch variant for wide experts is worth its code.
 
-The torch reference is `grouped_experts_ref` (a loop over the used experts, `moe_prune.layers.expert_activation`
-between the matmuls).
+The torch reference is `grouped_experts_ref`: a loop over the used experts, each through
+`moe_prune.core.mlp.expert_mlp` (the expert MLP eager torch runs).
 """
 
 from __future__ import annotations
-
-import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from moe_prune.core.experts import expert_activation
+from moe_prune.core.mlp import expert_mlp
 
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_TL_DTYPES = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
+from .launch import DTYPES, TL_DTYPES, GroupedExpertsConfig, grouped_experts_config, interpreting
+
 # Kind -> ACTIVATION constexpr of the kernel.
 _ACTIVATIONS = {"gelu_mlp": 0, "relu_mlp": 1, "geglu": 2}
 
@@ -160,77 +157,6 @@ def _grouped_experts_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-# -- launch configuration ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GroupedExpertsConfig:
-    """One shipped launch configuration of `_grouped_experts_kernel` (pick one with `grouped_experts_config`).
-
-    Args:
-        dtype: "fp32", "fp16" or "bf16" (the input's type).
-        tensor_cores: whether tl.dot runs on tensor cores (16-bit inputs on sm_80 and newer) or as FMAs (fp32,
-            whose ieee precision has no tensor-core path, and any input on sm_75, where Triton emits no MMA).
-        block_m, block_n, block_h, block_d: the kernel's tiles (see its constexprs).
-        num_warps, num_stages, maxnreg: as in triton.Config (maxnreg None: ptxas chooses).
-    """
-
-    dtype: str
-    tensor_cores: bool
-    block_m: int
-    block_n: int
-    block_h: int
-    block_d: int
-    num_warps: int
-    num_stages: int
-    maxnreg: int | None = None
-
-    def launch_options(self) -> dict:
-        """Compile options of a launch (the same for kernel_compile.py's ahead-of-time compile)."""
-        # FP fusion pinned on, as in routing: the tolerances assume FMAs.
-        options = dict(num_warps=self.num_warps, num_stages=self.num_stages, enable_fp_fusion=True)
-        if self.maxnreg is not None:
-            options["maxnreg"] = self.maxnreg
-        return options
-
-
-def grouped_experts_config(dtype: str, capability: tuple[int, int] | None, out_dim: int) -> GroupedExpertsConfig:
-    """The launch configuration for `dtype` inputs and experts of output width `out_dim` on a GPU of compute
-    `capability` (None: the interpreter, configured as sm_90).
-
-    The one function that picks launch parameters: benchmarks/kernel_compile.py compiles what it returns for
-    every dtype, target and kind. BLOCK_N is D_out rounded up to a power of two (at least 16), capped where the
-    kernel still compiles without spills; 8 warps throughout, since at 4 the [32, 256] accumulator and GEGLU's
-    two hidden chunks took all 255 registers and spilled on sm_90. With tensor cores the operands go through
-    shared memory: BLOCK_N up to 256 (ViT-S/16's D_out=384 in 2 output tiles, ViT-B/16's 768 in 3),
-    BLOCK_H=BLOCK_D=64 (half the loop trips of 32), about 126 registers a thread and 37 KiB of shared memory.
-    On the FMA path Triton's dot holds each thread's rows and columns of both operands for all K steps in
-    registers, so BLOCK_H and BLOCK_D are the smallest K tl.dot allows (8 for fp32, 16 for 16-bit; BLOCK_H at
-    least 16 as the N of the first dot), BLOCK_N stops at 128 and maxnreg=128 (ptxas picked 80 on sm_90 for
-    fp32 GEGLU and spilled 16 bytes). benchmarks/kernel_compile.py checks every choice on sm_75, sm_86, sm_90.
-
-    Example:
-        >>> cfg = grouped_experts_config("fp16", (8, 6), out_dim=384)
-        >>> cfg.tensor_cores, cfg.block_m, cfg.block_n, cfg.block_h
-        (True, 32, 256, 64)
-    """
-    if dtype not in _TL_DTYPES:
-        raise ValueError(f"grouped_experts_config: dtype must be one of {sorted(_TL_DTYPES)}, got {dtype!r}")
-    major = 9 if capability is None else capability[0]
-    tensor_cores = dtype != "fp32" and major >= 8
-    block_n = max(16, triton.next_power_of_2(max(1, out_dim)))
-    if tensor_cores:
-        return GroupedExpertsConfig(dtype, True, block_m=32, block_n=min(block_n, 256), block_h=64, block_d=64,
-                                    num_warps=8, num_stages=2)
-    k = 8 if dtype == "fp32" else 16  # the smallest K of an fp32 / a 16-bit tl.dot
-    return GroupedExpertsConfig(dtype, False, block_m=32, block_n=min(block_n, 128), block_h=16, block_d=k,
-                                num_warps=8, num_stages=2, maxnreg=128)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _offsets_fit(t: torch.Tensor) -> bool:
     """Whether every offset inside one expert (one row, for x and y) of `t` fits in int32: the kernel multiplies
     its 32-bit tile offsets by the strides and takes only the expert and row index in 64 bits."""
@@ -269,13 +195,13 @@ def _check_args(x, expert_ids, w1, b1, w2, b2, kind):
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"grouped_experts: {name} is {t.dtype} but x is {x.dtype}; cast the weights once")
-    if x.dtype not in _DTYPES:
+    if x.dtype not in DTYPES:
         raise ValueError(f"grouped_experts: x must be float32, float16 or bfloat16, got {x.dtype}")
     for name, t in (("x", x), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         if t is not None and not _offsets_fit(t):
             raise ValueError(f"grouped_experts: {name} {list(t.shape)} with strides {list(t.stride())} has offsets "
                              f"past 2**31 elements inside one expert or row; make it contiguous")
-    if not x.is_cuda and not _interpreting():
+    if not x.is_cuda and not interpreting():
         raise ValueError("grouped_experts: x is on the CPU; the kernel needs a CUDA tensor (or TRITON_INTERPRET=1); "
                          "use grouped_experts_ref on the CPU")
     return E, D, H, D_out
@@ -297,9 +223,9 @@ def grouped_experts_supported(x: torch.Tensor, w1: torch.Tensor, kind: str) -> b
     return (
         kind in _ACTIVATIONS
         and x.dim() == 2 and w1.dim() == 3
-        and x.dtype in _DTYPES and w1.dtype == x.dtype
+        and x.dtype in DTYPES and w1.dtype == x.dtype
         and x.device == w1.device
-        and (x.is_cuda or _interpreting())
+        and (x.is_cuda or interpreting())
         and x.shape[1] == w1.shape[1]
         and w1.shape[1] >= 1 and w1.shape[2] >= 1
         and _offsets_fit(x) and _offsets_fit(w1)
@@ -389,7 +315,7 @@ def grouped_experts(
         expert_ids: [R] int64 (or int32) positions into the stack's first axis, in any order.
         w1: [E, D, H1] (H1 = H, or 2H for "geglu": value columns first, then gate), x's dtype.
         b1: [E, H1] or None. w2: [E, H, D_out]. b2: [E, D_out] or None.
-        kind: "gelu_mlp", "relu_mlp" or "geglu" (`moe_prune.layers.expert_activation`).
+        kind: "gelu_mlp", "relu_mlp" or "geglu" (`moe_prune.core.mlp.expert_activation`).
         out: optional [R, D_out] output in x's dtype (any strides); every row is written.
         config: a `GroupedExpertsConfig` to launch with instead of `grouped_experts_config`'s pick (tests use
             small tiles to reach several loop trips with small shapes).
@@ -422,13 +348,13 @@ def grouped_experts(
             raise ValueError(f"grouped_experts: expert_ids must lie in [0, {E}), got [{lo}, {hi}]")
     if D_out == 0:
         return out
-    dtype = _DTYPES[x.dtype]
+    dtype = DTYPES[x.dtype]
     if config is None:
         config = grouped_experts_config(dtype, torch.cuda.get_device_capability(x.device) if x.is_cuda else None,
                                         D_out)
     rows, tile_experts = expert_layout(expert_ids, E, config.block_m)
-    dot_dtype = _TL_DTYPES[dtype]
-    if dtype == "bf16" and _interpreting():
+    dot_dtype = TL_DTYPES[dtype]
+    if dtype == "bf16" and interpreting():
         dot_dtype = tl.float32  # the interpreter's tl.dot multiplies bf16 bit patterns as integers
     grid, args, constexprs = kernel_args(x, w1, b1, w2, b2, out, rows, tile_experts, kind, config, dot_dtype)
     _grouped_experts_kernel[grid](*args, **constexprs, **config.launch_options())
@@ -446,7 +372,7 @@ def grouped_experts_ref(
 ) -> torch.Tensor:
     """`grouped_experts` in plain torch: a loop over the used experts, each on its rows, in x's dtype.
 
-    Args and Returns: as `grouped_experts` (without `out` and `config`); the math is `StackedExperts._mlp`'s.
+    Args and Returns: as `grouped_experts` (without `out` and `config`); the math is `moe_prune.core.mlp.expert_mlp`, as eager torch runs it.
 
     Example:
         >>> w1, w2 = torch.randn(3, 4, 6), torch.randn(3, 6, 5)
@@ -457,11 +383,6 @@ def grouped_experts_ref(
     y = x.new_zeros(x.shape[0], w2.shape[-1])  # [R, D_out]
     for e in torch.unique(expert_ids).tolist():
         idx = (expert_ids == e).nonzero().squeeze(1)  # [R_e]
-        h = x[idx] @ w1[e]  # [R_e, H1]
-        if b1 is not None:
-            h = h + b1[e]
-        h = expert_activation(kind, h) @ w2[e]  # [R_e, D_out]
-        if b2 is not None:
-            h = h + b2[e]
-        y[idx] = h
+        y[idx] = expert_mlp(kind, x[idx], w1[e], None if b1 is None else b1[e], w2[e],
+                            None if b2 is None else b2[e])  # [R_e, D_out]
     return y

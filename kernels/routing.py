@@ -27,26 +27,22 @@ benchmarks/kernel_bench.py does that on a GPU).
   pass, then a pass that recomputes the logits and writes. The statistics stay in registers; no scratch buffers,
   and no logit ever goes to global memory.
 
-The torch reference is `soft_moe_routing_ref`, built on `moe_prune.layers.routing_ref`.
+The torch reference is `soft_moe_routing_ref`, built on `moe_prune.core.routing.routing_ref`.
 """
 
 from __future__ import annotations
-
-import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from moe_prune.core.layers import normalize_tokens, router_weight, routing_ref
+from moe_prune.core.routing import normalize_tokens, router_weight, routing_ref
+
+from .launch import DTYPES, TL_DTYPES, RoutingConfig, interpreting, routing_config
 
 # Softmax floor for padded (masked-out) tokens in the dispatch softmax: torch.finfo(float32).min, as routing_ref
 # fills them (a finite floor: a slot whose every token is padded gets uniform weights, not NaN).
 _MASKED_LOGIT = tl.constexpr(-3.4028234663852886e38)
-
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_TL_DTYPES = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
 
 
 # -- kernel ------------------------------------------------------------------------------------------------------
@@ -272,92 +268,6 @@ def _soft_moe_routing_kernel(
                           GAIN_ON_PHI)
 
 
-# -- launch configuration ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RoutingConfig:
-    """One shipped launch configuration of `_soft_moe_routing_kernel` (pick one with `routing_config`).
-
-    Args:
-        dtype: "fp32", "fp16" or "bf16" (the input's type).
-        tensor_cores: whether tl.dot runs on tensor cores (16-bit inputs on sm_80 and newer) or as FMAs (fp32,
-            whose ieee precision has no tensor-core path, and any input on sm_75, where Triton emits no MMA); the
-            FMA path takes fp32 operands whatever the input (see kernel_args).
-        row_m, row_n: the row programs' tile. col_m, col_n: the column programs' tile.
-        one_pass_rows, one_pass_cols: N <= row_n, M <= col_m (the compiled variant; see the kernel).
-        block_d: the reduction step over D. num_warps, num_stages, maxnreg: as in triton.Config (maxnreg None:
-            ptxas chooses).
-    """
-
-    dtype: str
-    tensor_cores: bool
-    row_m: int
-    row_n: int
-    col_m: int
-    col_n: int
-    one_pass_rows: bool
-    one_pass_cols: bool
-    block_d: int
-    num_warps: int
-    num_stages: int
-    maxnreg: int | None
-
-    def launch_options(self) -> dict:
-        """Compile options of a launch (the same for kernel_compile.py's ahead-of-time compile)."""
-        # FP fusion pinned on: Triton 3.10 turns its default off, and the tolerances here assume FMAs.
-        options = dict(num_warps=self.num_warps, num_stages=self.num_stages, enable_fp_fusion=True)
-        if self.maxnreg is not None:
-            options["maxnreg"] = self.maxnreg
-        return options
-
-
-def routing_config(dtype: str, capability: tuple[int, int] | None, tokens: int, slots: int) -> RoutingConfig:
-    """The launch configuration for `dtype` inputs of M=`tokens`, N=`slots` on a GPU of compute `capability`
-    (None: the interpreter, configured as sm_90).
-
-    The one function that picks launch parameters: benchmarks/kernel_compile.py compiles what it returns for
-    every dtype, target and variant. Tiles: row_n=128 holds the ViT routers' N=128 slots and col_m=256 their
-    M=197 tokens, so both softmaxes take one pass there; a row and a column tile hold equally many logits, so an
-    input's programs take equal time (at M=197, N=128: 4 row + 4 column programs with tensor cores, 7 + 8
-    without). FMA tiles are half as large: Triton's FMA dot holds each thread's rows and columns for all BLOCK_D
-    steps in registers, so BLOCK_D is the smallest K tl.dot allows and the tile shrinks until nothing spills.
-    With tensor cores the operands go through shared memory and BLOCK_D=32 keeps the 256-row X tile at 32
-    registers a thread. maxnreg, because ptxas's own choice spills in places: 128 (two programs of 8 warps per
-    SM) on sm_75, where ptxas otherwise picks fewer registers and spills the two-pass variants, and for the
-    one-pass tensor-core variant (ptxas would take 136 on sm_90); 255 for the two-pass tensor-core variants
-    (ptxas capped itself at 128 and spilled 8 bytes on sm_86; they need up to ~200); ptxas's choice for FMA on
-    sm_80+ (80 registers for the one-pass variant, no spills anywhere). benchmarks/kernel_compile.py checks all.
-
-    Example:
-        >>> cfg = routing_config("fp16", (8, 6), tokens=197, slots=128)
-        >>> cfg.tensor_cores, cfg.row_m, cfg.col_n, cfg.block_d, cfg.one_pass_rows, cfg.one_pass_cols
-        (True, 64, 32, 32, True, True)
-    """
-    if dtype not in _TL_DTYPES:
-        raise ValueError(f"routing_config: dtype must be one of {sorted(_TL_DTYPES)}, got {dtype!r}")
-    major = 9 if capability is None else capability[0]
-    tensor_cores = dtype != "fp32" and major >= 8
-    if tensor_cores:
-        row_m, row_n, col_m, col_n, block_d = 64, 128, 256, 32, 32
-    else:
-        row_m, row_n, col_m, col_n = 32, 128, 256, 16
-        block_d = 8 if dtype == "fp32" else 16  # the smallest K of an fp32 / a 16-bit tl.dot
-    one_pass_rows, one_pass_cols = slots <= row_n, tokens <= col_m
-    if major < 8:
-        maxnreg = 128
-    elif tensor_cores:
-        maxnreg = 128 if one_pass_rows and one_pass_cols else 255
-    else:
-        maxnreg = None
-    return RoutingConfig(dtype, tensor_cores, row_m, row_n, col_m, col_n, one_pass_rows, one_pass_cols, block_d,
-                         num_warps=8, num_stages=2, maxnreg=maxnreg)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 # -- launcher and reference --------------------------------------------------------------------------------------
 
 
@@ -391,9 +301,9 @@ def _check_args(x, phi, scale, gain, token_norm, mask, slots_per_expert):
     for name, t in (("phi", phi), ("scale", scale), ("gain", gain), ("mask", mask)):
         if t is not None and t.device != x.device:
             raise ValueError(f"soft_moe_routing: {name} is on {t.device} but x is on {x.device}")
-    if x.dtype not in _DTYPES:
+    if x.dtype not in DTYPES:
         raise ValueError(f"soft_moe_routing: x must be float32, float16 or bfloat16, got {x.dtype}")
-    if not x.is_cuda and not _interpreting():
+    if not x.is_cuda and not interpreting():
         raise ValueError("soft_moe_routing: x is on the CPU; the kernel needs a CUDA tensor (or TRITON_INTERPRET=1); "
                          "use soft_moe_routing_ref on the CPU")
     return phi, slots_per_expert
@@ -479,7 +389,7 @@ def soft_moe_routing(
     B, M, D = x.shape
     N = phi.shape[1]
     E = N // S
-    dtype = _DTYPES[x.dtype]
+    dtype = DTYPES[x.dtype]
     if config is None:
         config = routing_config(dtype, torch.cuda.get_device_capability(x.device) if x.is_cuda else None, M, N)
     if (config.one_pass_rows and N > config.row_n) or (config.one_pass_cols and M > config.col_m):
@@ -497,8 +407,8 @@ def soft_moe_routing(
         scores.zero_()
     if B == 0 or M == 0:
         return dispatch, combine, scores
-    dot_dtype = _TL_DTYPES[dtype]
-    if dtype == "bf16" and _interpreting():
+    dot_dtype = TL_DTYPES[dtype]
+    if dtype == "bf16" and interpreting():
         dot_dtype = tl.float32  # the interpreter's tl.dot multiplies bf16 bit patterns as integers
     grid, args, constexprs = kernel_args(x, phi, scale, gain, mask, dispatch, combine, scores, S, eps, token_norm,
                                          config, dot_dtype)
@@ -517,7 +427,7 @@ def soft_moe_routing_ref(
     mask: torch.Tensor | None = None,
     slots_per_expert: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`soft_moe_routing` in plain torch: `moe_prune.layers.routing_ref` plus the expert scores, summed in fp32.
+    """`soft_moe_routing` in plain torch: `moe_prune.core.routing.routing_ref` plus the expert scores, summed in fp32.
 
     Args and Returns: as `soft_moe_routing` (without `out` and `config`); dispatch and combine are exactly
     routing_ref's.

@@ -20,13 +20,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from moe_prune.kernels.grouped_experts import (  # noqa: E402
-    expert_layout,
-    grouped_experts,
-    grouped_experts_config,
-    grouped_experts_ref,
-    grouped_experts_supported,
+from moe_prune.kernels.grouped_experts import (
+    expert_layout, grouped_experts, grouped_experts_ref, grouped_experts_supported,
 )
+from moe_prune.kernels.launch import grouped_experts_config
 from moe_prune.core.layers import StackedExperts  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -26,13 +26,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from moe_prune.kernels.routing import (  # noqa: E402
-    expert_scores_ref,
-    routing_config,
-    soft_moe_routing,
-    soft_moe_routing_ref,
-)
-from moe_prune.core.layers import SoftMoE, SoftMoEConfig, routing_ref  # noqa: E402
+from moe_prune.kernels.routing import expert_scores_ref, soft_moe_routing, soft_moe_routing_ref
+from moe_prune.kernels.launch import routing_config
+from moe_prune.core.layers import SoftMoE, SoftMoEConfig
+from moe_prune.core.routing import routing_ref  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The interpreter runs the kernel on CPU tensors; a compiled kernel needs CUDA tensors.

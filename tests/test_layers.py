@@ -9,7 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_prune.errors import ConfigError
 from moe_prune.core.experts import CPU_POLICY, set_policy
-from moe_prune.core.layers import SoftMoE, SoftMoEConfig, routing_ref
+from moe_prune.core.layers import SoftMoE, SoftMoEConfig
+from moe_prune.core.routing import routing_ref
 
 from routing_oracle import routing_float64
 

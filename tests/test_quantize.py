@@ -26,7 +26,8 @@ import moe_prune
 from moe_prune.cli import main
 from moe_prune.compression.compress import compress_model
 from moe_prune.errors import CheckpointError, ConfigError, ExportError, SelectionError
-from moe_prune.core.experts import CPU_POLICY, StackedExperts, int8_matmul, set_policy, w8a8_linear
+from moe_prune.core.experts import CPU_POLICY, StackedExperts, set_policy
+from moe_prune.core.mlp import int8_matmul, w8a8_linear
 from moe_prune.onnx.export import export_onnx
 from moe_prune.measurement.flops import model_cost
 from moe_prune.compression.healing import HealConfig, heal

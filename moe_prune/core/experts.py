@@ -22,60 +22,21 @@ import importlib.util
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-
-ExpertKind = Literal["gelu_mlp", "relu_mlp", "geglu"]
-EXPERT_KINDS = ("gelu_mlp", "relu_mlp", "geglu")
+from .mlp import EXPERT_KINDS, ExpertKind, default_bias, expert_activation, expert_mlp, linear, w8a8_linear
+from .tracing import compiling, in_graph
 
 
 @functools.cache
 def triton_available() -> bool:
     """Whether triton is installed (the CUDA kernels need it; nothing imports it before a kernel runs)."""
     return importlib.util.find_spec("triton") is not None
-
-
-def default_bias(kind: ExpertKind) -> bool:
-    """Whether experts of this kind have biases unless told: timm's and soft-moe-pytorch's MLPs do, Chung et al.'s
-    ReLU experts do not."""
-    return kind != "relu_mlp"
-
-
-def expert_activation(kind: ExpertKind, h: torch.Tensor) -> torch.Tensor:
-    """The nonlinearity between an expert's two matmuls: GELU, ReLU, or GEGLU (value * gelu(gate), halving H)."""
-    if kind == "gelu_mlp":
-        return F.gelu(h)
-    if kind == "relu_mlp":
-        return F.relu(h)
-    value, gate = h.chunk(2, dim=-1)
-    return value * F.gelu(gate)
-
-
-def _compiling() -> bool:
-    """True while torch.compile traces: no host synchronisation (no .tolist(), no data-dependent shapes)."""
-    return torch.compiler.is_compiling()
-
-
-def check_on_device(ok: torch.Tensor, error: Exception) -> None:
-    """Raise `error` unless the boolean tensor `ok` holds, without a host synchronisation where one would cost:
-    on CUDA a device-side assert (it fails the stream), in a graph or under torch.compile nothing; on the CPU the
-    typed error at once."""
-    if in_graph() or _compiling():
-        return
-    if ok.is_cuda:
-        torch._assert_async(ok, str(error))
-    elif not bool(ok):
-        raise error
-
-
-def in_graph() -> bool:
-    """True while torch traces or exports the model: the graph must be plain ONNX operators, shapes dynamic."""
-    return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
 @dataclass(frozen=True)
@@ -163,86 +124,6 @@ def set_policy(module: nn.Module, policy: ExecutionPolicy | None, **changes) -> 
             base = policy if policy is not None else (policy_for(m.w1.device) if changes else None)
             m.policy = replace(base, **changes) if changes else base
     return module
-
-
-def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """a [..., N, I] int8 @ w [..., I, O] int8 -> int32, exactly (what ONNX MatMulInteger computes).
-
-    torch._int_mm on the CPU (2-D; a 3-D batch row by row); elsewhere a float matmul, exact for these integers:
-    every product is at most 127 * 127 in size, so a sum of I of them stays below 2**24 (float32) for I <= 1040
-    and below 2**53 (float64) beyond.
-
-    Example:
-        >>> int8_matmul(torch.ones(2, 3, dtype=torch.int8), torch.ones(3, 4, dtype=torch.int8))  # all 3
-    """
-    if a.device.type == "cpu" and a.dim() == w.dim() == 2:
-        return torch._int_mm(a, w)
-    if a.device.type == "cpu" and a.dim() == w.dim() == 3 and a.shape[0] > 0:
-        return torch.stack([torch._int_mm(a[r], w[r]) for r in range(a.shape[0])])
-    dtype = torch.float32 if a.shape[-1] * 127 * 127 < 2**24 else torch.float64
-    return torch.matmul(a.to(dtype), w.to(dtype)).to(torch.int32)
-
-
-class _MatMulInteger(torch.autograd.Function):
-    """a [..., N, I] uint8 with zero point 128 (a - 128 in [-127, 127]) @ w [..., I, O] int8 -> int32.
-
-    In an exported graph it is one ONNX MatMulInteger; uint8 activations, because ONNX Runtime's CPU kernels for
-    uint8 x int8 are the fast ones (int8 x int8 ran 7x slower on a ViT-S layer)."""
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return int8_matmul((a.to(torch.int16) - 128).to(torch.int8), w)
-
-    @staticmethod
-    def symbolic(g, a, w):
-        zero_point = g.op("Constant", value_t=torch.tensor(128, dtype=torch.uint8))
-        return g.op("MatMulInteger", a, w, zero_point)
-
-
-class _Int8Weight(torch.autograd.Function):
-    """int8 weights converted to a float dtype. In a traced graph it is a `moe_prune::Int8Weight` node, which the
-    exporter's constant folding leaves alone (it would fold a Cast of the int8 initializer into a float one in the
-    file); export.export_onnx then turns it into the ONNX Cast that ONNX Runtime folds when it loads the model."""
-
-    @staticmethod
-    def forward(ctx, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return w.to(dtype)
-
-    @staticmethod
-    def symbolic(g, w, dtype):
-        to = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}[dtype]  # ONNX TensorProto data types
-        return g.op(f"{INT8_WEIGHT_OP[0]}::{INT8_WEIGHT_OP[1]}", w, to_i=to).setType(w.type().with_dtype(dtype))
-
-
-# The placeholder node of _Int8Weight in a traced graph: (domain, op type).
-INT8_WEIGHT_OP = ("moe_prune", "Int8Weight")
-# The floor of an activation row's scale: an all-zero row quantizes to zeros instead of 0 / 0.
-_ROW_SCALE_FLOOR = 1e-30
-
-
-def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 quantization of each row of x [..., N, I]: (q + 128 as uint8 [..., N, I], scale [..., N, 1]),
-    x ~ (q - 128) * scale, scale = max |row| / 127 (float32). Each row's own scale: an input's result does not
-    depend on what else is in its batch."""
-    x = x.float()
-    scale = (x.abs().amax(-1, keepdim=True) / 127.0).clamp_min(_ROW_SCALE_FLOOR)  # [..., N, 1]
-    return (torch.round(x / scale) + 128.0).to(torch.uint8), scale
-
-
-def w8a8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b: torch.Tensor | None,
-                per_expert: bool = False) -> torch.Tensor:
-    """x [K, N, I] through int8 weights q [K, I, O] with scales [K, O] (and biases b [K, O]), the activations
-    quantized per row: float32 [K, N, O] = (int32 (q_x @ q) * x's row scale) * scale + b.
-
-    per_expert: one 2-D integer matmul per expert (in a graph each expert's weights are then a constant 2-D
-    matrix, which ONNX Runtime prepacks); else one batched matmul (weights gathered at run time)."""
-    xq, sx = int8_rows(x)  # [K, N, I] uint8, [K, N, 1]
-    if per_expert:
-        acc = torch.stack([_MatMulInteger.apply(xq[k], q[k]) for k in range(q.shape[0])])  # [K, N, O] int32
-    else:
-        acc = _MatMulInteger.apply(xq, q)
-    y = acc.float() * sx * scale.float().unsqueeze(-2)
-    return y if b is None else y + b.float().unsqueeze(-2)
 
 
 @functools.cache
@@ -359,13 +240,13 @@ class StackedExperts(nn.Module):
         if idx is None:
             training = torch.is_grad_enabled() and (slots.requires_grad or self.w1.requires_grad)
             # the loop writes into `out`: no autograd through it, and no loop in a graph or under torch.compile
-            if in_graph() or training or _compiling() or policy.loop_rows is None or slots.shape[1] < policy.loop_rows:
+            if in_graph() or training or compiling() or policy.loop_rows is None or slots.shape[1] < policy.loop_rows:
                 return self._mlp(slots, self.w1, self.b1, self.w2, self.b2)
             out = slots.new_empty(*slots.shape[:-1], self.w2.shape[-1])  # [E, N, D_out], written expert by expert
             for e in range(slots.shape[0]):
                 self._expert(slots[e], e, out=out[e])
             return out
-        if in_graph() or _compiling() or not policy.shared_loop or len(idx) * self.weights_per_expert < policy.gather_limit:
+        if in_graph() or compiling() or not policy.shared_loop or len(idx) * self.weights_per_expert < policy.gather_limit:
             # Gather the kept experts' weights (an ONNX Gather in a graph), then the same batched matmuls.
             pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
             return self._mlp(slots, pick(self.w1), pick(self.b1), pick(self.w2), pick(self.b2))
@@ -404,8 +285,8 @@ class StackedExperts(nn.Module):
             pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
             return self._mlp(rows, pick(self.w1), pick(self.b1), pick(self.w2), pick(self.b2))
         sync_free = policy.padded_capacity == "batch" and capacity is not None
-        if in_graph() or _compiling() or policy.loop_overhead is None:
-            return self._padded(rows, idx, capacity if sync_free or _compiling() else None)
+        if in_graph() or compiling() or policy.loop_overhead is None:
+            return self._padded(rows, idx, capacity if sync_free or compiling() else None)
         used, counts = torch.unique(idx, return_counts=True)  # [U], ascending
         E = self.w1.shape[0]
         if len(used) * (self.weights_per_expert + policy.loop_overhead) >= E * self.weights_per_expert:
@@ -486,7 +367,7 @@ class StackedExperts(nn.Module):
                 return self._w8a8(slots, self._weights(), per_expert=True)
             return self._w8a8(slots, self._weights(idx))
         E = self.w1.shape[0] if idx is None else len(idx)
-        whole = in_graph() or _compiling() or E * self.weights_per_expert < policy.dequant_limit
+        whole = in_graph() or compiling() or E * self.weights_per_expert < policy.dequant_limit
         if whole or (idx is not None and not policy.shared_loop):
             return self._mlp(slots, *self._weights(idx))
         tiles = self._tiles(slots)
@@ -505,8 +386,8 @@ class StackedExperts(nn.Module):
         if in_graph() or R * self.weights_per_expert < policy.row_gather_limit:
             return self._mlp(rows, *self._weights(idx))
         sync_free = policy.padded_capacity == "batch" and capacity is not None
-        if _compiling() or policy.loop_overhead is None:
-            return self._padded(rows, idx, capacity if sync_free or _compiling() else None)
+        if compiling() or policy.loop_overhead is None:
+            return self._padded(rows, idx, capacity if sync_free or compiling() else None)
         used, counts = torch.unique(idx, return_counts=True)  # [U], ascending
         E = self.w1.shape[0]
         if len(used) * (self.weights_per_expert + policy.loop_overhead) >= E * self.weights_per_expert:
@@ -531,46 +412,18 @@ class StackedExperts(nn.Module):
         at = lambda t: None if t is None else t[i]  # noqa: E731
         if self.quant is not None:
             w1, w2 = (self.w1[i], self.w2[i]) if tiles is None else (tiles[0].copy_(self.w1[i]), tiles[1].copy_(self.w2[i]))
-            h = expert_activation(self.kind, _linear(x, w1, at(self.b1), self.w1_scale[i]))  # [N, H]
-            y = _linear(h, w2, at(self.b2), self.w2_scale[i])  # [N, D_out]
+            h = expert_activation(self.kind, linear(x, w1, at(self.b1), self.w1_scale[i]))  # [N, H]
+            y = linear(h, w2, at(self.b2), self.w2_scale[i])  # [N, D_out]
             return y if out is None else out.copy_(y)
         if out is None:
             return self._mlp(x, self.w1[i], at(self.b1), self.w2[i], at(self.b2))
-        h = expert_activation(self.kind, _linear(x, self.w1[i], at(self.b1)))  # [N, H]
+        h = expert_activation(self.kind, linear(x, self.w1[i], at(self.b1)))  # [N, H]
         if self.b2 is None:
             return torch.mm(h, self.w2[i], out=out)
         return torch.addmm(self.b2[i], h, self.w2[i], out=out)
 
     def _mlp(self, x, w1, b1, w2, b2, s1=None, s2=None):
-        """x [..., N, D] through experts with weights w1 [..., D, H1], b1 [..., H1], w2 [..., H, D_out] (int8 with
-        per-output-channel scales s1 [..., H1], s2 [..., D_out], if given)."""
-        h = _linear(x, w1, b1, s1)  # [..., N, H or 2H]
-        h = expert_activation(self.kind, h)
-        return _linear(h, w2, b2, s2)  # [..., N, D_out]
+        """x [..., N, D] through this stack's kind of expert (see mlp.expert_mlp)."""
+        return expert_mlp(self.kind, x, w1, b1, w2, b2, s1, s2)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., N, I] @ w [..., I, O] + b [..., O], the bias added inside the matmul where torch can (one pass
-    over the output instead of two: the separate add was 16% of a many-rows expert layer's time on a CPU).
-
-    With per-output-channel scales s [..., O] (int8 weights): (x @ w) * s + b, the weights converted to x's dtype
-    (integers up to 127 are exact in every float dtype) and the scale applied to the [N, O] output rather than
-    to the [I, O] weights. In a traced graph: x @ (w * s) + b instead, which ONNX Runtime runs exactly as it runs
-    float weights (it folds the Cast and the Mul of the int8 initializer into one float weight at load)."""
-    if s is not None and torch.jit.is_tracing() and w.dtype == torch.int8:
-        return _linear(x, _Int8Weight.apply(w, x.dtype) * s.to(x.dtype).unsqueeze(-2), b)
-    if s is not None:
-        if w.dtype == torch.int8:
-            w = w.to(x.dtype)
-        y = torch.matmul(x, w)
-        s = s.to(x.dtype).unsqueeze(-2)
-        return y * s if b is None else torch.addcmul(b.to(x.dtype).unsqueeze(-2), y, s)
-    if b is None:
-        return torch.matmul(x, w)
-    if in_graph():
-        return torch.matmul(x, w) + b.unsqueeze(-2)  # MatMul + Add: ONNX Runtime fuses them
-    if x.dim() == 2 and w.dim() == 2:
-        return torch.addmm(b, x, w)
-    if x.dim() == 3 and w.dim() == 3:
-        return torch.baddbmm(b.unsqueeze(1), x, w)
-    return torch.matmul(x, w) + b.unsqueeze(-2)

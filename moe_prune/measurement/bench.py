@@ -357,7 +357,7 @@ class LoopedExperts(torch.nn.Module):
     def forward(self, slots: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         import torch.nn.functional as F
 
-        from ..core.layers import expert_activation
+        from ..core.mlp import expert_activation
 
         e = self.stacked
         ids = range(slots.shape[0]) if idx is None else idx.tolist()

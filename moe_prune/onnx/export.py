@@ -346,7 +346,7 @@ def _export_torchscript(model, example, path: Path, opset, axes, output_names, o
 def _int8_weights_as_cast(proto: onnx.ModelProto) -> None:
     """The placeholders of int8 weights converted to float (experts._Int8Weight) become ONNX Casts, in place: the
     exporter has not folded them into float initializers, and ONNX Runtime folds them when it loads the file."""
-    from ..core.experts import INT8_WEIGHT_OP
+    from ..core.mlp import INT8_WEIGHT_OP
 
     domain, op_type = INT8_WEIGHT_OP
     for node in proto.graph.node:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import SelectionError
-from ..core.experts import check_on_device, in_graph
+from ..core.tracing import check_on_device, in_graph
 from ..core.layers import MODES, SoftMoE
 from ..core.models import moe_layers
 

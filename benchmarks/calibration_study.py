@@ -31,7 +31,8 @@ import torch
 import moe_prune as mp
 from moe_prune.selection.calibration import DEFAULT_RULE, RULES, choose_subsets
 from moe_prune.compression.compress import compress_and_heal, compress_model
-from moe_prune.data.mnist import calibration_batches, load_images
+from moe_prune.data.sources import calibration_batches
+from moe_prune.data.mnist import load_images
 from moe_prune.measurement.evaluate import accuracy, mean_std, random_accuracies, random_per_input_accuracies
 from moe_prune.compression.healing import HealConfig
 from moe_prune.core.models import moe_layers

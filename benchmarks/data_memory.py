@@ -59,7 +59,7 @@ def write_model(path: pathlib.Path) -> int:
 
     import moe_prune
     from moe_prune.core.models import SoftMoEViT, ViTConfig
-    from moe_prune.data.preprocess import Preprocess
+    from moe_prune.core.preprocess import Preprocess
 
     torch.manual_seed(0)
     model = SoftMoEViT(ViTConfig(num_experts=32, moe_layer_index=2, img_size=224, patch_size=16, in_chans=3,

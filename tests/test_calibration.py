@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from moe_prune import with_experts
-from moe_prune.selection.calibration import (
-    DEFAULT_RULE, RULES, _gram, choose_subsets, greedy_subset, loss_subsets, reconstruct_subsets, subset_error,
-)
+from moe_prune.selection.calibration import DEFAULT_RULE, RULES, choose_subsets
+from moe_prune.selection.rules import _gram, greedy_subset, reconstruct_subsets, subset_error
+from moe_prune.selection.loss_rule import loss_subsets
 from moe_prune.compression.compress import compress_model
 from moe_prune.errors import SelectionError
 from moe_prune.core.layers import SoftMoE, SoftMoEConfig
@@ -524,7 +524,8 @@ def test_the_whole_model_guard_catches_what_the_per_layer_check_misses():
     greedy subset beats that layer's combine-mass top k on the search inputs, yet the whole greedy model is worse
     than the all-mass model (what --rule mass writes) on the held-out inputs. The rule returns the all-mass
     subsets; the KLs are recomputed here from the models' outputs, independently of the rule's bookkeeping."""
-    from moe_prune.selection.calibration import choose_subsets, loss_subsets
+    from moe_prune.selection.calibration import choose_subsets
+    from moe_prune.selection.loss_rule import loss_subsets
     from moe_prune.selection.scores import with_experts
 
     model = _two_moe_layers(seed=12, experts=6)
@@ -588,7 +589,7 @@ def test_global_budget_spends_the_uniform_expert_flops_where_the_loss_drops_most
 def test_rounds_cut_the_loss_rules_passes():
     """`rounds` sets the prediction rounds per layer: k = 4 of 6 experts in 1 round costs one prediction and one
     round of candidate runs, against 4 of each expert by expert; rounds >= k is the expert-by-expert search."""
-    import moe_prune.selection.calibration as calibration
+    import moe_prune.selection.loss_rule as calibration  # the loss rule's module, where _kl is looked up
 
     m, batches = mnist(3), images(3)
     calls = []

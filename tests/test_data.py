@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moe_prune.data import mnist as data
-from moe_prune.data.mnist import iterate_batches, load_images, load_inputs, make_sample, to_tensor
+from moe_prune.data.mnist import iterate_batches, load_images, make_sample, to_tensor
+from moe_prune.data.arrays import load_inputs
 from moe_prune.errors import DataError
 from moe_prune.data.idx import read_idx
 
@@ -495,7 +496,7 @@ def test_load_inputs_missing_or_garbage(tmp_path):
 
 
 def test_float_pixels_in_0_255_refused_for_a_model_trained_on_0_1_warned_for_a_converted_one(capsys):
-    from moe_prune.data.mnist import check_inputs
+    from moe_prune.data.inputs import check_inputs
     from moe_prune.errors import DataError
     from moe_prune.core.models import MnistConfig, MnistSoftMoE
 

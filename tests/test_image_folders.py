@@ -13,10 +13,11 @@ import torch
 import moe_prune
 from moe_prune import CheckpointFile
 from moe_prune.cli import main
-from moe_prune.data.datasets import DataOptions, FileExamples, TensorExamples, open_data
+from moe_prune.data.examples import DataOptions, FileExamples, TensorExamples
+from moe_prune.data.sources import open_data
 from moe_prune.errors import DataError
 from moe_prune.core.models import SoftMoEViT, ViTConfig
-from moe_prune.data.preprocess import Preprocess
+from moe_prune.core.preprocess import Preprocess
 
 from image_data import CLASS_NAMES, make_bad_files, make_image_folder, reference_preprocess
 from library_models import soft_moe_vit_state
@@ -101,7 +102,7 @@ def test_compress_and_heal_on_an_image_folder(folder, vit_pt, tmp_path, capsys):
     assert moe_prune.summary(out)["preprocess"]["source"] == "checkpoint"
     model = moe_prune.load(CheckpointFile(vit_pt, kwargs={"num_heads": 2}))
     from moe_prune.measurement.evaluate import accuracy
-    from moe_prune.data.preprocess import for_model
+    from moe_prune.core.preprocess import for_model
 
     val = open_data(folder["root"], "test", for_model(small), labelled=True)
     assert accuracy(small, val) == pytest.approx(meta["heal"]["accuracy_after"])
@@ -110,7 +111,7 @@ def test_compress_and_heal_on_an_image_folder(folder, vit_pt, tmp_path, capsys):
 
 
 def test_unlabelled_folder_list_and_arrays_calibrate(folder, tmp_path):
-    from moe_prune.data.mnist import calibration_batches
+    from moe_prune.data.sources import calibration_batches
 
     skel = moe_prune.load(moe_prune.save(SoftMoEViT(ViTConfig(num_experts=4, moe_layer_index=1, img_size=32,
                                                                 patch_size=8, in_chans=3, num_classes=10, embed_dim=32,
@@ -137,7 +138,7 @@ def test_unlabelled_folder_list_and_arrays_calibrate(folder, tmp_path):
 
 def test_memory_stays_a_batch_beyond_the_cache_budget(folder):
     pre = Preprocess(size=32, channels=3, mean=MEAN, std=STD)
-    from moe_prune.data.datasets import Batches
+    from moe_prune.data.examples import Batches
 
     examples = open_data(folder["root"], "train", pre)
     streamed = Batches(examples, 16).cached(budget_mb=0.1)  # 120 images of 12 KB do not fit 0.1 MB

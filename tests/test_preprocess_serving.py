@@ -25,7 +25,7 @@ from moe_prune.onnx.export import export_onnx
 from moe_prune.core.layers import SoftMoE, SoftMoEConfig
 from moe_prune.core.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig
 from moe_prune.onnx.files import PREPROCESS_KEY, read_preprocess, set_preprocess
-from moe_prune.data.preprocess import INTERPOLATIONS, Preprocess
+from moe_prune.core.preprocess import INTERPOLATIONS, Preprocess
 from moe_prune.serving.predictor import Predictor
 from moe_prune.serving.repository import model_config, parse_model_config
 from moe_prune.onnx.validate import validate_onnx

@@ -507,7 +507,7 @@ def test_resumed_training_is_bit_identical(tmp_path, monkeypatch):
 
 
 def test_compress_twice_gives_identical_files(tmp_path):
-    from moe_prune.data.mnist import calibration_batches
+    from moe_prune.data.sources import calibration_batches
 
     torch.manual_seed(0)
     src = moe_prune.save(MnistSoftMoE(MnistConfig(num_experts=16)), tmp_path / "m.safetensors")

@@ -29,7 +29,7 @@ import torch
 from moe_prune.compression.compress import compress_model
 from moe_prune.onnx.export import export_onnx
 from moe_prune.core.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig
-from moe_prune.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from moe_prune.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from moe_prune.selection.scores import with_selection
 
 ROOT = Path(__file__).resolve().parents[1]

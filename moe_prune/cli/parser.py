@@ -57,7 +57,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _data_options(args):
     """The data-reading and preprocessing options of a command, as datasets.DataOptions."""
-    from ..data.datasets import DataOptions
+    from ..data.examples import DataOptions
 
     return DataOptions(workers=getattr(args, "workers", None), skip_bad=getattr(args, "skip_bad", False),
                        cache_mb=getattr(args, "cache_mb", 1024.0), interpolation=getattr(args, "interpolation", None),

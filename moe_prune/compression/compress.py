@@ -398,10 +398,11 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
     """
     from ..selection.calibration import RULES
     from ..core.checkpoint import skeleton, summary
-    from ..data.mnist import calibration_batches
-    from ..data.datasets import DataOptions, report_skipped
+    from ..data.sources import calibration_batches
+    from ..data.examples import DataOptions
+    from ..data.sources import report_skipped
     from ..core.files import check_output, output_folder
-    from ..data.preprocess import for_model
+    from ..core.preprocess import for_model
 
     from ..core.devices import resolve_device
 
@@ -446,9 +447,10 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
 def _held_out(calib, model, options=None):
     """The held-out split of a calibration source, as labelled datasets.Examples checked against the model: a
     data set's test split, an image folder's val/ (or test/) beside its train/; else None."""
-    from ..data.mnist import check_examples
-    from ..data.datasets import DataOptions, open_data, split_folder
-    from ..data.preprocess import for_model
+    from ..data.inputs import check_examples
+    from ..data.examples import DataOptions
+    from ..data.sources import open_data, split_folder
+    from ..core.preprocess import for_model
 
     options = options or DataOptions()
     text = str(calib)

@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..core.devices import device_of
 from ..core.layers import SoftMoE
 from ..core.models import moe_layers
+from ..data.shards import all_reduce, shard, sum_over_ranks
+from ..errors import ConfigError
 
 PARTS = ("experts", "experts+router", "experts+router+head")
 ROUTER_TENSORS = ("phi", "scale", "norm_weight")
@@ -121,8 +123,7 @@ def _loss(student_out: torch.Tensor, teacher_out: torch.Tensor, temperature: flo
 def _stream(inputs, batch_size: int, model: nn.Module):
     """The inputs (a tensor, a list of batches, datasets.Batches or Examples) in order, batch_size at a time, on
     the model's device."""
-    from ..selection.calibration import device_of
-    from ..data.datasets import Batches, Examples, as_batches
+    from ..data.examples import Batches, Examples, as_batches
 
     examples = inputs if isinstance(inputs, Examples) else as_batches(inputs).examples
     return Batches(examples, batch_size, device=device_of(model))
@@ -139,10 +140,8 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, inputs, temperatur
     Example:
         >>> distillation_loss(small, full, images[:1000])
     """
-    from ..selection.calibration import _shard, sum_over_ranks
-
     bare = isinstance(teacher, SoftMoE)
-    rank, world = _shard()
+    rank, world = shard()
     stream = _stream(inputs, batch_size, student)
     total, n, start = 0.0, 0, 0
     for i in range(len(stream)):  # under torchrun each rank its own batches, the sums added up
@@ -162,11 +161,9 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, inputs, temperatur
 def _teacher_logits(teacher: nn.Module, inputs, batch_size: int = 256) -> torch.Tensor | None:
     """A classifier's logits on every input, computed once ([N, classes]: small); None for a bare layer, whose
     outputs are as large as its inputs and are computed batch by batch instead."""
-    from ..selection.calibration import _all_reduce, _shard
-
     if isinstance(teacher, SoftMoE):
         return None
-    rank, world = _shard()
+    rank, world = shard()
     stream = _stream(inputs, batch_size, teacher)
     if world == 1:
         return torch.cat([teacher(x) for x in stream])
@@ -178,13 +175,7 @@ def _teacher_logits(teacher: nn.Module, inputs, batch_size: int = 256) -> torch.
     for i, logits in parts.items():
         idx = stream._idx(i)
         full[idx[0]:idx[-1] + 1] = logits.double().cpu()
-    return _all_reduce({"logits": full})["logits"].to(device=device_of_model(teacher), dtype=torch.float32)
-
-
-def device_of_model(model: nn.Module) -> torch.device:
-    from ..selection.calibration import device_of
-
-    return device_of(model)
+    return all_reduce({"logits": full})["logits"].to(device=device_of(teacher), dtype=torch.float32)
 
 
 def _share(x: torch.Tensor, target: torch.Tensor, batch: int, bare: bool, world: int) -> float | torch.Tensor:
@@ -237,14 +228,11 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
         >>> small = compress_model(full, subsets)
         >>> heal(small, full, calibration_images, HealConfig(steps=500))["loss_after"]
     """
-    from ..measurement.reports import progress as progress_bar
-
-    from ..data.datasets import as_batches
+    from ..core.progress import progress as progress_bar
+    from ..data.examples import as_batches
 
     # The inputs are read a batch at a time (an image folder is decoded per step unless it fit the cache budget);
     # only the teacher's logits, N x classes, are kept for the whole set.
-    from ..selection.calibration import _shard, device_of, sum_over_ranks
-
     data = as_batches(inputs, device=device_of(teacher))
     x_all = data.examples
     if len(x_all) == 0:
@@ -268,7 +256,7 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
     teacher.eval()
     student.eval()  # no dropout or batch statistics in these models; eval mode keeps inference numerics
     t0 = time.perf_counter()
-    rank, world = _shard()
+    rank, world = shard()
     cached = _teacher_logits(teacher, x_all)
     before = distillation_loss(student, teacher, x_all, config.temperature, targets=cached)
     # The held-out slice: the last inputs, never trained on; the weights of its best measurement are kept.

@@ -648,7 +648,7 @@ def summary(path) -> dict:
     if spec["family"] == "module":
         out["class"] = spec.get("class")
     else:
-        from ..data.preprocess import for_model
+        from .preprocess import for_model
 
         with torch.device("meta"):
             probe = build(spec)
@@ -709,7 +709,7 @@ def convert_file(source, out: str | os.PathLike, fmt: str = "auto", kwargs: dict
     opened = open_checkpoint(src)
     if opened.native:
         raise CheckpointError(f"{source}: is already a moe-prune checkpoint; nothing to convert")
-    from ..data.preprocess import for_model
+    from .preprocess import for_model
 
     model = load(src)
     pre = for_model(model, **(preprocess or {}))

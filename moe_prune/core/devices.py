@@ -7,6 +7,7 @@ device); data is decoded on the host and handed to the model's device a batch at
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 
@@ -36,3 +37,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     elif d.type != "cpu":
         raise ConfigError(f"--device {device}: moe-prune runs on cpu or cuda")
     return d
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's weights are (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))

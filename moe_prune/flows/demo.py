@@ -68,7 +68,9 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
 def _check_demo_model(ckpt) -> None:
     """The demo measures accuracy on the bundled Fashion-MNIST images: refuse other models in one line."""
     from ..core.checkpoint import skeleton
-    from ..data.mnist import check_inputs, describe_input, load_images, model_input
+    from ..data.inputs import check_inputs
+    from ..core.preprocess import describe_input, model_input
+    from ..data.mnist import load_images
     from ..errors import DataError
 
     model = skeleton(ckpt)

@@ -143,7 +143,7 @@ def train(
         >>> train(model, load_images("fashion-mnist", "train"), load_images("fashion-mnist", "test"), out="m.safetensors")
     """
     from ..data.mnist import iterate_batches
-    from ..measurement.reports import progress as progress_bar
+    from ..core.progress import progress as progress_bar
 
     torch.manual_seed(config.seed)
     if device is not None:
@@ -197,7 +197,7 @@ def train(
     test_acc = history[-1]["test_accuracy"] if val_set is None else accuracy(model, *test_set)
     result = {"test_accuracy": test_acc, "history": history}
     if out is not None:
-        from ..data.preprocess import for_model
+        from ..core.preprocess import for_model
 
         pre = for_model(model)  # what the training images were: pixels / 255 at 28x28
         save(model, out, meta={**(meta or {}), **result, "train_config": asdict(config),

@@ -28,8 +28,8 @@ def as_examples(model: nn.Module, images, labels=None):
     preprocessing, float inputs as they are) with their labels."""
     import numpy as np
 
-    from ..data.datasets import ArrayExamples, Batches, Examples
-    from ..data.preprocess import Preprocess, for_model
+    from ..data.examples import ArrayExamples, Batches, Examples
+    from ..core.preprocess import Preprocess, for_model
 
     if isinstance(images, Batches):
         return images.examples
@@ -58,7 +58,7 @@ def measure(model: nn.Module, images, labels=None, batch_size: int = 256) -> dic
     Example:
         >>> measure(model, open_data("photos/", "test", for_model(model), labelled=True))["top5"]
     """
-    from ..data.datasets import Batches
+    from ..data.examples import Batches
 
     examples = as_examples(model, images, labels)
     if examples.labels is None:
@@ -70,7 +70,7 @@ def measure(model: nn.Module, images, labels=None, batch_size: int = 256) -> dic
     top1 = top5 = n = 0
     hits = torch.zeros(0, dtype=torch.long)
     counts = torch.zeros(0, dtype=torch.long)
-    from ..selection.calibration import device_of
+    from ..core.devices import device_of
 
     for x, y in Batches(examples, batch_size, device=device_of(model)).labelled():
         logits = model(x).float().cpu()  # counted on the host: one [b, classes] copy per batch
@@ -95,11 +95,11 @@ def measure(model: nn.Module, images, labels=None, batch_size: int = 256) -> dic
 def predict(model: nn.Module, images, batch_size: int = 256) -> torch.Tensor:
     """Class predictions [N] for images (uint8 images through the model's preprocessing, float model inputs, or
     datasets.Examples)."""
-    from ..data.datasets import Batches
+    from ..data.examples import Batches
 
     was_training = model.training
     model.eval()
-    from ..selection.calibration import device_of
+    from ..core.devices import device_of
 
     preds = [model(x).argmax(-1).cpu() for x, _ in
              Batches(as_examples(model, images), batch_size, device=device_of(model)).labelled()]
@@ -113,7 +113,7 @@ def check_labels(model: nn.Module, images, labels=None, where: str = "the data")
 
     from ..errors import DataError
 
-    from ..selection.calibration import device_of
+    from ..core.devices import device_of
 
     examples = as_examples(model, images, labels)
     x, _ = examples.batch(np.arange(1))
@@ -256,8 +256,8 @@ def study(model: nn.Module, test_set, calib_sums: dict, config: StudyConfig = St
         >>> sums = calibrate(model, calib_batches)
         >>> report = study(model, load_images("sample", split="test"), sums)
     """
-    from ..data.datasets import Batches
-    from .reports import progress as progress_bar
+    from ..data.examples import Batches
+    from ..core.progress import progress as progress_bar
 
     examples = as_examples(model, *test_set) if isinstance(test_set, tuple) else as_examples(model, test_set)
     check_labels(model, examples, where=examples.where)
@@ -333,11 +333,13 @@ def eval_checkpoints(checkpoints: list, *, data: str = "fashion-mnist", calib: s
         >>> print(r["markdown"])
     """
     from ..core.checkpoint import load, skeleton
-    from ..data.mnist import calibration_batches, check_examples
-    from ..data.datasets import DataOptions, open_data, report_skipped
+    from ..data.sources import calibration_batches
+    from ..data.inputs import check_examples
+    from ..data.examples import DataOptions
+    from ..data.sources import open_data, report_skipped
     from ..errors import ConfigError
     from ..core.files import output_folder
-    from ..data.preprocess import for_model
+    from ..core.preprocess import for_model
     from .reports import study_markdown, study_plot, write_json, write_text
     from ..selection.scores import calibrate
 

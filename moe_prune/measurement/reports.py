@@ -208,15 +208,6 @@ def save_figure(fig, path) -> None:
     plt.close(fig)
 
 
-def progress(iterable=None, *, enabled: bool = True, **kwargs):
-    """A tqdm progress bar on stderr, shown only when stderr is a terminal (logs stay readable)."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, disable=not (enabled and sys.stderr.isatty()), leave=False, **kwargs)
-
-
 def format_demo(r: dict) -> str:
     """The summary `moe-prune demo` prints."""
     a = r["accuracy"]

@@ -47,7 +47,7 @@ from ..core.files import check_output
 from ..core.layers import SoftMoE
 from ..core.models import MnistSoftMoE, SoftMoEViT
 from .files import EMBED_LIMIT_BYTES, MAX_EMBED_LIMIT_BYTES, set_preprocess, strip_debug_info, write_onnx
-from ..data.preprocess import Preprocess, for_model
+from ..core.preprocess import Preprocess, for_model
 from ..compression.quantize import quantized_layers
 from ..selection.scores import PrunedSoftMoE, pruned_layers, recorded_choices, with_selection
 

@@ -122,7 +122,7 @@ def read_preprocess(metadata: dict, where: str | os.PathLike = "the model"):
         (Preprocess(size=(16, 16), channels=3, ...), True)
     """
     from ..errors import MoePruneError
-    from ..data.preprocess import Preprocess
+    from ..core.preprocess import Preprocess
 
     text = metadata.get(PREPROCESS_KEY)
     if text is None:

@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import ExportError, first_line
 from .export import choice_output, eval_mode, random_input
 from .files import PREPROCESS_KEY, check_external_data, op_histogram, read_preprocess
-from ..data.preprocess import Preprocess
+from ..core.preprocess import Preprocess
 from ..compression.quantize import graph_numerics
 from ..selection.scores import pruned_layers, recorded_choices
 

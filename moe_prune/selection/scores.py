@@ -379,9 +379,8 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], progress: bool 
         >>> sums = calibrate(model, (x for x, _ in loader))
         >>> subset = {name: select_experts(s, "1/8", per="batch") for name, s in sums.items()}
     """
-    import torch.distributed as dist
-
-    from .calibration import _all_reduce, _own, device_of
+    from ..core.devices import device_of
+    from ..data.shards import all_reduce, own_batches
 
     layers = moe_layers(model)
     if not layers:
@@ -396,12 +395,12 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], progress: bool 
 
     scoring = replace_layers(model, lambda name, layer: TappedLayer(
         layer, record=lambda lay, routing, out, name=name: record(name, routing.scores)))
-    for x in _own(batches, model, "calibrating", progress):
+    for x in own_batches(batches, model, "calibrating", progress):
         scoring(x)
     bad = [name for name, ok in finite.items() if not bool(ok)]
     if bad:
         raise SelectionError(f"calibration scores of {bad[0]!r} are NaN or Inf (non-finite inputs or weights?)")
-    sums = _all_reduce({name: s.cpu() for name, s in sums.items()})
+    sums = all_reduce({name: s.cpu() for name, s in sums.items()})
     return {name: s.double() / _FIXED_POINT for name, s in sums.items()}
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import DataError, ServeError
 
 if TYPE_CHECKING:
-    from ..data.preprocess import Preprocess
+    from ..core.preprocess import Preprocess
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 

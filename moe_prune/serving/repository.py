@@ -21,7 +21,7 @@ from ..errors import ExportError, OutputError
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..data.preprocess import Preprocess
+    from ..core.preprocess import Preprocess
 
 # ONNX TensorProto element types -> Triton's config data types.
 _ONNX_DTYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL",

@@ -148,7 +148,7 @@ class Preprocess:
         """
         from PIL import Image
 
-        hwc = _as_nhwc(images)
+        hwc = as_nhwc(images)
         if hwc.shape[1:3] == self.size and self.identity_at_size and hwc.shape[-1] == self.channels:
             return self.normalize(hwc)
         gray = hwc.shape[-1] == 1
@@ -168,7 +168,7 @@ def _center_crop(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return a[top:top + H, left:left + W]
 
 
-def _as_nhwc(images: np.ndarray) -> np.ndarray:
+def as_nhwc(images: np.ndarray) -> np.ndarray:
     """uint8 images [N, H, W], [N, H, W, C] or [N, C, H, W] (C in 1, 3, 4) -> [N, H, W, C] (RGBA: alpha dropped)."""
     a = np.asarray(images)
     if a.dtype != np.uint8:
@@ -204,8 +204,6 @@ def for_model(model, **overrides) -> Preprocess | None:
     Defaults: models trained here take 28x28 pixels / 255 (crop_pct 1, no normalization); a converted soft-moe ViT
     takes timm's ViT evaluation transform (bicubic, crop_pct 0.9, mean = std = 0.5 per channel).
     """
-    from .mnist import model_input  # the input size and channels, from the architecture
-
     want = model_input(model)
     if want["kind"] != "images":
         return None
@@ -225,3 +223,37 @@ def for_model(model, **overrides) -> Preprocess | None:
     if overrides:
         base = replace(base, **overrides, source=f"{base.source}; {', '.join(sorted(overrides))} given")
     return base
+
+
+def model_input(model) -> dict:
+    """What a model takes: {"kind": "images", "shape": [C, H, W], "range": (0.0, 1.0) or None} or
+    {"kind": "tokens", "shape": [None, D]} (None: any token count). `range` is known for the models trained
+    here (pixels / 255); a converted soft-moe ViT has its own normalization, so it is None there.
+
+    Example:
+        >>> model_input(MnistSoftMoE(MnistConfig(num_experts=8)))
+        {'kind': 'images', 'shape': [1, 28, 28], 'range': (0.0, 1.0)}
+    """
+    from .layers import SoftMoEConfig
+
+    # A bare Soft MoE layer, or one run with a subset of its experts (selection's PrunedSoftMoE, whose config is
+    # its layer's): its config is a SoftMoEConfig, a model's is its family's.
+    if isinstance(getattr(model, "config", None), SoftMoEConfig):
+        return {"kind": "tokens", "shape": [None, model.config.dim]}
+    c = model.config
+    size = (c.img_size, c.img_size) if isinstance(c.img_size, int) else tuple(c.img_size)
+    converted = recorded_fact(getattr(model, "checkpoint_meta", {}), "converted_from") is not None
+    return {"kind": "images", "shape": [c.in_chans, *size], "range": None if converted else (0.0, 1.0)}
+
+
+def describe_input(want: dict) -> str:
+    """`model_input` in words: "images [N, 1, 28, 28] (float in [0, 1], or uint8 [N, 28, 28])"."""
+    if want["kind"] == "tokens":
+        return f"tokens [N, M, {want['shape'][1]}] (float; a bare Soft MoE layer)"
+    c, h, w = want["shape"]
+    text = f"images [N, {c}, {h}, {w}]"
+    extra = []
+    if want.get("range"):
+        extra.append(f"float in [{want['range'][0]:g}, {want['range'][1]:g}]")
+    extra.append("or uint8 images of any size through its preprocessing")
+    return text + (f" ({', '.join(extra)})" if extra else "")

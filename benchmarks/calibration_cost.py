@@ -29,7 +29,7 @@ from moe_prune.selection.calibration import choose_subsets
 from moe_prune.compression.compress import compress_model
 from moe_prune.data.sources import calibration_batches
 from moe_prune.data.mnist import load_images
-from moe_prune.measurement.evaluate import accuracy
+from moe_prune.measurement.accuracy import accuracy
 
 # (name, rule, search settings): the settings in use before this study first
 SETTINGS = [

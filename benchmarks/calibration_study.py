@@ -33,7 +33,8 @@ from moe_prune.selection.calibration import DEFAULT_RULE, RULES, choose_subsets
 from moe_prune.compression.compress import compress_and_heal, compress_model
 from moe_prune.data.sources import calibration_batches
 from moe_prune.data.mnist import load_images
-from moe_prune.measurement.evaluate import accuracy, mean_std, random_accuracies, random_per_input_accuracies
+from moe_prune.measurement.accuracy import accuracy
+from moe_prune.measurement.evaluate import mean_std, random_accuracies, random_per_input_accuracies
 from moe_prune.compression.healing import HealConfig
 from moe_prune.core.models import moe_layers
 from moe_prune.selection.scores import keep_per_layer, with_experts, with_selection

@@ -85,7 +85,7 @@ def _compress(ckpt, calib, out, device, extra, timeout) -> dict:
 
 def _accuracy(path, images, labels) -> float:
     import moe_prune
-    from moe_prune.measurement.evaluate import accuracy
+    from moe_prune.measurement.accuracy import accuracy
 
     return accuracy(moe_prune.load(path), images, labels)
 
@@ -176,7 +176,7 @@ def step_latency(args) -> dict:
     import torch
 
     from moe_prune.compression.compress import compress_model
-    from moe_prune.measurement.flops import bounds, model_cost, moe_cost
+    from moe_prune.core.flops import bounds, model_cost, moe_cost
     from moe_prune.core.models import SoftMoEViT, ViTConfig, moe_layers
     from moe_prune.selection.scores import keep_per_layer, random_subsets, with_selection
     from moe_prune.measurement.timing import BenchConfig, alternate

@@ -25,7 +25,7 @@ from moe_prune.selection.calibration import choose_subsets
 from moe_prune.compression.compress import compress_and_heal
 from moe_prune.data.sources import calibration_batches
 from moe_prune.data.mnist import load_images
-from moe_prune.measurement.evaluate import accuracy
+from moe_prune.measurement.accuracy import accuracy
 from moe_prune.compression.healing import HealConfig
 
 VARIANTS = [("default", {}), ("parts", {"parts": "experts"}), ("parts", {"parts": "experts+router"}),

@@ -29,7 +29,7 @@ import torch
 import moe_prune.core.experts as experts_mod
 from moe_prune.measurement.timing import BenchConfig, alternate, machine_roofline
 from moe_prune.measurement.timing import environment as bench_environment
-from moe_prune.measurement.flops import model_cost, roofline_ratio
+from moe_prune.core.flops import model_cost, roofline_ratio
 from moe_prune.core.routing import Routing
 from moe_prune.core.layers import SoftMoE, SoftMoEConfig
 from moe_prune.measurement.reports import table, write_json, write_text

@@ -333,13 +333,13 @@ class _Session(torch.nn.Module):
 
 
 def _accuracy(model, test):
-    from moe_prune.measurement.evaluate import accuracy
+    from moe_prune.measurement.accuracy import accuracy
 
     return accuracy(model, *test, batch_size=500)
 
 
 def _costs(models: dict) -> dict:
-    from moe_prune.measurement.flops import model_cost
+    from moe_prune.core.flops import model_cost
 
     return {name: model_cost(m) for name, m in models.items()}
 
@@ -350,7 +350,8 @@ def one_family(name: str, src: pathlib.Path, work: pathlib.Path, test, args, hea
     the compressed file, measure accuracy (torch, ONNX Runtime), bytes and latency of full / fp32 / int8."""
     from moe_prune.compression.compress import compress_from_data
     from moe_prune.core.experts import CPU_POLICY, set_policy
-    from moe_prune.onnx.export import VALIDATION_TOLERANCE, example_input, export_checkpoint, export_onnx
+    from moe_prune.onnx.export_file import VALIDATION_TOLERANCE, export_checkpoint
+    from moe_prune.onnx.export import example_input, export_onnx
     from moe_prune.compression.healing import HealConfig
     from moe_prune.onnx.validate import validate_onnx
 
@@ -418,7 +419,7 @@ def vit_s16_layer(work: pathlib.Path, args) -> dict:
     models = {"full fp32": full, "compressed fp32": small, "compressed int8": int8}
     example = torch.randn(2, 197, 384)
     onnx_paths = {}
-    from moe_prune.onnx.export import VALIDATION_TOLERANCE
+    from moe_prune.onnx.export_file import VALIDATION_TOLERANCE
 
     validation = {}
     for k, m in models.items():
@@ -429,7 +430,7 @@ def vit_s16_layer(work: pathlib.Path, args) -> dict:
         validation[k] = {"atol": atol, "rtol": rtol, "max_abs": max(c.max_abs for c in report.checks),
                          "MatMulInteger": report.ops.get("MatMulInteger", 0)}
         onnx_paths[k] = out
-    from moe_prune.measurement.flops import model_cost
+    from moe_prune.core.flops import model_cost
 
     costs = {k: model_cost(m, tokens=197) for k, m in models.items()}
     expert_bytes = {k: sum(t.numel() * t.element_size() for n, t in m.state_dict().items() if n.startswith("experts."))

@@ -29,7 +29,7 @@ from torch import nn
 
 from moe_prune.measurement.timing import BenchConfig, alternate
 from moe_prune.measurement.timing import environment as bench_environment
-from moe_prune.core.checkpoint import from_lucidrains
+from moe_prune.core.library_files import from_lucidrains
 from moe_prune.core.layers import SoftMoE, SoftMoEConfig
 from moe_prune.measurement.reports import table, write_json, write_text
 from moe_prune.selection.scores import select_experts

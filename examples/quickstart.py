@@ -9,7 +9,7 @@ import torch
 
 import moe_prune as mp
 from moe_prune.data.mnist import iterate_batches, load_images
-from moe_prune.measurement.evaluate import accuracy
+from moe_prune.measurement.accuracy import accuracy
 from moe_prune.flows.demo import default_checkpoint
 
 

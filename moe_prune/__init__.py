@@ -10,20 +10,22 @@ from .errors import (
     CheckpointError, ConfigError, DataError, DefaultedWarning, ExportError, MoePruneError, OutputError, SelectionError,
     ServeError,
 )
+from .version import __version__
 
-__version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    **dict.fromkeys(["CheckpointFile", "convert_file", "from_bwconrad", "from_lucidrains", "load", "save", "summary"],
-                    "core.checkpoint"),
+    **dict.fromkeys(["CheckpointFile", "load", "save"], "core.checkpoint"),
+    **dict.fromkeys(["convert_file", "from_bwconrad", "from_lucidrains"], "core.library_files"),
+    **dict.fromkeys(["summary"], "core.summary"),
     **dict.fromkeys(["convert"], "core.convert"),
     **dict.fromkeys(["Batches", "DataOptions"], "data.examples"),
     **dict.fromkeys(["open_data"], "data.sources"),
     **dict.fromkeys(["Preprocess"], "core.preprocess"),
-    **dict.fromkeys(["measure"], "measurement.evaluate"),
+    **dict.fromkeys(["measure"], "measurement.accuracy"),
     **dict.fromkeys(["choose_subsets"], "selection.calibration"),
-    **dict.fromkeys(["compress_and_heal", "compress_file", "compress_layer", "compress_model", "static_subsets"],
+    **dict.fromkeys(["compress_layer"], "core.subsets"),
+    **dict.fromkeys(["compress_and_heal", "compress_file", "compress_model", "static_subsets"],
                     "compression.compress"),
     **dict.fromkeys(["HealConfig", "heal"], "compression.healing"),
     **dict.fromkeys(["QuantConfig", "quantize_", "quantize_file"], "compression.quantize"),

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import moe_prune
-from moe_prune.core.checkpoint import convert_file as _convert_file
+from moe_prune.core.library_files import convert_file as _convert_file
 from moe_prune.errors import CheckpointError, ConfigError, OutputError
 from moe_prune.core.models import MnistConfig, MnistSoftMoE
 

@@ -9,7 +9,7 @@ import torch
 
 import moe_prune
 from moe_prune.selection.calibration import RULES, choose_subsets
-from moe_prune.measurement.evaluate import measure
+from moe_prune.measurement.accuracy import measure
 from moe_prune.compression.healing import HealConfig
 from moe_prune.core.models import SoftMoEViT, ViTConfig, moe_layers
 

@@ -391,7 +391,7 @@ def test_cli_export(tmp_path, capsys):
 def test_fp16_export_validates_and_halves_the_file(tmp_path, family):
     """`export --dtype fp16`: an fp16 graph (weights and input), validated by ONNX Runtime's CPU provider against
     PyTorch in fp16 at batch sizes 1 and 5, half the fp32 file, and close to the fp32 model's answers."""
-    from moe_prune.onnx.export import export_checkpoint
+    from moe_prune.onnx.export_file import export_checkpoint
 
     model = BUILD[family]()
     ckpt = moe_prune.save(model, tmp_path / "m.safetensors")

@@ -101,7 +101,7 @@ def test_compress_and_heal_on_an_image_folder(folder, vit_pt, tmp_path, capsys):
     small = moe_prune.load(out)
     assert moe_prune.summary(out)["preprocess"]["source"] == "checkpoint"
     model = moe_prune.load(CheckpointFile(vit_pt, kwargs={"num_heads": 2}))
-    from moe_prune.measurement.evaluate import accuracy
+    from moe_prune.measurement.accuracy import accuracy
     from moe_prune.core.preprocess import for_model
 
     val = open_data(folder["root"], "test", for_model(small), labelled=True)

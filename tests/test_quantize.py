@@ -29,7 +29,7 @@ from moe_prune.errors import CheckpointError, ConfigError, ExportError, Selectio
 from moe_prune.core.experts import CPU_POLICY, StackedExperts, set_policy
 from moe_prune.core.mlp import int8_matmul, w8a8_linear
 from moe_prune.onnx.export import export_onnx
-from moe_prune.measurement.flops import model_cost
+from moe_prune.core.flops import model_cost
 from moe_prune.compression.healing import HealConfig, heal
 from moe_prune.core.layers import SoftMoE, SoftMoEConfig
 from moe_prune.core.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig

@@ -42,9 +42,11 @@ from hypothesis import strategies as st
 
 import moe_prune
 from moe_prune import CheckpointError, MnistConfig, MnistSoftMoE, SoftMoE, SoftMoEConfig
-from moe_prune.core.checkpoint import read_header, summary
+from moe_prune.core.checkpoint import read_header
+from moe_prune.core.summary import summary
 from moe_prune.compression.compress import compress_checkpoint, compress_file
-from moe_prune.onnx.export import example_input, export_checkpoint, export_onnx
+from moe_prune.onnx.export import example_input, export_onnx
+from moe_prune.onnx.export_file import export_checkpoint
 
 FUZZ = settings(
     max_examples=int(os.environ.get("MOE_PRUNE_FUZZ_EXAMPLES", "40")),

@@ -68,7 +68,7 @@ def _data_options(args):
 def cmd_info(args) -> None:
     import warnings
 
-    from ..core.checkpoint import summary
+    from ..core.summary import summary
     from ..measurement.reports import format_summary
 
     with warnings.catch_warnings():  # `info` says which values are defaults in its own lines
@@ -78,7 +78,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from ..core.checkpoint import convert_file
+    from ..core.library_files import convert_file
     from ..core.files import resolve_out
     from ..measurement.reports import format_found
 
@@ -261,7 +261,7 @@ def _quantize_only(args, src: Path) -> None:
 
 
 def cmd_export(args) -> None:
-    from ..onnx.export import export_checkpoint
+    from ..onnx.export_file import export_checkpoint
     from ..core.files import resolve_out
 
     # The checkpoint's own preprocessing with --mean/--std/--interpolation/--crop-pct on top (the options every
@@ -346,7 +346,7 @@ OUT_RULE = ("a FILE.{suffix} is written exactly there (atomically); an existing 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
 
     p = _Parser(
         prog="moe-prune", formatter_class=_Help,

@@ -11,36 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..core.checkpoint import as_file, assign_weights, file_dtype, load, native_info, open_checkpoint, save
+from ..core.checkpoint import as_file, file_dtype, load, native_info, open_checkpoint, save
+from ..core.weights import assign_weights
 from ..errors import CheckpointError, SelectionError
-from ..core.layers import MODES, SoftMoE, SoftMoEConfig
+from ..core.layers import SoftMoE, SoftMoEConfig
 from ..core.models import build, moe_layers
+from ..core.subsets import compress_layer, layer_plan, reduce_tensor
 from ..selection.calibration import DEFAULT_RULE, choose_subsets
 from ..selection.scores import calibrate, keep_per_layer, static_from_sums
-
-EXPERT_TENSORS = ("experts.w1", "experts.b1", "experts.w2", "experts.b2")
-
-
-def _plan(cfg: SoftMoEConfig, kept, mode: str, name: str) -> tuple[SoftMoEConfig, list[int], list[int] | None]:
-    """(new layer config, rows of the expert stack to keep, Phi's expert columns to keep or None for all)."""
-    if mode not in MODES:
-        raise SelectionError(f"mode={mode!r}: choose 'drop' or 'renorm'")
-    kept = sorted(int(e) for e in torch.as_tensor(kept).flatten().tolist())
-    held = list(cfg.held)
-    if not kept or len(set(kept)) != len(kept) or not set(kept) <= set(held):
-        raise SelectionError(f"layer {name!r}: the subset {kept} must be distinct experts among those it holds ({len(held)})")
-    rows = [held.index(e) for e in kept]
-    origin = [(cfg.origin[r] if cfg.origin is not None else held[r]) for r in rows]
-    if mode == "drop":
-        return replace(cfg, present=tuple(kept), origin=tuple(origin)), rows, None
-    return replace(cfg, num_experts=len(kept), present=None, origin=tuple(origin)), rows, kept
 
 
 def _new_spec(spec: dict, plans: dict) -> dict:
@@ -52,49 +36,6 @@ def _new_spec(spec: dict, plans: dict) -> dict:
 def _check_subsets(names, subsets: dict) -> None:
     if set(subsets) != set(names):
         raise SelectionError(f"subsets name layers {sorted(subsets)}; the model's Soft MoE layers are {sorted(names)}")
-
-
-def _reduce(name: str, tensor_name: str, get, plan) -> torch.Tensor:
-    """One tensor of a layer, reduced by its plan; `get(rows or None, phi_cols or None)` reads from the source."""
-    _, rows, cols = plan
-    suffix = tensor_name[len(name) + 1:] if name else tensor_name
-    if suffix in EXPERT_TENSORS:
-        return get(rows, None)
-    if suffix == "phi" and cols is not None:
-        return get(None, cols)
-    return get(None, None)
-
-
-def compress_layer(layer: SoftMoE, kept, mode: str = "drop", name: str = "") -> SoftMoE:
-    """A new Soft MoE layer holding only the `kept` experts of `layer` (router ids), on its device, in its dtype.
-
-    Raises:
-        SelectionError: ids out of range or repeated, bad mode.
-
-    Example:
-        >>> small = compress_layer(model.moe, [2, 5])
-    """
-    from ..core.checkpoint import model_dtype
-    from .quantize import refuse_quantized
-
-    # Refused rather than sliced: the subsets are chosen on the float model's outputs, and quantizing is last.
-    refuse_quantized([name] if layer.config.quant is not None else [], "compress_model", "compressing")
-    plan = _plan(layer.config, kept, mode, name)
-    new = {}
-    for key, t in layer.state_dict().items():
-        def get(rows, cols, t=t):
-            if rows is not None:
-                return t.index_select(0, torch.tensor(rows, device=t.device))
-            return t.index_select(1, torch.tensor(cols, device=t.device)) if cols is not None else t
-
-        new[key] = _reduce("", key, get, plan).clone()  # never shared with the source: healing trains the copy
-    with torch.device("meta"):
-        out = SoftMoE(plan[0])
-    param = next(layer.parameters())
-    assign_weights(out, new, "compressed model", param.device, model_dtype(layer))
-    out.use_triton = layer.use_triton
-    out.experts.use_triton = layer.experts.use_triton
-    return out.train(layer.training)
 
 
 def compress_model(model: nn.Module, subsets: dict, mode: str = "drop") -> nn.Module:
@@ -161,7 +102,7 @@ def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike,
     Example:
         >>> compress_file("model.safetensors", {"moe": [3, 9]}, "small.safetensors")
     """
-    from .quantize import refuse_quantized, spec_quantized
+    from ..core.models import refuse_quantized, spec_quantized
 
     opened = open_checkpoint(src)
     refuse_quantized(spec_quantized(opened.spec), opened.path, "compressing")
@@ -176,7 +117,7 @@ def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike,
     names = list(spec["moe"]) if spec["family"] != "layer" else [""]
     _check_subsets(names, subsets)
     configs = spec["moe"] if spec["family"] != "layer" else {"": spec["config"]}
-    plans = {name: _plan(SoftMoEConfig.from_dict(configs[name]), subsets[name], mode, name) for name in names}
+    plans = {name: layer_plan(SoftMoEConfig.from_dict(configs[name]), subsets[name], mode, name) for name in names}
     new_spec = _new_spec(spec, plans)
     with torch.device("meta"):
         target = build(new_spec)
@@ -197,7 +138,7 @@ def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike,
                         return torch.cat([sl[:, a:b] for a, b in _runs(cols)], dim=1)
                     return f.get_tensor(key)
 
-                state[key] = _reduce(name, key, get, plans[name])
+                state[key] = reduce_tensor(name, key, get, plans[name])
     except (CheckpointError, SelectionError):
         raise
     except Exception as e:
@@ -212,13 +153,13 @@ def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike,
 def _quantize_last(model: nn.Module, quantize, dtype=None) -> nn.Module:
     """The compressed model with its experts quantized (quantize: None, "int8" or a QuantConfig), in the output's
     float dtype first, so that each scale is rounded to that dtype before the int8 weights are computed from it."""
-    from ..core.checkpoint import _dtype
+    from ..core.weights import float_dtype
     from .quantize import as_quant_config, quantize_
 
     config = as_quant_config(quantize)
     if config is None:
         return model
-    dtype = _dtype(dtype)
+    dtype = float_dtype(dtype)
     return quantize_(model.to(dtype) if dtype is not None else model, config)
 
 
@@ -282,7 +223,7 @@ def compress_and_heal(model: nn.Module, subsets: dict, calib_batches, mode: str 
         >>> small, record = compress_and_heal(full, subsets, batches, check=load_images("fashion-mnist", "test"))
         >>> record["accuracy_after"]
     """
-    from ..measurement.evaluate import accuracy
+    from ..measurement.accuracy import accuracy
     from .healing import HealConfig, heal
 
     config = config or HealConfig()
@@ -324,7 +265,8 @@ def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progr
     # keeps the checkpoint's own dtype.
     from ..core.devices import resolve_device
 
-    from .quantize import as_quant_config, refuse_quantized, spec_quantized
+    from .quantize import as_quant_config
+    from ..core.models import refuse_quantized, spec_quantized
 
     opened = open_checkpoint(src)
     refuse_quantized(spec_quantized(opened.spec), opened.path, "calibrating and compressing")
@@ -397,7 +339,8 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
         >>> r["subsets"]["blocks.3.mlp"]
     """
     from ..selection.calibration import RULES
-    from ..core.checkpoint import skeleton, summary
+    from ..core.checkpoint import skeleton
+    from ..core.summary import summary
     from ..data.sources import calibration_batches
     from ..data.examples import DataOptions
     from ..data.sources import report_skipped
@@ -414,7 +357,8 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
     device = resolve_device(device)  # a device this machine lacks fails before any work
     src, out = as_file(checkpoint), Path(out)
     model = skeleton(src)  # what the checkpoint takes, read from its header: the checks below come first
-    from .quantize import as_quant_config, quantized_layers, refuse_quantized
+    from .quantize import as_quant_config
+    from ..core.models import quantized_layers, refuse_quantized
 
     refuse_quantized(quantized_layers(model), src, "calibrating and compressing")
     as_quant_config(quantize)

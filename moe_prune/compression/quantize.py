@@ -38,7 +38,7 @@ from torch import nn
 from ..errors import ConfigError, SelectionError
 from ..core.experts import StackedExperts
 from ..core.layers import SoftMoE
-from ..core.models import moe_layers
+from ..core.models import moe_layers, spec_quantized
 
 QUANT_KINDS = ("int8",)
 # The integers an int8 weight may take: symmetric, so that -w quantizes to -q (and -128 is never used).
@@ -118,30 +118,6 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
         >>> w1 = dequantize(layer.experts.w1, layer.experts.w1_scale)
     """
     return q.to(dtype) * scale.to(dtype).unsqueeze(1)
-
-
-def quantized_layers(model: nn.Module) -> list[str]:
-    """Names of the Soft MoE layers of `model` whose experts are quantized ("" for a bare layer)."""
-    return [name for name, layer in moe_layers(model).items() if layer.config.quant is not None]
-
-
-def spec_quantized(spec: dict) -> list[str]:
-    """Names of the quantized Soft MoE layers of a checkpoint's spec (see moe_prune.models), read without a model."""
-    moe = {"": spec.get("config")} if spec.get("family") == "layer" else spec.get("moe") or {}
-    return [name for name, cfg in moe.items() if isinstance(cfg, dict) and cfg.get("quant") is not None]
-
-
-def refuse_quantized(names: list[str], where, what: str) -> None:
-    """Raise SelectionError when `names` (quantized layers) is not empty: `what` needs the float model.
-
-    Example:
-        >>> refuse_quantized(quantized_layers(model), "model.safetensors", "compressing")
-    """
-    if names:
-        shown = ", ".join(repr(n or "(layer)") for n in names[:3])
-        raise SelectionError(f"{where}: its experts are int8 (layers {shown}); {what} needs the float model: "
-                             "calibrate, compress and heal the float checkpoint, then quantize last "
-                             "(moe-prune compress ... --quantize int8)")
 
 
 def quantize_layer_(layer: SoftMoE, config: QuantConfig = QuantConfig(), name: str = "") -> SoftMoE:
@@ -244,7 +220,8 @@ def quantize_file(src, out: str | os.PathLike, config: QuantConfig | str = Quant
         >>> r = quantize_file("small.safetensors", "small.int8.safetensors")
         >>> r["after"]["weight_bytes"] / r["before"]["weight_bytes"]
     """
-    from ..core.checkpoint import as_file, load, open_checkpoint, save, summary
+    from ..core.checkpoint import as_file, load, open_checkpoint, save
+    from ..core.summary import summary
     from ..core.files import check_output, output_folder
 
     config = as_quant_config(config)

@@ -16,9 +16,7 @@ torch.load(weights_only=True) allows (tensors and plain containers; it never cal
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,8 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, DefaultedWarning
 from .files import atomic_output
 from .layers import SoftMoE
-from .models import SoftMoEViT, build, model_spec, moe_layers
+from .models import build, model_spec, moe_layers
+from .weights import assign_weights, float_dtype
 
 NATIVE_KEY = "moe_prune"
 FORMAT_VERSION = 1
@@ -194,7 +193,7 @@ def _native_record(p: Path, metadata: dict, header: dict) -> tuple[dict, dict]:
     except Exception as e:
         raise CheckpointError(f"{p}: its architecture config is invalid: {e if isinstance(e, ConfigError) else _short(e)}") from None
     # The header against the spec, as `load` checks it: `info` and `compress` never describe a file `load` refuses.
-    _check_layout(skeleton, header, p)
+    check_layout(skeleton, header, p)
     return spec, meta
 
 
@@ -210,7 +209,7 @@ def _module_spec(p: Path, spec: dict, header: dict) -> dict:
             with torch.device("meta"):
                 layer = SoftMoE(SoftMoEConfig.from_dict(cfg))
             prefix = f"{name}." if name else ""
-            _check_layout(layer, {k[len(prefix):]: v for k, v in header.items() if k.startswith(prefix)}, p,
+            check_layout(layer, {k[len(prefix):]: v for k, v in header.items() if k.startswith(prefix)}, p,
                           allow_extra=False)
     except ConfigError as e:
         raise CheckpointError(f"{p}: its architecture config is invalid: {e}") from None
@@ -231,7 +230,7 @@ def _open_foreign(f: CheckpointFile, p: Path) -> Opened:
     except ConfigError as e:
         raise CheckpointError(f"{p}: {e}") from None
     header = {k: (str(v.dtype).replace("torch.", ""), list(v.shape)) for k, v in state.items()}
-    _check_layout(skeleton, header, p)
+    check_layout(skeleton, header, p)
     found = {
         "file_format": sf.format, "entry": sf.entry, "library": converted.library, "model": converted.model,
         "prefix": converted.prefix, "ignored_tensors": converted.ignored, "ema": sf.ema or _is_ema_prefix(converted.prefix),
@@ -290,27 +289,9 @@ def _refuse_module(opened: Opened) -> None:
         )
 
 
-def _dtype(value) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    name = str(value).replace("torch.", "")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16}.get(name)
-    dtype = dtype or getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError(f"dtype {value!r}: choose float32, float16 or bfloat16")
-    return dtype
-
-
-def checkpoint_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
-    """The dtype a checkpoint's model computes in: its floating tensors' one dtype, or float32 when they mix
-    (every float dtype converts to float32 exactly)."""
-    kinds = {t.dtype for t in state.values() if t.is_floating_point()}
-    return kinds.pop() if len(kinds) == 1 else torch.float32
-
-
 def file_dtype(opened: Opened) -> torch.dtype:
     """`checkpoint_dtype` of an opened checkpoint, from its header (no tensor read)."""
-    names = {_dtype_name(dt) for dt, _ in opened.header.values()}
+    names = {dtype_name(dt) for dt, _ in opened.header.values()}
     floats = {getattr(torch, n) for n in names if isinstance(getattr(torch, n, None), torch.dtype)
               and getattr(torch, n).is_floating_point}
     return floats.pop() if len(floats) == 1 else torch.float32
@@ -339,7 +320,7 @@ def load(path, *, device: str | torch.device = "cpu", dtype=None, model: nn.Modu
         >>> logits = model(images)
     """
     opened = open_checkpoint(path)
-    dtype = _dtype(dtype)
+    dtype = float_dtype(dtype)
     if model is not None:
         return _load_into(opened, model, device, dtype)
     _refuse_module(opened)
@@ -348,7 +329,7 @@ def load(path, *, device: str | torch.device = "cpu", dtype=None, model: nn.Modu
             built = build(opened.spec)
     except ConfigError as e:
         raise CheckpointError(f"{opened.path}: its architecture config is invalid: {e}") from None
-    _check_layout(built, opened.header, opened.path)
+    check_layout(built, opened.header, opened.path)
     assign_weights(built, opened.tensors(), opened.path, device, dtype)
     built.checkpoint_meta = opened.meta
     return _inference_only(built).eval()
@@ -357,7 +338,7 @@ def load(path, *, device: str | torch.device = "cpu", dtype=None, model: nn.Modu
 def _inference_only(model: nn.Module) -> nn.Module:
     """A model with int8 experts (moe_prune.quantize) is inference-only: its parameters are frozen, so that only a
     call that means to train asks for gradients through the experts (and is refused there)."""
-    from ..compression.quantize import quantized_layers
+    from .models import quantized_layers
 
     return model.requires_grad_(False) if quantized_layers(model) else model
 
@@ -372,13 +353,13 @@ def _load_into(opened: Opened, model: nn.Module, device, dtype) -> nn.Module:
     configs = {name: SoftMoEConfig.from_dict(cfg) for name, cfg in spec["moe"].items()}
     convert(model, configs=configs)
     state = opened.tensors()
-    _check_layout(model, {k: ("", list(v.shape)) for k, v in state.items()}, opened.path)
+    check_layout(model, {k: ("", list(v.shape)) for k, v in state.items()}, opened.path)
     assign_weights(model, state, opened.path, device, dtype)
     model.checkpoint_meta = opened.meta
     return _inference_only(model).eval()
 
 
-def _check_layout(model: nn.Module, header: dict[str, tuple[str, list[int]]], where, allow_extra: bool = False) -> None:
+def check_layout(model: nn.Module, header: dict[str, tuple[str, list[int]]], where, allow_extra: bool = False) -> None:
     """Missing, unexpected and misshapen tensors against the model the config describes, in one message."""
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(header))
@@ -393,42 +374,6 @@ def _check_layout(model: nn.Module, header: dict[str, tuple[str, list[int]]], wh
         problems.append(f"{len(wrong)} shape mismatch(es): {'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
     if problems:
         raise CheckpointError(f"{where}: the tensors do not match the architecture config: {' | '.join(problems)}")
-
-
-def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], where, device, dtype=None) -> None:
-    """Put checked tensors into `model` (every name, strictly), on `device`, floats as `dtype`.
-
-    Args:
-        dtype: the floating dtype of every weight; None: `checkpoint_dtype(state)` (the file's own).
-
-    Raises:
-        CheckpointError: non-float weights (int8 ones where the layer is quantized), NaN/Inf values, int8 weights
-            outside [-127, 127] or negative scales, naming `where` (the file or the model).
-    """
-    expected = model.state_dict()
-    for name, t in state.items():
-        if name in expected and expected[name].is_floating_point() and not t.is_floating_point():
-            raise CheckpointError(f"{where}: tensor {name} is {t.dtype}; the model needs floating-point weights")
-        if name in expected and expected[name].dtype == torch.int8 and t.dtype != torch.int8:
-            raise CheckpointError(f"{where}: tensor {name} is {t.dtype}; its Soft MoE layer is quantized (quant "
-                                  "int8 in the config) and needs int8 expert weights; the checkpoint is damaged")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{where}: tensor {name} holds NaN or Inf values; the checkpoint is damaged")
-        # int8 expert weights are symmetric (moe_prune.quantize): -128 and negative scales are never written.
-        if t.dtype == torch.int8 and t.numel() and int(t.min()) < -127:
-            raise CheckpointError(f"{where}: tensor {name} holds -128; int8 expert weights lie in [-127, 127]; "
-                                  "the checkpoint is damaged")
-        if name.endswith(("experts.w1_scale", "experts.w2_scale")) and t.is_floating_point() and bool((t < 0).any()):
-            raise CheckpointError(f"{where}: tensor {name} holds negative scales; the checkpoint is damaged")
-    # One float dtype for the whole model (its matmuls need one): the file's, unless told.
-    dtype = dtype or checkpoint_dtype(state)
-    state = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of a model's floating weights (float32 for a model without any)."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 # -- writing -------------------------------------------------------------------------------------------------
@@ -460,7 +405,7 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None 
     spec = any_spec(model)
     if meta is None:
         meta = getattr(model, "checkpoint_meta", {})
-    dtype = _dtype(dtype)
+    dtype = float_dtype(dtype)
     record = {"format_version": FORMAT_VERSION, "spec": spec, "meta": meta}
     metadata = {"format": "pt", NATIVE_KEY: json.dumps(record, sort_keys=True)}
     state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
@@ -519,201 +464,8 @@ def _sort_metadata(path: Path) -> None:
 # -- the public libraries, in Python -------------------------------------------------------------------------
 
 
-def _library_state(src, what: str, kind: str, kwargs: dict):
-    """(converted, where) for from_bwconrad / from_lucidrains: a state dict in memory or any checkpoint file."""
-    from .formats import read_state_file
-    from .libraries import bwconrad_vit, find_layout, lucidrains_layer, strip
-
-    if isinstance(src, dict):
-        bad = [k for k, v in src.items() if not isinstance(v, torch.Tensor)]
-        if bad:
-            raise CheckpointError(f"{what}: state dict entries {bad[:3]} are not tensors")
-        state, where, hparams = dict(src), what, None
-    else:
-        sf = read_state_file(src)
-        state, where, hparams = sf.tensors, str(src), sf.hyper_parameters
-    found = find_layout(state, where=where)
-    if found is not None and found[0] == kind:
-        state, _ = strip(state, found[1])
-    if kind == "vit":
-        if "patch_embed.proj.weight" not in state:
-            raise CheckpointError(f"{where}: no patch_embed.proj.weight: not a soft-moe SoftMoEVisionTransformer")
-        return bwconrad_vit(state, kwargs, hparams, where), where
-    return lucidrains_layer(state, kwargs, where), where
-
-
-def _from_library(src, kind: str, kwargs: dict, what: str) -> nn.Module:
-    converted, where = _library_state(src, what, kind, kwargs)
-    with torch.device("meta"):
-        model = build(converted.spec)
-    _check_layout(model, {k: ("", list(v.shape)) for k, v in converted.state.items()}, where)
-    assign_weights(model, converted.state, where, "cpu")
-    model.checkpoint_meta = {"converted_from": f"{converted.library} {converted.model}", "source_kwargs": converted.kwargs}
-    return model.eval()
-
-
-def from_bwconrad(path_or_state_dict, **kwargs) -> SoftMoEViT:
-    """Load a `soft_moe.SoftMoEVisionTransformer` checkpoint (PyPI soft-moe 0.0.1, bwconrad) as a native model.
-
-    Args:
-        path_or_state_dict: its state_dict(), or a checkpoint file of it (any format `load` reads).
-        **kwargs: constructor arguments the tensor shapes cannot tell (num_heads, global_pool); any other given
-            is checked against the tensors. The callables (embed_layer, norm_layer, act_layer, block_fn,
-            mlp_layer) can only be their defaults.
-
-    Returns:
-        SoftMoEViT in eval mode; its outputs equal the source model's.
-
-    Raises:
-        ConfigError: unknown or unsupported keyword arguments.
-        CheckpointError: unreadable file, or tensors that do not fit the arguments.
-
-    Example:
-        >>> model = moe_prune.from_bwconrad("vit.safetensors", num_heads=4)
-    """
-    return _from_library(path_or_state_dict, "vit", kwargs, "from_bwconrad")
-
-
-def from_lucidrains(path_or_state_dict, **kwargs) -> SoftMoE:
-    """Load a `soft_moe_pytorch.SoftMoE` layer (PyPI soft-moe-pytorch 0.1.9, lucidrains) as a native layer.
-
-    The library's RMSNorm (l2-normalize, times sqrt(D) and a gain) becomes `token_norm="l2"` with the gain
-    folded into `norm_weight`; its normalized slot embeddings become a fixed Phi with no column normalization.
-    Difference: padded tokens (mask False) get output 0 here; the library gives them a uniform mix of all slots.
-
-    Args:
-        path_or_state_dict: the layer's state_dict(), or a checkpoint file of it.
-        **kwargs: optional, checked against the tensors: dim, seq_len or num_slots, num_experts, expert_mult,
-            geglu, use_layernorm; dropout, is_distributed and offload_unused_experts_to_cpu are accepted and do
-            not affect inference. Every one of them follows from the tensors.
-
-    Returns:
-        SoftMoE in eval mode; for an input x [B, N, D] its output equals the library's.
-
-    Raises:
-        ConfigError: unknown or inconsistent keyword arguments. CheckpointError: unreadable or misfit tensors.
-
-    Example:
-        >>> layer = moe_prune.from_lucidrains("layer.safetensors")
-        >>> y = layer(torch.randn(3, 64, 64))
-    """
-    return _from_library(path_or_state_dict, "lucidrains", kwargs, "from_lucidrains")
-
-
-def summary(path) -> dict:
-    """Architecture, Soft MoE layers and parameter counts of a checkpoint (a native one loads no tensor).
-
-    Returns:
-        A JSON-able dict: path, bytes (the file's), weight_bytes (its tensors'), native, family, config, dtype,
-        parameters, expert_parameters, expert_bytes (the experts' tensors', scales included), moe_layers (per
-        layer: name, experts in the router, experts held, slots, hidden, kind, original ids of the held experts,
-        parameters, expert_parameters, expert_bytes, quant), meta, and for another library's file `found` (format, library, prefix, each argument's
-        source: see `open_checkpoint`).
-
-    Example:
-        >>> s = summary("model.safetensors")
-        >>> s["moe_layers"][0]["experts_held"]
-        16
-    """
-    opened = open_checkpoint(path)
-    spec, meta, header = opened.spec, opened.meta, opened.header
-    count = {name: math.prod(shape) for name, (_, shape) in header.items()}
-    weight_bytes = sum(n * _itemsize(header[name][0]) for name, n in count.items())
-    dtypes = Counter()
-    for name, (dt, shape) in header.items():
-        dtypes[_dtype_name(dt)] += math.prod(shape)
-    layers = []
-    moe = spec.get("moe") if spec["family"] != "layer" else {"": spec["config"]}
-    for name, cfg in moe.items():
-        prefix = f"{name}." if name else ""
-        held = len(cfg["present"]) if cfg.get("present") else cfg["num_experts"]
-        origin = cfg.get("origin") or cfg.get("present")
-        layers.append({
-            "name": name or "(layer)", "router_experts": cfg["num_experts"], "experts_held": held,
-            "slots_per_expert": cfg["slots_per_expert"], "hidden": cfg["hidden"], "expert": cfg["expert"],
-            "kept_original_ids": origin,
-            "parameters": sum(n for k, n in count.items() if k.startswith(prefix)),
-            "expert_parameters": sum(n for k, n in count.items() if k.startswith(prefix + "experts.")),
-            "expert_bytes": sum(n * _itemsize(header[k][0]) for k, n in count.items() if k.startswith(prefix + "experts.")),
-            "quant": cfg.get("quant"),
-        })
-    out = {
-        "path": str(path), "bytes": _size(opened.path), "weight_bytes": weight_bytes, "native": opened.native,
-        "family": spec["family"], "config": spec.get("config", {}),
-        "dtype": ", ".join(d for d, _ in dtypes.most_common()),
-        "parameters": sum(count.values()), "expert_parameters": sum(layer["expert_parameters"] for layer in layers),
-        "expert_bytes": sum(layer["expert_bytes"] for layer in layers),
-        "moe_layers": layers, "meta": meta,
-    }
-    if spec["family"] == "module":
-        out["class"] = spec.get("class")
-    else:
-        from .preprocess import for_model
-
-        with torch.device("meta"):
-            probe = build(spec)
-        probe.checkpoint_meta = meta
-        pre = for_model(probe)
-        out["preprocess"] = None if pre is None else {**pre.to_dict(), "text": pre.describe()}
-    if opened.found:
-        out["found"] = opened.found
-    return out
-
-
-def _size(p: Path) -> int:
-    """Bytes on disk: the file, or for a sharded index the index and every shard."""
-    if p.name.endswith(".index.json"):
-        try:
-            shards = set(json.loads(p.read_text())["weight_map"].values())
-            return p.stat().st_size + sum((p.parent / s).stat().st_size for s in shards)
-        except (OSError, ValueError, KeyError, AttributeError):
-            pass
-    return p.stat().st_size
-
-
-def _itemsize(dt: str) -> int:
-    name = _dtype_name(dt)
-    dtype = getattr(torch, name, None)
-    return dtype.itemsize if isinstance(dtype, torch.dtype) else 4
-
-
-def _dtype_name(dt: str) -> str:
+def dtype_name(dt: str) -> str:
     return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64", "I32": "int32",
             "I16": "int16", "I8": "int8", "U8": "uint8"}.get(dt, dt.lower())
 
 
-def convert_file(source, out: str | os.PathLike, fmt: str = "auto", kwargs: dict | None = None,
-                 ema: bool = False, preprocess: dict | None = None, dtype=None) -> tuple[nn.Module, dict]:
-    """Convert a soft-moe or soft-moe-pytorch checkpoint (any format) to a native checkpoint, keeping its dtype.
-
-    Args:
-        source: the library's checkpoint (.safetensors, sharded, .pt/.pth/.bin, Lightning .ckpt).
-        out: the native checkpoint to write (atomically; never the source).
-        fmt: "bwconrad", "lucidrains" or "auto" (detected from tensor names).
-        kwargs: constructor arguments the shapes cannot tell (see `libraries`); optional.
-        ema: take the EMA weights.
-        preprocess: overrides of the model's input preprocessing (interpolation, crop_pct, mean, std; see
-            moe_prune.preprocess), recorded with the defaults in the output's metadata.
-        dtype: the output's float dtype ("fp16", "bf16", "fp32"; None: the source's).
-
-    Returns:
-        (model, found: what was read and inferred, see `summary`).
-
-    Raises:
-        CheckpointError: unreadable source or unknown layout. ConfigError: bad kwargs. OutputError: bad output.
-
-    Example:
-        >>> model, found = convert_file("last.ckpt", "native.safetensors", kwargs={"num_heads": 6})
-    """
-    src = CheckpointFile(os.fspath(source), kwargs=kwargs or None, ema=ema, library=fmt)
-    opened = open_checkpoint(src)
-    if opened.native:
-        raise CheckpointError(f"{source}: is already a moe-prune checkpoint; nothing to convert")
-    from .preprocess import for_model
-
-    model = load(src)
-    pre = for_model(model, **(preprocess or {}))
-    if pre is not None:  # recorded, so that every later command (and `info`) sees it
-        model.checkpoint_meta = {**model.checkpoint_meta, "preprocess": pre.to_dict()}
-    save(model, out, inputs=(opened.path,), dtype=dtype)
-    return model, opened.found

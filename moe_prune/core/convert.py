@@ -68,7 +68,7 @@ def _activation(expert: nn.Module, where: str) -> str:
 
 def _native(module: nn.Module, kind: str, where: str) -> tuple[SoftMoE, dict]:
     """The moe-prune layer equal to a library layer, on its device and in its dtype."""
-    from .checkpoint import assign_weights, model_dtype
+    from .weights import assign_weights, model_dtype
     from .libraries import bwconrad_layer, lucidrains_layer
 
     state = module.state_dict()
@@ -198,7 +198,7 @@ def _from_configs(model: nn.Module, configs: dict[str, SoftMoEConfig]) -> list[d
 
 
 def _compress_in_place(model: nn.Module, experts: dict, mode: str) -> None:
-    from ..compression.compress import compress_layer
+    from .subsets import compress_layer
 
     layers = moe_layers(model)
     unknown = sorted(set(experts) - set(layers))

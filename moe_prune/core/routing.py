@@ -12,13 +12,9 @@ Axes: B batch, M tokens, D model dim, E experts, S slots per expert, N = E*S slo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from .layers import SoftMoE
+from torch import nn
 
 
 def normalize_tokens(x: torch.Tensor, token_norm: str, gain: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -109,7 +105,7 @@ class Routing:
         >>> y = layer.mix(r, keep)        # reuses r's logits and combine weights
     """
 
-    def __init__(self, layer: SoftMoE, x: torch.Tensor, mask: torch.Tensor | None, tokens: torch.Tensor, *,
+    def __init__(self, layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, tokens: torch.Tensor, *,
                  dispatch: torch.Tensor | None = None, combine: torch.Tensor | None = None,
                  scores: torch.Tensor | None = None):
         self.layer, self.x, self.mask, self.tokens = layer, x, mask, tokens

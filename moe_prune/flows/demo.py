@@ -84,11 +84,13 @@ def _check_demo_model(ckpt) -> None:
 
 def _demo(config: DemoConfig, ckpt, out: Path) -> dict:
     from ..selection.calibration import DEFAULT_RULE, choose_subsets
-    from ..core.checkpoint import load, save, summary
+    from ..core.checkpoint import load, save
+    from ..core.summary import summary
     from ..compression.compress import compress_and_heal, compress_file, static_subsets
     from ..compression.healing import HealConfig
     from ..data.mnist import iterate_batches, load_images
-    from ..measurement.evaluate import accuracy, mean_std, random_accuracies
+    from ..measurement.accuracy import accuracy
+    from ..measurement.evaluate import mean_std, random_accuracies
     from ..core.models import moe_layers
     from ..selection.scores import with_experts, with_selection
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..core.checkpoint import save
 from ..errors import ConfigError
-from ..measurement.evaluate import accuracy
+from ..measurement.accuracy import accuracy
 from ..core.files import atomic_output
 from ..core.models import model_spec
 

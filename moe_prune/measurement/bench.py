@@ -155,7 +155,7 @@ def union_of_choices(alg1, x: torch.Tensor) -> dict:
 
 def _costs(full, small, alg1, k: dict, mode: str, inputs: dict, tokens=None) -> tuple[dict, dict]:
     """Costs of the variants, and Algorithm 1's per batch size (its weight bytes are the union its batch kept)."""
-    from .flops import model_cost
+    from ..core.flops import model_cost
 
     costs = {"full": model_cost(full, tokens=tokens), "compressed": model_cost(small, mode=mode, tokens=tokens),
              "alg2": model_cost(full, kept=k, mode=mode, dynamic=True, tokens=tokens)}
@@ -170,7 +170,7 @@ def _costs(full, small, alg1, k: dict, mode: str, inputs: dict, tokens=None) -> 
 def _bounds(costs: dict, by_batch: dict, machine: dict | None) -> dict:
     """Each variant's FLOP and weight-byte bounds, and per batch size its roofline bound (and, for Algorithm 1,
     the weight-byte bound of the experts that batch kept)."""
-    from .flops import bounds, roofline_ratio
+    from ..core.flops import bounds, roofline_ratio
 
     out = {}
     for name, c in costs.items():

@@ -170,7 +170,7 @@ def global_loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str 
         (subsets, record {"budget": "global", "kept": {layer: k}, "expert_flops": (spent, budget), "kl",
         "whole_model": see `loss_subsets`}).
     """
-    from ..measurement.flops import expert_flops_per_slot
+    from ..core.flops import expert_flops_per_slot
 
     layers = moe_layers(model)
     ks = keep_per_layer(model, keep)

@@ -162,7 +162,7 @@ def export_triton_repo(checkpoint: str | os.PathLike, repo: str | os.PathLike, n
     Example:
         >>> export_triton_repo("small.safetensors", "models", "fmnist_small")
     """
-    from ..onnx.export import check_export_options, export_preprocess, load_for_export
+    from ..onnx.export_file import check_export_options, export_preprocess, load_for_export
 
     overrides = dict(mean=mean, std=std, interpolation=interpolation, crop_pct=crop_pct)
     check_export_options(keep=keep, dynamic=dynamic, per=per, mode=mode, atol=atol, **overrides)

@@ -11,7 +11,7 @@ import dataclasses
 
 from torch import nn
 
-from ...errors import ConfigError
+from ...errors import ConfigError, SelectionError
 from ..layers import SoftMoE, SoftMoEConfig
 from .mnist import MnistConfig, MnistSoftMoE
 from .vit import SoftMoEViT, ViTConfig
@@ -86,3 +86,27 @@ def build(spec: dict) -> nn.Module:
             raise ConfigError(f"mnist config: Soft MoE configs given for {sorted(extra)}; the model has only 'moe'")
         return cls(config, moe.get("moe"))
     return cls(config, moe)
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Names of the Soft MoE layers of `model` whose experts are quantized ("" for a bare layer)."""
+    return [name for name, layer in moe_layers(model).items() if layer.config.quant is not None]
+
+
+def spec_quantized(spec: dict) -> list[str]:
+    """Names of the quantized Soft MoE layers of a checkpoint's spec (see above), read without a model."""
+    moe = {"": spec.get("config")} if spec.get("family") == "layer" else spec.get("moe") or {}
+    return [name for name, cfg in moe.items() if isinstance(cfg, dict) and cfg.get("quant") is not None]
+
+
+def refuse_quantized(names: list[str], where, what: str) -> None:
+    """Raise SelectionError when `names` (quantized layers) is not empty: `what` needs the float model.
+
+    Example:
+        >>> refuse_quantized(quantized_layers(model), "model.safetensors", "compressing")
+    """
+    if names:
+        shown = ", ".join(repr(n or "(layer)") for n in names[:3])
+        raise SelectionError(f"{where}: its experts are int8 (layers {shown}); {what} needs the float model: "
+                             "calibrate, compress and heal the float checkpoint, then quantize last "
+                             "(moe-prune compress ... --quantize int8)")

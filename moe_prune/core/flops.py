@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..core.layers import SoftMoE
-from ..core.models import MnistSoftMoE, SoftMoEViT, moe_layers
+from .layers import SoftMoE
+from .models import MnistSoftMoE, SoftMoEViT, moe_layers
 
 KINDS = ("embed", "attention", "dense_mlp", "router", "dispatch", "combine", "experts", "head")
 

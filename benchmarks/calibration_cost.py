@@ -2,7 +2,7 @@
 
 For each trained checkpoint: the `mass` rule (one pass over the calibration data) and the `loss` rule with each
 search setting (`limit` inputs searched, `candidates` run per step, `rounds` of prediction per layer; see
-moe_prune.calibration.loss_subsets), all on the same calibration data (the first `--calib-limit` training
+moe_prune.selection.loss_rule.loss_subsets), all on the same calibration data (the first `--calib-limit` training
 images), keep `--keep`, drop mode, no healing. Each row: calibration seconds (wall, `--threads` threads, nothing
 else running), its ratio to `mass`, and the accuracy of the compressed model on the validation split (the last
 `--validation` training images, never calibrated on; the ViTs of train_vit_experts.sh never trained on them),

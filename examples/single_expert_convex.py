@@ -12,7 +12,7 @@ logits. The whole layer output is a function of ONE convex combination of the to
 combination (e.g. all tokens 0, and x_1 = u, x_2 = -(d_1/d_2) u, the rest 0: the router only sees directions, so d
 is the same for u and any positive multiple of it) get the same output but different targets.
 
-Arms, all `moe_prune.layers.SoftMoE` with the same expert kind and the same total expert hidden width H_total
+Arms, all `moe_prune.core.layers.SoftMoE` with the same expert kind and the same total expert hidden width H_total
 (so the same expert parameters, up to the E output biases):
     1 expert x 1 slot (H = H_total)   |   E experts x 1 slot (H = H_total / E)   |   1 expert x S slots (H = H_total)
 The third arm keeps the single big expert but gives it S convex combinations: it tells whether the number of

@@ -1,6 +1,6 @@
 """Soft MoE routing written out once more, in float64, from the paper and the layer's parameters alone.
 
-The oracle for `moe_prune.layers.routing_ref`, the layer's `Routing` and the fused kernel's reference: it shares
+The oracle for `moe_prune.core.routing.routing_ref`, the layer's `Routing` and the fused kernel's reference: it shares
 none of their helpers (`normalize_tokens`, `router_weight`, the softmaxes), and spells out every step (norms as
 square roots of sums of squares, softmaxes as exponentials over their sums) so a wrong axis, a missing eps or a
 gain applied in the wrong place in moe_prune cannot be reproduced here by sharing the code.

@@ -28,6 +28,9 @@ def test_wheel_ships_kernels_and_assets(tmp_path):
     assert "moe_prune/kernels/__init__.py" in names
     assert "moe_prune/kernels/routing.py" in names
     assert not any(n.startswith("kernels/") for n in names)  # never a top-level `kernels` package
+    # every subpackage of the source tree ships (pyproject.toml lists them one by one)
+    for init in sorted((ROOT / "moe_prune").rglob("__init__.py")):
+        assert init.relative_to(ROOT).as_posix() in names, f"{init.parent.name}/ is not in the wheel: add it to pyproject.toml"
     for asset in ("fashion_mnist_sample.npz", "FASHION_MNIST_LICENSE.txt", "default.safetensors"):
         assert f"moe_prune/assets/{asset}" in names
     unpacked = tmp_path / "site"

@@ -78,7 +78,7 @@ def as_quant_config(quant) -> QuantConfig | None:
         return quant
     if isinstance(quant, str):
         return QuantConfig(quant)
-    raise ConfigError(f"quantize: {quant!r}; give 'int8' or a moe_prune.quantize.QuantConfig")
+    raise ConfigError(f"quantize: {quant!r}; give 'int8' or a moe_prune.QuantConfig")
 
 
 def quantize_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -336,7 +336,7 @@ def load(path, *, device: str | torch.device = "cpu", dtype=None, model: nn.Modu
 
 
 def _inference_only(model: nn.Module) -> nn.Module:
-    """A model with int8 experts (moe_prune.quantize) is inference-only: its parameters are frozen, so that only a
+    """A model with int8 experts (moe_prune.compression.quantize) is inference-only: its parameters are frozen, so that only a
     call that means to train asks for gradients through the experts (and is refused there)."""
     from .models import quantized_layers
 

@@ -6,7 +6,7 @@
 matmuls; `StackedExperts.grouped` runs R rows that each belong to one expert (the B*K slot groups of per-input
 subsets), choosing by measurement among weights gathered per row, a padded batched matmul over the stack, a
 loop over the used experts and, on CUDA, the Triton grouped-expert kernel (kernels/grouped_experts.py).
-Int8 experts (`quant="int8"`, see moe_prune.quantize): w1 and w2 are int8 with one scale per output channel,
+Int8 experts (`quant="int8"`, see moe_prune.compression.quantize): w1 and w2 are int8 with one scale per output channel,
 w = q * scale. Eager torch runs them with float activations, converting the int8 weights expert by expert (into one
 reused float tile) or, for small stacks, all at once: exactly the dequantized model. An exported graph of large
 experts (and eager torch when `int8_activations` is set) also quantizes each activation row to int8 and runs

@@ -10,7 +10,7 @@ Soft MoE layer with M tokens, width D, E experts of S slots, K kept:
 Elementwise work (norms, softmax, GELU) is left out: it is small beside the matmuls and the same in both models.
 
 Weight bytes count every stored value at the model's float width (4 bytes), except int8 experts' weights
-(moe_prune.quantize): 1 byte each, plus their float scales, one per output channel of w1 and w2 (`Cost.int8`).
+(moe_prune.compression.quantize): 1 byte each, plus their float scales, one per output channel of w1 and w2 (`Cost.int8`).
 
 Per-input subsets (Algorithm 1) compute K experts per input, as a shared subset does, but a batch reads the weights
 of every expert some input kept: U(B) of them (`union`; about E * (1 - (1 - K/E)^B) if choices were uniform, 126 of

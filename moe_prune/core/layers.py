@@ -63,7 +63,7 @@ class SoftMoEConfig:
             checkpoint keeps all of Phi but only these experts); None means all E.
         origin: the experts' ids in the model this layer was compressed from, for reports; None means own ids.
         quant: "int8": the experts' w1 and w2 are stored as int8 with one scale per output channel (tensors
-            `experts.w1_scale` [E, H1], `experts.w2_scale` [E, D_out]; see moe_prune.quantize); None: float
+            `experts.w1_scale` [E, H1], `experts.w2_scale` [E, D_out]; see moe_prune.compression.quantize); None: float
             weights. The router, norms and every other tensor keep their float dtype either way.
 
     Example:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from .layers import SoftMoE, SoftMoEConfig
-from .models import SoftMoEViT, ViTConfig
+from .layers import SoftMoEConfig
+from .models import SoftMoEViT, ViTConfig, model_spec
 
 SOFT_MOE = "soft-moe (bwconrad)"
 SOFT_MOE_PYTORCH = "soft-moe-pytorch (lucidrains)"
@@ -50,7 +50,7 @@ class Converted:
     """A library state dict as a native model's parts.
 
     Attributes:
-        spec: the native model spec (see moe_prune.models). state: native tensor names -> tensors.
+        spec: the native model spec (see moe_prune.core.models). state: native tensor names -> tensors.
         library, model: e.g. "soft-moe (bwconrad)", "SoftMoEVisionTransformer".
         kwargs: the library constructor's keyword arguments this corresponds to.
         sources: {argument: "tensors" | "hyper_parameters" | "given" | "default"}.
@@ -332,7 +332,7 @@ def bwconrad_vit(state: dict[str, torch.Tensor], given: dict | None = None, hpar
             raise CheckpointError(f"{where}: the experts of {p}experts have no biases; soft-moe's timm Mlp has them")
         native.update({f"{p}experts.{k}": v for k, v in stacked.items()})
     with torch.device("meta"):
-        spec = _spec(SoftMoEViT(config))
+        spec = model_spec(SoftMoEViT(config))
     return Converted(spec, native, SOFT_MOE, "SoftMoEVisionTransformer", kwargs, sources, notes=notes)
 
 
@@ -444,12 +444,6 @@ def lucidrains_layer(state: dict[str, torch.Tensor], given: dict | None = None, 
     sources = {k: "tensors" for k in kwargs}
     return Converted({"family": "layer", "config": config.to_dict()}, native, SOFT_MOE_PYTORCH, "SoftMoE", kwargs,
                      sources)
-
-
-def _spec(model) -> dict:
-    from .models import model_spec
-
-    return model_spec(model)
 
 
 # -- the whole step ------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], where, devi
                                   "int8 in the config) and needs int8 expert weights; the checkpoint is damaged")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{where}: tensor {name} holds NaN or Inf values; the checkpoint is damaged")
-        # int8 expert weights are symmetric (moe_prune.quantize): -128 and negative scales are never written.
+        # int8 expert weights are symmetric (moe_prune.compression.quantize): -128 and negative scales are never written.
         if t.dtype == torch.int8 and t.numel() and int(t.min()) < -127:
             raise CheckpointError(f"{where}: tensor {name} holds -128; int8 expert weights lie in [-127, 127]; "
                                   "the checkpoint is damaged")

@@ -63,7 +63,7 @@ def export_checkpoint(
         mean, std, interpolation, crop_pct: override the checkpoint's preprocessing (preprocess.for_model).
         dtype: "fp32" or "fp16": the graph's weights and float input (what a GPU without bf16 serves); it is
             validated against the PyTorch model in that dtype, with tolerances scaled to it (VALIDATION_TOLERANCE).
-            A checkpoint with int8 experts (moe_prune.quantize) exports as fp32 with integer matmuls, validated
+            A checkpoint with int8 experts (moe_prune.compression.quantize) exports as fp32 with integer matmuls, validated
             against torch with the same numerics at VALIDATION_TOLERANCE["int8"] (or --atol if looser).
 
     Returns:

@@ -2,7 +2,8 @@
 
 A spec is a JSON-able dict: {"family": "mnist" | "vit" | "layer", "config": {...}, "moe": {name: {...}}}, where
 "moe" holds the config of every Soft MoE layer by module name (they differ from the family default once
-compressed). `build(spec)` makes the model; `model_spec(model)` gives the spec back.
+compressed). `build(spec)` makes the model; `model_spec(model)` gives the spec back. `moe_layers`, and which of
+them are quantized, are read here too. May import: moe_prune.errors and core.layers (the families' layers).
 """
 
 from __future__ import annotations

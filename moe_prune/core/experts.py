@@ -284,19 +284,7 @@ class StackedExperts(nn.Module):
             # Small experts: one batched matmul over the rows, each with its expert's weights gathered.
             pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
             return self._mlp(rows, pick(self.w1), pick(self.b1), pick(self.w2), pick(self.b2))
-        sync_free = policy.padded_capacity == "batch" and capacity is not None
-        if in_graph() or compiling() or policy.loop_overhead is None:
-            return self._padded(rows, idx, capacity if sync_free or compiling() else None)
-        used, counts = torch.unique(idx, return_counts=True)  # [U], ascending
-        E = self.w1.shape[0]
-        if len(used) * (self.weights_per_expert + policy.loop_overhead) >= E * self.weights_per_expert:
-            return self._padded(rows, idx, capacity if sync_free else None)
-        # Few used experts: one matmul pair per used expert on its rows, weights as views.
-        order = torch.argsort(idx, stable=True)  # rows grouped by expert
-        groups = rows.index_select(0, order).split(counts.tolist())
-        y = torch.cat([self._expert(g.reshape(-1, D), e).reshape(len(g), N, -1)
-                       for g, e in zip(groups, used.tolist())])  # [R, N, D_out], grouped order
-        return torch.empty_like(y).index_copy_(0, order, y)
+        return self._padded_or_loop(rows, idx, capacity, policy, padded=in_graph())
 
     def _padded(self, rows: torch.Tensor, idx: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
         """Rows grouped by expert into a zero-padded [E, C*N, D] batch (C = the most rows any expert has, or
@@ -385,8 +373,16 @@ class StackedExperts(nn.Module):
             return self._w8a8(rows, self._weights(idx))
         if in_graph() or R * self.weights_per_expert < policy.row_gather_limit:
             return self._mlp(rows, *self._weights(idx))
+        return self._padded_or_loop(rows, idx, capacity, policy, tiled=True)
+
+    def _padded_or_loop(self, rows: torch.Tensor, idx: torch.Tensor, capacity: int | None, policy: ExecutionPolicy,
+                        padded: bool = False, tiled: bool = False) -> torch.Tensor:
+        """rows [R, N, D] grouped by expert idx [R]: padded over the stack (always, with `padded`: in a graph), or,
+        when few experts are used, one matmul pair per used expert on its rows (weights as views; int8 ones
+        converted into reused tiles with `tiled`)."""
+        R, N, D = rows.shape
         sync_free = policy.padded_capacity == "batch" and capacity is not None
-        if compiling() or policy.loop_overhead is None:
+        if padded or compiling() or policy.loop_overhead is None:
             return self._padded(rows, idx, capacity if sync_free or compiling() else None)
         used, counts = torch.unique(idx, return_counts=True)  # [U], ascending
         E = self.w1.shape[0]
@@ -394,8 +390,8 @@ class StackedExperts(nn.Module):
             return self._padded(rows, idx, capacity if sync_free else None)
         order = torch.argsort(idx, stable=True)  # rows grouped by expert
         groups = rows.index_select(0, order).split(counts.tolist())
-        tiles = self._tiles(rows)
-        y = torch.cat([self._expert(g.reshape(-1, D), e, tiles=tiles).reshape(len(g), N, -1)
+        kw = {"tiles": self._tiles(rows)} if tiled else {}
+        y = torch.cat([self._expert(g.reshape(-1, D), e, **kw).reshape(len(g), N, -1)
                        for g, e in zip(groups, used.tolist())])  # [R, N, D_out], grouped order
         return torch.empty_like(y).index_copy_(0, order, y)
 

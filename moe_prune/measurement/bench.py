@@ -355,18 +355,14 @@ class LoopedExperts(torch.nn.Module):
         self.stacked = stacked
 
     def forward(self, slots: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        from ..core.mlp import expert_activation
+        from ..core.mlp import expert_mlp
 
         e = self.stacked
         ids = range(slots.shape[0]) if idx is None else idx.tolist()
-        outs = []
-        for k, i in enumerate(ids):  # slots[k] [N, D] through expert i
-            h = F.linear(slots[k], e.w1[i].T, None if e.b1 is None else e.b1[i])
-            h = expert_activation(e.kind, h)
-            outs.append(F.linear(h, e.w2[i].T, None if e.b2 is None else e.b2[i]))
-        return torch.stack(outs)
+        at = lambda t, i: None if t is None else t[i]  # noqa: E731
+        # slots[k] [N, D] through expert i, one matmul pair at a time (addmm with a bias, as F.linear runs it)
+        return torch.stack([expert_mlp(e.kind, slots[k], e.w1[i], at(e.b1, i), e.w2[i], at(e.b2, i))
+                            for k, i in enumerate(ids)])
 
 
 def looped(model: torch.nn.Module) -> torch.nn.Module:

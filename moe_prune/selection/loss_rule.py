@@ -26,6 +26,16 @@ def _kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.Tenso
     return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
 
 
+def _subsets_kl(subsets: dict, runs: dict, pruned, chunks, teacher, own) -> float:
+    """The mean distillation KL(full || pruned) over the calibration chunks with `subsets` set on the tapped layers:
+    this rank's chunks `own`, summed over the ranks."""
+    for n, ids in subsets.items():
+        runs[n].experts = ids
+    with torch.no_grad():
+        total = sum(float(_kl(pruned(chunks[i]).float().log_softmax(-1), teacher[i])) for i in own)
+    return sum_over_ranks(total)[0] / chunks.num_inputs
+
+
 def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop", candidates: int = 8,
                  limit: int = 2048, chunk: int = 512, progress: bool = False,
                  budget: str = "per-layer", rounds: int | None = None) -> tuple[dict, dict]:
@@ -82,11 +92,7 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
         bar = progress_bar(total=total, desc="calibrating (loss)", unit="expert")
 
     def kl_of(subset_of_layer: dict) -> float:
-        for n, ids in subset_of_layer.items():
-            runs[n].experts = ids
-        with torch.no_grad():
-            total = sum(float(_kl(pruned(chunks[i]).float().log_softmax(-1), teacher[i])) for i in own)
-        return sum_over_ranks(total)[0] / chunks.num_inputs
+        return _subsets_kl(subset_of_layer, runs, pruned, chunks, teacher, own)
 
     subsets: dict[str, torch.Tensor] = {}
     record = {}
@@ -197,11 +203,7 @@ def global_loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str 
         return {n: held[n][torch.tensor(sorted(chosen[n]), dtype=torch.long)] for n in layers}
 
     def kl_of(subsets: dict) -> float:
-        for n, ids in subsets.items():
-            runs[n].experts = ids
-        with torch.no_grad():
-            s = sum(float(_kl(pruned(chunks[i]).float().log_softmax(-1), teacher[i])) for i in own)
-        return sum_over_ranks(s)[0] / chunks.num_inputs
+        return _subsets_kl(subsets, runs, pruned, chunks, teacher, own)
 
     bar = None
     if progress:

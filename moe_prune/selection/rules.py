@@ -13,7 +13,7 @@ from ..core.devices import device_of
 from ..core.models import moe_layers
 from ..data.shards import all_reduce, own_batches
 from ..errors import SelectionError
-from .scores import TappedLayer, keep_per_layer, replace_layers
+from .scores import TappedLayer, keep_per_layer, replace_layers, top_k
 
 
 def _shares_norm(combine: torch.Tensor, y: torch.Tensor, S: int) -> torch.Tensor:
@@ -161,7 +161,7 @@ def reconstruct_subsets(model: nn.Module, batches: Sequence, keep, progress: boo
         if not (torch.isfinite(G).all() and torch.isfinite(b).all()):
             raise SelectionError(f"calibration of {name!r} gave NaN or Inf (non-finite inputs or weights?)")
         pos = greedy_subset(G, b, ks[name])
-        by_mass = sorted(torch.sort(acc["mass"], descending=True, stable=True).indices[:ks[name]].tolist())
+        by_mass = top_k(acc["mass"], ks[name]).tolist()  # the combine-mass top k, for the record
         held = target_layer.held_experts()
         subsets[name] = held[torch.tensor(pos, dtype=torch.long)]
         record[name] = {"error": subset_error(G, b, t2, pos) / max(t2, 1e-30),

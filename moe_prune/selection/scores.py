@@ -113,7 +113,7 @@ def expert_scores(layer: SoftMoE, x: torch.Tensor, mask: torch.Tensor | None = N
     return layer.route(x, mask).scores
 
 
-def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest along the last axis, ascending; ties go to the lower index."""
     if in_graph():
         top = torch.topk(scores, k, dim=-1, sorted=True).indices  # ONNX TopK puts the lower index first on ties
@@ -149,7 +149,7 @@ def select_experts(scores: torch.Tensor, keep: int | float | str, per: Per = "in
     k = parse_keep(keep, scores.shape[-1])
     if per == "batch" and scores.dim() == 2:
         scores = scores.sum(dim=0)
-    return _top_k(scores, k)
+    return top_k(scores, k)
 
 
 class PrunedSoftMoE(nn.Module):

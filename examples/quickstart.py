@@ -43,12 +43,14 @@ def main() -> None:
 
     # A smaller checkpoint, healed by distillation from the full model on the calibration images, then ONNX,
     # validated against PyTorch.
-    small, record = mp.compress_and_heal(model, subsets, batches, config=mp.HealConfig(steps=1000))
-    print(f"healed: distillation loss {record['loss_before']:.3f} -> {record['loss_after']:.3f}, "
+    # One verb per stage: compress (choose by the default rule, cut, heal) and export (write, validate).
+    small, record = mp.compress(model, batches, mp.CompressConfig(keep="1/8", heal=mp.HealConfig(steps=1000)))
+    healed = record["heal"]
+    print(f"healed: distillation loss {healed['loss_before']:.3f} -> {healed['loss_after']:.3f}, "
           f"accuracy {accuracy(small, *test):.3f}")
-    mp.save(small, out / "small.safetensors")
-    onnx_path = mp.export_onnx(small, out / "small.onnx")
-    print(mp.validate_onnx(onnx_path, small).format())
+    mp.save(small, out / "small.safetensors", meta=record)
+    onnx_path, report = mp.export(small, out / "small.onnx")
+    print(report.format())
     print("served by ONNX Runtime:", mp.Predictor(onnx_path).predict(test[0][:10]).tolist(), "labels:", test[1][:10].tolist())
 
 

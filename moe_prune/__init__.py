@@ -30,6 +30,8 @@ _EXPORTS = {
     **dict.fromkeys(["HealConfig", "heal"], "compression.healing"),
     **dict.fromkeys(["QuantConfig", "quantize_", "quantize_file"], "compression.quantize"),
     **dict.fromkeys(["export_onnx"], "onnx.export"),
+    **dict.fromkeys(["ExportConfig", "export"], "onnx.stage"),
+    **dict.fromkeys(["CompressConfig", "compress"], "compression.stage"),
     **dict.fromkeys(["SoftMoE", "SoftMoEConfig"], "core.layers"),
     **dict.fromkeys(["MnistConfig", "MnistSoftMoE", "SoftMoEViT", "ViTConfig", "build", "model_spec", "moe_layers"],
                     "core.models"),

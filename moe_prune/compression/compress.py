@@ -108,9 +108,9 @@ def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike,
     refuse_quantized(spec_quantized(opened.spec), opened.path, "compressing")
     if not opened.native:
         model = load(src)
-        small = _quantize_last(compress_model(model, subsets, mode), quantize, dtype or file_dtype(opened))
+        small = quantize_last(compress_model(model, subsets, mode), quantize, dtype or file_dtype(opened))
         record = {**(meta or {}), "source_meta": opened.meta, "mode": mode, "kept_experts": kept_record(small),
-                  **_quant_record(quantize)}
+                  **quant_record(quantize)}
         return save(small, out, meta=record, inputs=(opened.path,), dtype=dtype or file_dtype(opened))
     spec, src_meta, header = opened.spec, opened.meta, opened.header
     src = opened.path
@@ -144,13 +144,13 @@ def compress_file(src: str | os.PathLike, subsets: dict, out: str | os.PathLike,
     except Exception as e:
         raise CheckpointError(f"{src}: could not read tensors ({e}); is the file truncated or corrupted?") from None
     assign_weights(target, state, src, "cpu")  # in the source's dtype (float32 if it mixes dtypes), as `load` does
-    target = _quantize_last(target, quantize, dtype)
+    target = quantize_last(target, quantize, dtype)
     record = {**(meta or {}), "source_meta": src_meta, "mode": mode,
-              "kept_experts": kept_record(target), **_quant_record(quantize)}
+              "kept_experts": kept_record(target), **quant_record(quantize)}
     return save(target, out, meta=record, inputs=(src,), dtype=dtype)
 
 
-def _quantize_last(model: nn.Module, quantize, dtype=None) -> nn.Module:
+def quantize_last(model: nn.Module, quantize, dtype=None) -> nn.Module:
     """The compressed model with its experts quantized (quantize: None, "int8" or a QuantConfig), in the output's
     float dtype first, so that each scale is rounded to that dtype before the int8 weights are computed from it."""
     from ..core.weights import float_dtype
@@ -163,7 +163,7 @@ def _quantize_last(model: nn.Module, quantize, dtype=None) -> nn.Module:
     return quantize_(model.to(dtype) if dtype is not None else model, config)
 
 
-def _quant_record(quantize) -> dict:
+def quant_record(quantize) -> dict:
     """{"quantize": what was done} for the metadata of a quantized output; {} for a float one."""
     from .quantize import as_quant_config
 
@@ -284,17 +284,17 @@ def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progr
         return compress_file(src, subsets, out, mode=mode, meta=record, dtype=dtype, quantize=quantize), subsets
     if heal is None:  # another library's file was converted in memory: compress what is loaded
         small = compress_model(model, subsets, mode)
-        small = _quantize_last(small, quantize, dtype or file_dtype(opened))
+        small = quantize_last(small, quantize, dtype or file_dtype(opened))
         record = {**record, "source_meta": opened.meta, "mode": mode, "kept_experts": kept_record(small),
-                  **_quant_record(quantize)}
+                  **quant_record(quantize)}
         return save(small, out, meta=record, inputs=(opened.path,), dtype=dtype or file_dtype(opened)), subsets
     small, healed = compress_and_heal(model, subsets, calib_batches, mode=mode, config=heal, check=check,
                                       progress=progress)  # every rank: data-parallel under torchrun
     if not writer:
         return None, subsets
-    small = _quantize_last(small, quantize, dtype or file_dtype(opened))  # healed in float, quantized last
+    small = quantize_last(small, quantize, dtype or file_dtype(opened))  # healed in float, quantized last
     record = {**record, "heal": healed, "source_meta": opened.meta, "mode": mode, "kept_experts": kept_record(small),
-              **_quant_record(quantize)}
+              **quant_record(quantize)}
     return save(small, out, meta=record, inputs=(opened.path,), dtype=dtype or file_dtype(opened)), subsets
 
 

@@ -78,7 +78,6 @@ def test_compress_refuses_what_its_steps_refuse():
 
 
 def test_export_writes_and_validates(tmp_path):
-    pytest.importorskip("onnxruntime", reason="the [cpu] extra: ONNX Runtime runs the validation")
     model = mp.with_selection(mnist(), "1/4", per="batch")
     path, report = mp.export(model, tmp_path / "m.onnx")
     assert path == tmp_path / "m.onnx" and path.is_file()

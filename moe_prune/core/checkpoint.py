@@ -461,11 +461,7 @@ def _sort_metadata(path: Path) -> None:
             f.write(text + b" " * (n - len(text)))
 
 
-# -- the public libraries, in Python -------------------------------------------------------------------------
-
-
 def dtype_name(dt: str) -> str:
+    """A safetensors header dtype ("F32", "BF16", ...) as torch names it ("float32", "bfloat16", ...)."""
     return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64", "I32": "int32",
             "I16": "int16", "I8": "int8", "U8": "uint8"}.get(dt, dt.lower())
-
-

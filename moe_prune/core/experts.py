@@ -421,5 +421,3 @@ class StackedExperts(nn.Module):
     def _mlp(self, x, w1, b1, w2, b2, s1=None, s2=None):
         """x [..., N, D] through this stack's kind of expert (see mlp.expert_mlp)."""
         return expert_mlp(self.kind, x, w1, b1, w2, b2, s1, s2)
-
-

@@ -35,7 +35,6 @@ from ..errors import DataError
 from ..core.preprocess import Preprocess
 
 
-
 @dataclass(frozen=True)
 class DataOptions:
     """How to read the user's data.
@@ -341,8 +340,3 @@ class TensorExamples(Examples):
 
     def input_shape(self):
         return tuple(self.x.shape[1:])
-
-
-# -- finding the data --------------------------------------------------------------------------------------
-
-

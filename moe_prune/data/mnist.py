@@ -196,7 +196,7 @@ def make_sample(src_dir: str | os.PathLike, out_path: str | os.PathLike, n: int 
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Tensors, batches, calibration inputs
+# Tensors and batches
 
 
 def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -278,5 +278,3 @@ def iterate_batches(
             labels[torch.as_tensor(idx)] if isinstance(labels, torch.Tensor) else labels[idx]
         ).to(torch.int64)
         yield x, y
-
-

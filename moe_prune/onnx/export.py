@@ -376,8 +376,3 @@ def _export_dynamo(model, example, out, opset, dynamic_batch, output_names) -> o
                 "exporter (dynamo=False, --exporter torchscript) handles more models"
             ) from e
     return program.model_proto
-
-
-# -- from a checkpoint (the CLI) -----------------------------------------------------------------------------
-
-

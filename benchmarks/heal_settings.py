@@ -29,7 +29,9 @@ from moe_prune.healing import HealConfig
 
 VARIANTS = [("default", {}), ("parts", {"parts": "experts"}), ("parts", {"parts": "experts+router"}),
             ("lr", {"lr": 1e-3}), ("lr", {"lr": 3e-3}), ("steps", {"steps": 1000}),
-            ("temperature", {"temperature": 1.0}), ("temperature", {"temperature": 4.0})]
+            ("temperature", {"temperature": 1.0}), ("temperature", {"temperature": 4.0}),
+            ("max_epochs", {"max_epochs": 5.0}), ("max_epochs", {"max_epochs": 40.0, "steps": 6000}),
+            ("patience", {"patience": 0})]
 
 
 def main(argv=None) -> None:
@@ -46,7 +48,7 @@ def main(argv=None) -> None:
     for path in args.checkpoints:
         model = mp.load(path)
         calib = calibration_batches("fashion-mnist", limit=10000, batch_size=256, model=model)
-        subsets, _ = choose_subsets(model, calib, "1/8", rule="loss")
+        subsets, _ = choose_subsets(model, calib, "1/8", rule="loss")  # the default search
         full, val_full = accuracy(model, *test), accuracy(model, *val)
         for what, change in VARIANTS:
             cfg = replace(HealConfig(), **change)
@@ -54,7 +56,8 @@ def main(argv=None) -> None:
             rows.append({"checkpoint": str(path), "full": full, "val_full": val_full, "varied": what,
                          "config": cfg.to_dict(), "val_accuracy": accuracy(small, *val),
                          "accuracy": accuracy(small, *test), "loss_after": rec["loss_after"], "seconds": rec["seconds"],
-                         "best_step": (rec.get("held_out") or {}).get("best_step")})
+                         "best_step": (rec.get("held_out") or {}).get("best_step"),
+                         "steps_run": rec.get("steps_run"), "stopped": rec.get("stopped")})
             print(f"{path.stem} {what} {change}: val {100 * rows[-1]['val_accuracy']:.2f}, test "
                   f"{100 * rows[-1]['accuracy']:.2f}", file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -66,13 +69,13 @@ def main(argv=None) -> None:
              "row: on the validation split (the last 5,000 training images), which chooses, and on the test set "
              "(reported, not used).", "",
              "| model | full (val / test) | varied | setting | validation | test | % of full (val) | distillation loss "
-             "after | best step | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "after | best step | steps run | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         setting = ", ".join(f"{k}={v}" for k, v in r["config"].items() if v != getattr(d, k)) or "(defaults)"
         lines.append(f"| {Path(r['checkpoint']).stem} | {100 * r['val_full']:.2f} / {100 * r['full']:.2f} | {r['varied']} | "
                      f"{setting} | {100 * r['val_accuracy']:.2f} | {100 * r['accuracy']:.2f} | "
                      f"{100 * r['val_accuracy'] / r['val_full']:.1f}% | {r['loss_after']:.4g} | {r['best_step']} | "
-                     f"{r['seconds']:.0f} |")
+                     f"{r.get('steps_run')} | {r['seconds']:.0f} |")
     settings = {}
     for r in rows:
         key = ", ".join(f"{k}={v}" for k, v in r["config"].items() if v != getattr(d, k)) or "(defaults)"

@@ -34,9 +34,9 @@ from moe_prune.measurement.accuracy import accuracy
 # (name, rule, search settings): the settings in use before this study first
 SETTINGS = [
     ("mass", "mass", None),
-    ("loss 2048x8, every expert", "loss", {"limit": 2048, "candidates": 8}),
-    ("loss 512x8, every expert", "loss", {"limit": 512, "candidates": 8}),
-    ("loss 512x2, every expert", "loss", {"limit": 512, "candidates": 2}),
+    ("loss 2048x8, every expert", "loss", {"limit": 2048, "candidates": 8, "rounds": None}),
+    ("loss 512x8, every expert", "loss", {"limit": 512, "candidates": 8, "rounds": None}),
+    ("loss 512x2, every expert", "loss", {"limit": 512, "candidates": 2, "rounds": None}),
     ("loss 512x4, 4 rounds", "loss", {"limit": 512, "candidates": 4, "rounds": 4}),
     ("loss 512x2, 2 rounds", "loss", {"limit": 512, "candidates": 2, "rounds": 2}),
     ("loss 256x2, 2 rounds", "loss", {"limit": 256, "candidates": 2, "rounds": 2}),
@@ -80,14 +80,16 @@ def table(reports: list[dict]) -> list[str]:
                 return "-"
             acc = f"val {100 * row['val_accuracy']:.2f} / test {100 * row['accuracy']:.2f}; " if "val_accuracy" in row else ""
             return f"{acc}{row['seconds']:.1f} s ({row['seconds'] / mass:.1f}x)"
-        lines.append(f"| {r['model']} | " + " | ".join(cell(n) for n in names) + " |")
+        note = " (trained on the validation images: not used to choose)" if r.get("trained") and not r.get(
+            "validation_never_trained_on") else ""
+        lines.append(f"| {r['model']}{note} | " + " | ".join(cell(n) for n in names) + " |")
     return lines
 
 
 def chosen(reports: list[dict], within: float) -> list[str]:
     """The cheapest setting (mean time ratio to mass) whose mean validation accuracy is within `within` points of
     the best setting's, over the trained models."""
-    trained = [r for r in reports if r.get("trained")]
+    trained = [r for r in reports if r.get("trained") and r.get("validation_never_trained_on")]
     if not trained:
         return []
     stats = {}
@@ -104,7 +106,7 @@ def chosen(reports: list[dict], within: float) -> list[str]:
     best = max(v[0] for v in stats.values())
     ok = [n for n, v in stats.items() if v[0] >= best - within]
     pick = min(ok, key=lambda n: stats[n][1])
-    lines = ["### Chosen on validation", "", f"Over the {len(trained)} trained models: the cheapest `loss` search whose "
+    lines = ["### Chosen on validation", "", f"Over the {len(trained)} models trained without the validation split: the cheapest `loss` search whose "
              f"mean validation accuracy is within {within} points of the best search's.", "",
              "| setting | mean validation % | mean time / mass | mean test % (reported) | |", "|---|---|---|---|---|"]
     for n, (v, t, te) in stats.items():
@@ -124,10 +126,12 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--within", type=float, default=0.5, help="points of validation accuracy a cheaper search may lose")
     p.add_argument("--random-vit-s", action="store_true")
-    p.add_argument("--settings", help="comma-separated setting names to run (default: all)")
+    p.add_argument("--settings", help="setting names to run, separated by semicolons (default: all)")
+    p.add_argument("--merge", action="store_true", help="add these models to the reports already in cost.json "
+                   "(a model measured again replaces its old report)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = [s for s in SETTINGS if not args.settings or s[0] in args.settings.split(",")]
+    settings = [s for s in SETTINGS if not args.settings or s[0] in [n.strip() for n in args.settings.split(";")]]
     train, test = load_images("fashion-mnist", split="train"), load_images("fashion-mnist", split="test")
     val = (train[0][-args.validation:], train[1][-args.validation:])
     reports = []
@@ -147,10 +151,21 @@ def main(argv=None) -> None:
         calib = [torch.randn(256, 3, 32, 32, generator=g) for _ in range(-(-args.calib_limit // 256))]
         rows = [measure(model, calib, args.keep, n, rule, s, None, None) for n, rule, s in settings]
         reports.append({"model": "random ViT-S (6 Soft MoE layers of 128)", "trained": False, "rows": rows})
+    command = "python " + " ".join(sys.argv)
+    for r in reports:
+        r["command"] = command
+    commands = [command]
+    if args.merge and (args.out / "cost.json").exists():
+        old = json.loads((args.out / "cost.json").read_text())
+        if (old["keep"], old["calib_limit"]) != (args.keep, args.calib_limit):
+            sys.exit("--merge: cost.json was measured with another --keep or --calib-limit")
+        new = {r["model"] for r in reports}
+        reports = [r for r in old["reports"] if r["model"] not in new] + reports
+        commands = list(dict.fromkeys(r.get("command", old.get("command")) for r in reports))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cost.json").write_text(json.dumps({"command": "python " + " ".join(sys.argv), "keep": args.keep,
+    (args.out / "cost.json").write_text(json.dumps({"commands": commands, "keep": args.keep,
                                                     "calib_limit": args.calib_limit, "reports": reports}, indent=1))
-    lines = [f"Command: `python {' '.join(sys.argv)}`", "",
+    lines = ["Commands:", ""] + [f"    {c}" for c in commands] + ["",
              f"Keep {args.keep}, drop mode, no healing; calibration on the first {args.calib_limit} Fashion-MNIST "
              f"training images; {args.threads} threads. Validation: the last {args.validation} training images "
              "(never calibrated on); it chooses. Test: the 10,000 test images, reported only. Times are wall seconds "

@@ -28,7 +28,7 @@ import torch
 
 import moe_prune
 from moe_prune.cli import parser as cli
-from moe_prune.selection.calibration import DEFAULT_RULE, RULES
+from moe_prune.selection.calibration import DEFAULT_RULE, DEFAULT_SEARCH, RULES
 from moe_prune.compression.compress import compress_and_heal, compress_from_data, compress_model
 from moe_prune.errors import ConfigError
 from moe_prune.compression.healing import PARTS, HealConfig, distillation_loss, heal, trainable
@@ -502,6 +502,32 @@ def test_cli_defaults_agree_with_the_library():
     assert (args.rule, args.heal_steps, args.heal_lr, args.heal_temperature, args.heal_parts, args.heal_seed) == (
         DEFAULT_RULE, defaults.steps, defaults.lr, defaults.temperature, defaults.parts, defaults.seed)
     assert args.heal is False
+    assert args.search == DEFAULT_SEARCH
+
+
+def test_search_flag_reaches_the_loss_rule(workspace, tmp_path, monkeypatch):
+    monkeypatch.chdir(workspace)
+    out = tmp_path / "small.safetensors"
+    assert cli.main(["compress", "m.safetensors", "--calib", "calib.npy", "--search", "32,1,0", "--out", str(out)]) == 0
+    searched = moe_prune.summary(out)["meta"]["distillation_kl"]["search"]
+    assert searched == {"inputs": 32, "candidates": 1, "rounds": None}  # 0 rounds: one per kept expert
+    out2 = tmp_path / "default.safetensors"
+    assert cli.main(["compress", "m.safetensors", "--calib", "calib.npy", "--out", str(out2)]) == 0
+    assert moe_prune.summary(out2)["meta"]["distillation_kl"]["search"] == {
+        "inputs": min(64, DEFAULT_SEARCH["limit"]), "candidates": DEFAULT_SEARCH["candidates"],
+        "rounds": DEFAULT_SEARCH["rounds"]}
+
+
+@pytest.mark.parametrize("value", ["256,2", "a,b,c", "0,2,2", "256,0,2", "256,2,-1"])
+def test_bad_search_is_one_line(workspace, tmp_path, monkeypatch, capfd, value):
+    monkeypatch.chdir(workspace)
+    before = _tree(workspace)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compress", "m.safetensors", "--calib", "calib.npy", "--search", value, "--out", str(tmp_path / "o.safetensors")])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "--search" in err[-1] and value in err[-1], err
+    assert _tree(workspace) == before and not (tmp_path / "o.safetensors").exists()
 
 
 # -- the public name -------------------------------------------------------------------------------------------

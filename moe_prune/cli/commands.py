@@ -167,7 +167,7 @@ def cmd_compress(args) -> None:
     r = compress_from_data(_source(args, src), out, args.keep, args.calib, calib_limit=args.calib_limit, batch_size=args.batch_size,
                            mode=args.mode, rule=args.rule, heal=heal, create_folder=_folder_form(out, args.out),
                            meta={"command": _command(args)}, options=_data_options(args), device=args.device,
-                           dtype=args.dtype, budget=args.budget, quantize=args.quantize)
+                           dtype=args.dtype, budget=args.budget, quantize=args.quantize, search=args.search)
     if r is None:  # a torchrun rank other than 0: rank 0 reports
         return
     before, after = r["before"], r["after"]

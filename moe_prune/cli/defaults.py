@@ -1,5 +1,6 @@
 """The defaults `moe-prune --help` shows, kept here rather than imported: the CLI (and `serve`) must not import
-torch. tests/test_heal.py checks they equal selection.calibration.RULES / DEFAULT_RULE and HealConfig().
+torch. tests/test_heal.py checks they equal selection.calibration.RULES / DEFAULT_RULE / DEFAULT_SEARCH and
+HealConfig().
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import argparse
 
 CALIBRATION_RULES = ("loss", "reconstruct", "output", "mass")
 DEFAULT_RULE = "loss"
+LOSS_SEARCH = "256,2,2"  # the loss rule's DEFAULT_SEARCH: inputs, candidates, rounds
 HEAL_DEFAULTS = argparse.Namespace(steps=3000, lr=1e-2, temperature=2.0, parts="experts+router+head", seed=0,
                                    held_out=0.1, max_epochs=20.0,
                                    patience=3)

@@ -13,7 +13,7 @@ from ..errors import MoePruneError
 from .commands import (
     cmd_info, cmd_convert, cmd_train, cmd_eval, cmd_demo, cmd_bench, cmd_compress, cmd_export, cmd_serve,
 )
-from .defaults import CALIBRATION_RULES, DEFAULT_RULE, HEAL_DEFAULTS, VIT_DEFAULTS
+from .defaults import CALIBRATION_RULES, DEFAULT_RULE, HEAL_DEFAULTS, LOSS_SEARCH, VIT_DEFAULTS
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -21,6 +21,17 @@ def _floats(text: str) -> tuple[float, ...]:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def _search(text: str) -> dict:
+    """--search INPUTS,CANDIDATES,ROUNDS -> the loss rule's search settings."""
+    try:
+        inputs, candidates, rounds = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give three integers, INPUTS,CANDIDATES,ROUNDS (e.g. 256,2,2)")
+    if inputs < 1 or candidates < 1 or rounds < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: INPUTS and CANDIDATES must be at least 1, ROUNDS at least 0")
+    return {"limit": inputs, "candidates": candidates, "rounds": rounds or None}
 
 
 def _non_negative(text: str) -> int:
@@ -166,9 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=256, help="calibration batch size")
     s.add_argument("--mode", choices=["drop", "renorm"], default="drop", help="drop (the paper) or renorm")
     s.add_argument("--rule", choices=list(CALIBRATION_RULES), default=DEFAULT_RULE,
-                   help="how the kept experts are chosen: loss (greedy on the model's distillation loss), reconstruct "
-                   "(greedy on each layer's output error), output (combine weight x slot output size), mass "
-                   "(the paper's combine mass); the default measured best (README, 'Compressed checkpoints')")
+                   help="how the kept experts are chosen, and what it costs: loss (greedy on the model's distillation "
+                   "loss, searched as --search says; about 5x mass's time with the default search on the study's "
+                   "ViTs), reconstruct (greedy on each layer's output error; one pass over the data per Soft MoE "
+                   "layer), output (combine weight x slot output size; one pass), mass (the paper's combine mass; "
+                   "one pass); the default measured best (README, 'Compressed checkpoints')")
+    s.add_argument("--search", type=_search, default=LOSS_SEARCH, metavar="INPUTS,CANDIDATES,ROUNDS",
+                   help="the loss rule's search: calibration inputs it runs on, candidates run per step, rounds per "
+                   "layer (0: one round per kept expert, the thorough search; 2048,8,0 about 100x mass's time, "
+                   "README 'What calibration costs')")
     s.add_argument("--budget", choices=["per-layer", "global"], default="per-layer",
                    help="per-layer: every Soft MoE layer keeps --keep of its experts; global (with --rule loss): the "
                    "same expert FLOPs in all, spent where the distillation loss drops most, so layers may keep "

@@ -241,8 +241,8 @@ def compress_and_heal(model: nn.Module, subsets: dict, calib_batches, mode: str 
 def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progress: bool = True,
                         meta: dict | None = None, rule: str = DEFAULT_RULE, heal=None,
                         check: tuple | None = None, device=None, dtype=None,
-                        budget: str = "per-layer", quantize=None) -> tuple[Path, dict]:
-    """Calibrate on data by `rule`, then write the compressed checkpoint, healed if `heal` (a HealConfig) is given,
+                        budget: str = "per-layer", quantize=None, search: dict | None = None) -> tuple[Path, dict]:
+    """Calibrate on data by `rule` (the loss rule with `search`, see choose_subsets), then write the compressed checkpoint, healed if `heal` (a HealConfig) is given,
     its kept experts quantized last if `quantize` ("int8" or a quantize.QuantConfig) is given.
 
     The full model is loaded for calibration (a Soft MoE layer's input depends on the earlier layers). Without
@@ -274,7 +274,7 @@ def compress_checkpoint(src, out, keep, calib_batches, mode: str = "drop", progr
     model = load(src, dtype=torch.float32, device=resolve_device(device))
     keep_per_layer(model, keep)  # a bad `keep` is an error before the calibration runs
     subsets, calibration = choose_subsets(model, calib_batches, keep, rule=rule, mode=mode, progress=progress,
-                                          budget=budget)
+                                          budget=budget, search=search)
     writer = not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)  # rank 0 writes
     if not writer and heal is None:
         return None, subsets  # under torchrun every rank has the same subsets
@@ -302,7 +302,7 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
                        calib_limit: int | None = 10000, batch_size: int = 256, mode: str = "drop",
                        rule: str = DEFAULT_RULE, heal=None, create_folder: bool = False,
                        meta: dict | None = None, options=None, device=None, dtype=None,
-                       budget: str = "per-layer", quantize=None) -> dict | None:
+                       budget: str = "per-layer", quantize=None, search: dict | None = None) -> dict | None:
     """Check everything, calibrate on `calib`, write the compressed checkpoint (the `moe-prune compress` command).
 
     `keep` and the calibration inputs are checked against the checkpoint's header before the model is loaded;
@@ -323,6 +323,7 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
         device: where calibration and healing compute ("auto": a GPU when torch sees one; see devices.py).
         dtype: the output's float dtype ("fp16", "bf16", "fp32"; None: the checkpoint's own).
         budget: "per-layer" or "global" (the loss rule's one budget across layers; see calibration.choose_subsets).
+        search: the loss rule's search settings (see calibration.choose_subsets; None: DEFAULT_SEARCH).
         quantize: None, or "int8" (a quantize.QuantConfig): the kept experts' weights are written as int8 with
             per-output-channel scales, after calibration and healing (which run in float).
 
@@ -380,7 +381,7 @@ def compress_from_data(checkpoint: str | os.PathLike, out: str | os.PathLike, ke
             device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU under torchrun
         path, subsets = compress_checkpoint(src, out, keep, batches, mode=mode, progress=rank == 0, meta=record,
                                             rule=rule, heal=heal, check=check, device=device, dtype=dtype,
-                                            budget=budget, quantize=quantize)
+                                            budget=budget, quantize=quantize, search=search)
     report_skipped(batches.examples)
     if rank != 0:
         return None

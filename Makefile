@@ -1,9 +1,13 @@
 # Quick start: `make demo` runs the whole flow on the bundled checkpoint; `make test` runs the test suite.
-# Both create .venv on first use. torch is installed first, pinned, so that pip takes the CPU build instead of
-# resolving an unpinned `torch` to multi-gigabyte CUDA wheels; override TORCH for another build, e.g.
-#   make test TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+# Both create .venv on first use. torch is installed first, on its own, so that its build is chosen here and not by
+# the resolver of the second install: TORCH is the requirement, TORCH_INDEX the index it comes from (empty: pip's
+# own configuration). From PyPI alone, torch==2.13.0 on Linux x86_64 is the CUDA build with its NVIDIA wheels
+# (about 2.6 GB); the development machines' pip has a local 2.13.0+cpu wheel, which it takes instead. PyTorch's CPU
+# wheels anywhere (TORCH holds one requirement: pip reads a quoted "torch --index-url ..." as a requirement name):
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 EXTRAS ?= cpu,dev
 VENV := .venv
 BIN := $(VENV)/bin
@@ -17,7 +21,7 @@ SERVE_VENV := .venv-serve
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	# soft-moe's layer module for the tests, without its timm dependency (see pyproject's dev extra)
 	$(BIN)/python -m pip install --quiet --no-deps "soft-moe==0.0.1"

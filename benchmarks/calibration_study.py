@@ -136,8 +136,10 @@ def _seeds(reports) -> str:
 def _heal_text(reports) -> str:
     steps = sorted({row["heal_steps"] for r in reports for row in r["rows"] if "heal_steps" in row})
     d = HealConfig()
-    return (f"{'/'.join(map(str, steps))} Adam steps, batch {d.batch_size}, lr {d.lr:g}, temperature {d.temperature:g}, "
-            f"trains {d.parts}")
+    return (f"at most {'/'.join(map(str, steps))} Adam steps and {d.max_epochs:g} passes over the calibration inputs, "
+            f"batch {d.batch_size}, lr {d.lr:g}, temperature {d.temperature:g}, trains {d.parts}; the best of the "
+            f"measurements on a held-out {d.held_out:.0%} of the calibration inputs kept, stopped after {d.patience} "
+            "without improvement")
 
 
 def _name(r: dict) -> str:

@@ -45,6 +45,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="only the variants in QUICK (about 5 minutes each on a "
                    "small ViT on one core)")
+    p.add_argument("--only", help="only the variant with this label (e.g. 'max_epochs=40.0, steps=6000')")
+    p.add_argument("--merge", action="store_true", help="add these rows to those already in heal_settings.json")
     args = p.parse_args(argv)
     if args.render:
         stored = json.loads((args.out / "heal_settings.json").read_text())
@@ -62,7 +64,7 @@ def main(argv=None) -> None:
         full, val_full = accuracy(model, *test), accuracy(model, *val)
         for what, change in VARIANTS:
             label = ", ".join(f"{k}={v}" for k, v in change.items()) or "default"
-            if args.quick and label not in QUICK:
+            if (args.quick and label not in QUICK) or (args.only and label != args.only):
                 continue
             cfg = replace(HealConfig(), **change)
             small, rec = compress_and_heal(model, subsets, calib, config=cfg, progress=False)
@@ -75,6 +77,10 @@ def main(argv=None) -> None:
                   f"{100 * rows[-1]['accuracy']:.2f}", file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/heal_settings.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    store = args.out / "heal_settings.json"
+    if args.merge and store.exists():
+        old = json.loads(store.read_text())
+        command, rows = old["command"] + " ; " + command, old["rows"] + rows
     (args.out / "heal_settings.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     (args.out / "heal_settings.md").write_text(markdown(command, rows))
 

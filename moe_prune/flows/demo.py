@@ -120,9 +120,12 @@ def _demo(config: DemoConfig, ckpt, out: Path) -> dict:
     healed_path = None
     if config.heal_steps is not None:
         healed_path = out / f"{stem}.healed.safetensors"
-        say("3/5 heal", f"{config.heal_steps} distillation steps on the 500 calibration images -> {healed_path}")
-        healed, record = compress_and_heal(model, subsets, batches, mode=config.mode,
-                                           config=HealConfig(steps=config.heal_steps))
+        heal = HealConfig(steps=config.heal_steps)
+        say("3/5 heal", f"distillation on the 500 calibration images (at most {heal.steps} steps and "
+            f"{heal.max_epochs:g} passes) -> {healed_path}")
+        healed, record = compress_and_heal(model, subsets, batches, mode=config.mode, config=heal)
+        why = f", stopped early: {record['stopped']}" if record.get("stopped") else ""
+        say("3/5 heal", f"healed: {record['steps_run']} of {record['steps_planned']} steps{why}")
         save(healed, healed_path, meta={"keep": config.keep, "rule": DEFAULT_RULE, "heal": record,
                                         "calibration": "bundled sample, images 0-499", "mode": config.mode})
 

@@ -531,10 +531,13 @@ def test_the_whole_model_guard_catches_what_the_per_layer_check_misses():
     model = _two_moe_layers(seed=12, experts=6)
     g = torch.Generator().manual_seed(12)
     search, held = torch.rand(32, 1, 8, 8, generator=g), torch.rand(32, 1, 8, 8, generator=g) * 3 - 1
-    subsets, record = loss_subsets(model, [search, held], 2, limit=32, chunk=32)
+    # the search runs on `limit` inputs spread evenly over the data (every other one here), the guard on the rest
+    data = torch.stack([search, held], 1).reshape(64, 1, 8, 8)
+    assert torch.equal(data[0::2], search) and torch.equal(data[1::2], held)
+    subsets, record = loss_subsets(model, [data], 2, limit=32, chunk=32)
     names = list(moe_layers(model))
     assert [record[n]["chosen_by"] for n in names] == ["greedy", "greedy"]  # the per-layer check kept the greedy
-    mass, _ = choose_subsets(model, [search, held], 2, rule="mass")
+    mass, _ = choose_subsets(model, [data], 2, rule="mass")
     assert {n: s.tolist() for n, s in subsets.items()} == {n: s.tolist() for n, s in mass.items()}
     assert record["whole_model"]["held_out"] and record["whole_model"]["chosen"] == "mass"
 
@@ -613,3 +616,20 @@ def test_rounds_cut_the_loss_rules_passes():
     # per chunk (one: 40 inputs): expert by expert 4 predictions + 6 + 5 + 4 + 3 candidate runs; one round 1 + 6
     assert every - once == (4 + 6 + 5 + 4 + 3) - (1 + 6)
     assert len(c["moe"]) == 4 and record["search"] == {"inputs": 40, "candidates": 8, "rounds": 1}
+
+
+def test_the_search_and_its_guard_see_every_part_of_a_sorted_folder():
+    """A folder is read class by class: the loss rule's `limit` search inputs and the guard's held-out ones are
+    spread over all of it (every block of 100 inputs, 10 classes), disjoint, not the first ones."""
+    import numpy as np
+
+    from moe_prune.data.examples import spread
+
+    search = spread(1000, 256)
+    check = spread(1000, 256, exclude=search)
+    assert len(search) == len(check) == 256 and not set(search) & set(check)
+    for idx in (search, check):
+        assert sorted(set(np.asarray(idx) // 100)) == list(range(10))
+        assert (np.diff(idx) > 0).all()
+    assert list(spread(5, 8)) == [0, 1, 2, 3, 4]  # fewer than asked: all of them
+    assert list(spread(6, 4, exclude=np.array([0, 2, 4]))) == [1, 3, 5]

@@ -626,4 +626,10 @@ def test_the_guard_keeps_the_best_held_out_step():
     n = held["inputs"]
     x = inputs_for("vit")
     x = torch.cat(x) if isinstance(x, (list, tuple)) else x
-    assert distillation_loss(student, teacher, x[-n:]) == pytest.approx(best["loss"], rel=1e-5)
+    held_rows = [(i + 1) * len(x) // n - 1 for i in range(n)]  # the last of every len(x) / n inputs
+    assert len(set(held_rows)) == n and held_rows[-1] == len(x) - 1
+    now = distillation_loss(student, teacher, x[held_rows])
+    # the teacher's logits are recomputed here in another batch: fp32 rounding of a KL near 3e-4, about 5e-5
+    assert now == pytest.approx(best["loss"], rel=1e-4)
+    others = [m["loss"] for m in held["losses"] if m["step"] != best["step"]]
+    assert all(abs(now - best["loss"]) < abs(now - o) for o in others)  # the best measurement's weights, no other

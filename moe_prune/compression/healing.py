@@ -43,7 +43,7 @@ class HealConfig:
         parts: "experts" (the kept experts' weights), "experts+router" (also phi, scale and token gain) or
             "experts+router+head" (also the classifier head; the default: it measured best, see the README).
         seed: the mini-batch order.
-        held_out: the share of the inputs set aside (the last ones) and never trained on: their distillation
+        held_out: the share of the inputs set aside (spread evenly over them) and never trained on: their distillation
             loss is measured before healing and every tenth of the steps, and the weights of the best
             measurement are kept, so healing never leaves the model worse on them than it found it. 0: none
             (with fewer than 10 inputs there is none either).
@@ -259,11 +259,16 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
     rank, world = shard()
     cached = _teacher_logits(teacher, x_all)
     before = distillation_loss(student, teacher, x_all, config.temperature, targets=cached)
-    # The held-out slice: the last inputs, never trained on; the weights of its best measurement are kept.
-    n_held = int(round(config.held_out * len(x_all))) if len(x_all) >= 10 else 0
-    n_train = len(x_all) - n_held
-    held = x_all.subset(np.arange(n_train, len(x_all))) if n_held else None
-    held_targets = cached[n_train:] if cached is not None and n_held else None
+    # The held-out slice, never trained on; the weights of its best measurement are kept. Spread evenly over the
+    # inputs (the last of every N / n_held), not the last ones: a folder read class by class would otherwise hold
+    # out its last class only, which training on the others does not improve.
+    n_all = len(x_all)
+    n_held = int(round(config.held_out * n_all)) if n_all >= 10 else 0
+    held_idx = (np.arange(1, n_held + 1) * n_all) // n_held - 1 if n_held else np.zeros(0, dtype=np.int64)
+    train_idx = torch.from_numpy(np.setdiff1d(np.arange(n_all), held_idx))
+    n_train = len(train_idx)
+    held = x_all.subset(held_idx) if n_held else None
+    held_targets = cached[torch.from_numpy(held_idx).to(cached.device)] if cached is not None and n_held else None
 
     def held_loss() -> float | None:
         if held is None:
@@ -289,7 +294,7 @@ def heal(student: nn.Module, teacher: nn.Module, inputs, config: HealConfig = He
         for step in bar:
             if pos + config.batch_size > len(order):
                 order, pos = torch.randperm(n_train, generator=gen), 0
-            rows = order[pos:pos + config.batch_size]
+            rows = train_idx[order[pos:pos + config.batch_size]]
             pos += config.batch_size
             mine = rows[rank::world]  # data parallel under torchrun: each rank a share of every batch
             x = data.rows(mine.numpy())

@@ -298,12 +298,30 @@ class Batches(Sequence):
 
     def head(self, n: int, batch_size: int | None = None) -> "Batches":
         """The first n inputs, in batches of batch_size (default: this one's)."""
-        return Batches(self.examples.subset(np.arange(min(n, len(self.examples)))), batch_size or self.batch_size,
-                       progress=None, cache_mb=self.cache_mb, device=self.device)
+        return self.subset(np.arange(min(n, len(self.examples))), batch_size)
+
+    def subset(self, idx: np.ndarray, batch_size: int | None = None) -> "Batches":
+        """The inputs at positions idx, in batches of batch_size (default: this one's)."""
+        return Batches(self.examples.subset(np.asarray(idx)), batch_size or self.batch_size, progress=None,
+                       cache_mb=self.cache_mb, device=self.device)
 
     def rows(self, idx) -> torch.Tensor:
         """The inputs at positions idx (random access, e.g. healing's shuffled batches)."""
         return self._to(self.examples.batch(np.asarray(idx))[0])
+
+
+def spread(n_all: int, n: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """n positions of 0 .. n_all - 1, spread evenly over them (all of them when there are at most n), leaving out
+    `exclude`. A sample of a folder read class by class then holds every class, not the first ones.
+
+    Example:
+        >>> spread(10, 3)
+        array([0, 3, 6])
+    """
+    pool = np.arange(n_all) if exclude is None else np.setdiff1d(np.arange(n_all), exclude)
+    if len(pool) <= n:
+        return pool
+    return pool[(np.arange(n) * len(pool)) // n]
 
 
 def as_batches(inputs, batch_size: int = 256, device=None) -> Batches:

@@ -20,7 +20,7 @@ share: its slots' outputs y_e [S, D] mixed in by their combine weights C[:, e] [
 
 `mass` and `output` rank experts (top k of a sum, one pass); `reconstruct` needs one pass per Soft MoE layer over
 the calibration data, each running the full model and the pruned one; `loss` (default search, DEFAULT_SEARCH) runs
-the model about 3 + 2 times per round, 2 rounds per layer, on its first 256 calibration inputs, whatever k: about
+the model about 3 + 2 times per round, 2 rounds per layer, on 256 calibration inputs spread over the data, whatever k: about
 5x the `mass` rule's time on the study's ViTs (20x with every expert searched on 512 inputs). All sums are float64.
 
 Reconstruction in a layer's output space did not track accuracy on the MNIST family (e.g. n = 32, keep 1/8: lower

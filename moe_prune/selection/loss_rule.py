@@ -15,7 +15,7 @@ from torch import nn
 from ..core.devices import device_of
 from ..core.layers import SoftMoE
 from ..core.models import moe_layers
-from ..data.examples import Batches, as_batches
+from ..data.examples import Batches, as_batches, spread
 from ..data.shards import all_reduce, shard, sum_over_ranks
 from ..errors import SelectionError
 from .rules import reconstruct_subsets
@@ -27,6 +27,13 @@ from .scores import TappedLayer, calibrate, keep_per_layer, replace_layers, sele
 # validation accuracy over the study's ViTs, 4.9x the mass rule's time where 2048 inputs x 8, expert by expert
 # (the previous default), took 97x.
 DEFAULT_SEARCH = {"limit": 256, "candidates": 2, "rounds": 2}
+
+
+def _search_inputs(batches, limit: int, chunk: int, dev) -> Batches:
+    """The inputs the search runs on: `limit` of the calibration inputs spread evenly over them (a folder read
+    class by class gives every class), in chunks, decoded once if they fit the data's cache budget."""
+    data = as_batches(batches, device=dev)
+    return data.subset(spread(data.num_inputs, limit), chunk).cached()
 
 
 def _kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.Tensor:
@@ -52,7 +59,7 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
     Layers in order (earlier ones pruned to their subsets, later ones full). At each step the loss's gradient at
     the layer's output, dotted with every unchosen expert's output share Z_e, predicts the change from adding it
     (one backward pass ranks all experts); the `candidates` best by that prediction are then run for real and
-    the one giving the lowest KL(full model || pruned model) over the first `limit` calibration inputs is added.
+    the one giving the lowest KL(full model || pruned model) over `limit` calibration inputs (spread evenly over them) is added.
     The candidates run in `mode` (the compressed checkpoint's); the prediction uses drop-mode shares. A bare
     layer's output is the model's output, so there the rule is `reconstruct`. With `rounds` R below a layer's k,
     the layer takes R predictions instead of k: each round adds the best candidate run and then the next best
@@ -62,8 +69,8 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
     Two guards against greedy misses. Per layer, the greedy subset is compared with the layer's combine-mass top k
     on the search inputs (earlier layers pruned, later ones full) and the lower loss kept. Then the whole model:
     every layer with its chosen subset against the all-mass model (each layer's combine-mass top k over all the
-    calibration data, exactly what `--rule mass` writes), on the calibration inputs after the first `limit` (up to
-    `limit` of them; the search inputs when there are no others), and the all-mass subsets are returned if they
+    calibration data, exactly what `--rule mass` writes), on up to `limit` calibration inputs the search did not
+    run on (spread evenly; the search inputs when there are no others), and the all-mass subsets are returned if they
     are strictly better there. So the model `loss` writes is never worse than the one `mass` writes on held-out
     calibration inputs, when there are any.
 
@@ -82,9 +89,9 @@ def loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str = "drop
                                    chunk=chunk, progress=progress)
     layers = moe_layers(model)
     ks = keep_per_layer(model, keep)
-    # The first `limit` inputs, decoded once and kept if they fit the data's cache budget, else read again per pass.
+    # `limit` inputs spread over the data, decoded once and kept if they fit the data's cache budget, else read again per pass.
     dev = device_of(model)
-    chunks = as_batches(batches, device=dev).head(limit, chunk).cached()
+    chunks = _search_inputs(batches, limit, chunk, dev)
     rank, world = shard()
     own = list(range(rank, len(chunks), world))  # under torchrun each rank its chunks; every sum is all-reduced
     with torch.no_grad():
@@ -177,7 +184,7 @@ def global_loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str 
     Every layer starts from its combine-mass top 1. Then, while the budget lasts: one backward pass gives the
     loss's gradient at every Soft MoE layer's output, which dotted with each unchosen expert's output share
     predicts the change from adding it (every (layer, expert) pair at once); the `candidates` best pairs that
-    fit the budget are run for real and the one giving the lowest KL(full || pruned) on the first `limit`
+    fit the budget are run for real and the one giving the lowest KL(full || pruned) on `limit`
     calibration inputs is added. The cost is that of the per-layer rule. The whole-model guard of `loss_subsets`
     follows (against the all-mass model with a uniform `keep`, at the same expert FLOPs).
 
@@ -190,7 +197,7 @@ def global_loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str 
     layers = moe_layers(model)
     ks = keep_per_layer(model, keep)
     dev = device_of(model)
-    chunks = as_batches(batches, device=dev).head(limit, chunk).cached()
+    chunks = _search_inputs(batches, limit, chunk, dev)
     rank, world = shard()
     own = list(range(rank, len(chunks), world))
     with torch.no_grad():
@@ -286,13 +293,14 @@ def global_loss_subsets(model: nn.Module, batches: Sequence, keep, *, mode: str 
 @torch.no_grad()
 def _whole_model_guard(model, batches, keep, subsets, runs, pruned, limit: int, chunk: int, dev) -> dict:
     """The whole pruned model (every layer with the rule's subset) against the all-mass model (what `--rule mass`
-    writes), on calibration inputs the search did not see (those after the first `limit`; the search's own when
-    there are none): the record, and which to keep ("loss" unless mass is strictly better there)."""
+    writes), on calibration inputs the search did not see (up to `limit` of the others, spread evenly; the search's
+    own when there are none): the record, and which to keep ("loss" unless mass is strictly better there)."""
     data = as_batches(batches, device=dev)
     n_all = data.num_inputs
-    held_out = n_all > limit
-    idx = np.arange(limit, min(n_all, 2 * limit)) if held_out else np.arange(min(n_all, limit))
-    check = Batches(data.examples.subset(idx), chunk, device=dev, cache_mb=data.cache_mb).cached()
+    searched = spread(n_all, limit)
+    held_out = n_all > len(searched)
+    idx = spread(n_all, limit, exclude=searched) if held_out else searched
+    check = data.subset(idx, chunk).cached()
     mass = static_from_sums(model, calibrate(model, batches), keep)
     rank, world = shard()
     own = list(range(rank, len(check), world))

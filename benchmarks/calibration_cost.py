@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import shlex
 import time
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def main(argv=None) -> None:
         calib = [torch.randn(256, 3, 32, 32, generator=g) for _ in range(-(-args.calib_limit // 256))]
         rows = [measure(model, calib, args.keep, n, rule, s, None, None) for n, rule, s in settings]
         reports.append({"model": "random ViT-S (6 Soft MoE layers of 128)", "trained": False, "rows": rows})
-    command = "python " + " ".join(sys.argv)
+    command = "python " + shlex.join(sys.argv)
     for r in reports:
         r["command"] = command
     commands = [command]

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import shlex
+import sys
 import time
 from pathlib import Path
 

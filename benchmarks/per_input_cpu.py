@@ -4,7 +4,7 @@ Question: with K of E experts kept per input, does the sparse per-input path (`S
 the cost of B*K expert evaluations, as a shared subset of K does, and how far is it from its roofline (FLOPs of
 B*K evaluations at the machine's peak, or the weights of the experts the batch kept read once, whichever is
 longer)? And which of its three regimes wins where (weights gathered per row, a padded batched matmul over the
-stack, a loop over the used experts), which is how the thresholds in moe_prune/layers.py were chosen.
+stack, a loop over the used experts), which is how the thresholds in moe_prune/core/experts.py were chosen.
 
 Compared side by side in one run, interleaved call by call, at each layer shape and batch size: the full layer,
 a shared subset of K (Algorithm 2's cost), per-input subsets through the automatic choice and through each

@@ -82,7 +82,8 @@ class ExecutionPolicy:
 #   0.90 ms gathered against 1.54 ms padded over the stack in torch, and 0.57 against 1.43 ms in ONNX Runtime
 #   (benchmarks/per_input_cpu.py, ort_grouped_experts.py).
 # - loop_overhead 128K weights: a Python loop over the used experts costs about the time to read this many
-#   weights per expert beyond its matmuls (benchmarks/sparse_per_input.py).
+#   weights per expert beyond its matmuls (measured when the loop was written; no committed benchmark isolates
+#   it: benchmarks/per_input_cpu.py times the paths it chooses between).
 # - graph_few_rows 0.5: ONNX Runtime, ViT-S/16 experts, 16 rows of 128 experts: gathered 26.5 ms, padded over the
 #   stack 77 ms (benchmarks/ort_grouped_experts.py).
 # - loop_rows 128: 16 experts x 256 rows, D=512, H=2048: the per-expert addmm loop 1.16x faster than the batched

@@ -296,10 +296,6 @@ class Batches(Sequence):
         decoded.carried_skips = tuple(self.examples.skipped)
         return Batches(decoded, self.batch_size, progress=self.progress, cache_mb=self.cache_mb, device=self.device)
 
-    def head(self, n: int, batch_size: int | None = None) -> "Batches":
-        """The first n inputs, in batches of batch_size (default: this one's)."""
-        return self.subset(np.arange(min(n, len(self.examples))), batch_size)
-
     def subset(self, idx: np.ndarray, batch_size: int | None = None) -> "Batches":
         """The inputs at positions idx, in batches of batch_size (default: this one's)."""
         return Batches(self.examples.subset(np.asarray(idx)), batch_size or self.batch_size, progress=None,

@@ -354,3 +354,49 @@ def test_full_layer_with_many_rows_trains(monkeypatch):
     x = torch.randn(3, 7, 12, requires_grad=True)
     layer(x).square().sum().backward()
     assert x.grad is not None and layer.experts.w1.grad.abs().sum() > 0
+
+
+def _independent_router(layer):
+    """scale * phi / |phi| over D in float64, written out (shares nothing with router_weight)."""
+    phi = layer.phi.detach().double().reshape(layer.config.dim, -1)
+    return (layer.scale.detach().double() * phi / phi.pow(2).sum(0, keepdim=True).sqrt()).float()
+
+
+def test_router_is_reused_without_gradients_and_follows_every_change():
+    layer = make()
+    with torch.no_grad():
+        first = layer.router()
+        assert layer.router() is first  # computed once
+        torch.testing.assert_close(first, _independent_router(layer), rtol=1e-6, atol=1e-7)
+        layer.phi.mul_(-2.0)  # in place
+        torch.testing.assert_close(layer.router(), _independent_router(layer), rtol=1e-6, atol=1e-7)
+        layer.scale.fill_(3.0)
+        torch.testing.assert_close(layer.router(), _independent_router(layer), rtol=1e-6, atol=1e-7)
+    other = make()
+    layer.load_state_dict(other.state_dict())  # what loading a checkpoint does
+    with torch.no_grad():
+        torch.testing.assert_close(layer.router(), _independent_router(other), rtol=1e-6, atol=1e-7)
+    layer.phi = torch.nn.Parameter(torch.randn_like(layer.phi))  # replaced
+    with torch.no_grad():
+        torch.testing.assert_close(layer.router(), _independent_router(layer), rtol=1e-6, atol=1e-7)
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0)  # a training step between two no-grad calls
+    layer(torch.randn(2, 5, 12)).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.router(), _independent_router(layer), rtol=1e-6, atol=1e-7)
+    with torch.inference_mode():
+        x = torch.randn(2, 5, 12)
+        torch.testing.assert_close(layer(x), loop_reference(layer, x), rtol=1e-4, atol=1e-5)
+    layer.double()  # converted: new storage
+    with torch.no_grad():
+        assert layer.router().dtype == torch.float64
+
+
+def test_router_is_recomputed_where_gradients_flow():
+    layer = make()
+    with torch.no_grad():
+        layer.router()
+    r = layer.router()  # gradients enabled: a fresh tensor in the autograd graph
+    assert r.requires_grad and r.grad_fn is not None
+    r.sum().backward()
+    assert layer.phi.grad is not None and layer.phi.grad.abs().sum() > 0

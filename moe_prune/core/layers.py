@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import ConfigError
 from .mlp import EXPERT_KINDS, ExpertKind, default_bias
 from .experts import StackedExperts, triton_available
-from .tracing import check_on_device, in_graph
+from .tracing import check_on_device, compiling, in_graph
 from .routing import Routing, normalize_tokens, router_weight
 
 __all__ = ["SoftMoEConfig", "SoftMoE", "StackedExperts", "EXPERT_KINDS", "MODES"]
@@ -191,6 +191,7 @@ class SoftMoE(nn.Module):
         self.experts = StackedExperts(c.expert, c.num_held, c.dim, c.hidden, c.out_features, c.has_bias, quant=c.quant)
         # None: the Triton kernel for CUDA inference when triton is installed, else torch. True/False forces one.
         self.use_triton: bool | None = None
+        self._router_cache: tuple | None = None  # (what it was computed from, router): see router()
 
     @property
     def num_experts(self) -> int:
@@ -206,8 +207,20 @@ class SoftMoE(nn.Module):
         return normalize_tokens(x, self.config.token_norm, self.norm_weight, self.config.eps)
 
     def router(self) -> torch.Tensor:
-        """The effective router [D, E*S]."""
-        return router_weight(self.phi, self.scale, self.config.eps)
+        """The effective router [D, E*S].
+
+        Without gradients (and outside graphs and compilation) it is computed once and reused until phi or scale
+        change, in place (an optimizer, load_state_dict) or replaced: normalizing Phi on every call was up to a
+        third of a small layer's time (benchmarks/results/router_levers.md)."""
+        params = [p for p in (self.phi, self.scale) if p is not None]
+        if torch.is_grad_enabled() or in_graph() or compiling() or any(p.is_inference() for p in params):
+            return router_weight(self.phi, self.scale, self.config.eps)  # inference tensors keep no version
+        # Keyed on the tensors themselves (held, so none is freed and its address reused) and their versions.
+        state = [(p, p._version, p.data_ptr()) for p in params]
+        hit = getattr(self, "_router_cache", None)  # None too for a layer pickled before the cache existed
+        if hit is None or any(a[0] is not b[0] or a[1:] != b[1:] for a, b in zip(hit[0], state)):
+            hit = self._router_cache = (state, router_weight(self.phi, self.scale, self.config.eps))
+        return hit[1]
 
     def route(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> Routing:
         """Route tokens x [B, M, D] (mask [B, M], True = real token): the Routing every later step reads.
@@ -311,7 +324,7 @@ class SoftMoE(nn.Module):
         held = self.held_experts(routing.x.device)
         S, D_out = self.config.slots_per_expert, self.config.out_features
         dispatch, combine = routing.kept_weights(self._columns(held), "drop")
-        slots = self._slots(routing, dispatch)  # [B, Kh*S, D]
+        slots = routing.slots(dispatch)  # [B, Kh*S, D]
         B, KS, D = slots.shape
         K = KS // S
         y = self.experts(slots.reshape(B, K, S, D).transpose(0, 1).reshape(K, B * S, D), None)  # [Kh, B*S, D_out]
@@ -323,15 +336,10 @@ class SoftMoE(nn.Module):
         cols = experts.unsqueeze(-1) * S + torch.arange(S, device=experts.device)  # [..., K, S]
         return cols.flatten(-2)
 
-    def _slots(self, routing: Routing, dispatch: torch.Tensor) -> torch.Tensor:
-        """slots = dispatch^T x_d: dispatch [B, M, C] -> [B, C, D]."""
-        xd = routing.x if self.config.dispatch_input == "raw" else routing.tokens
-        return dispatch.transpose(1, 2) @ xd
-
     def _mix(self, routing, dispatch, combine, idx):
         """All held experts (idx None) or a shared subset (stack positions idx [K]). dispatch/combine [B, M, K*S]."""
         S, D_out = self.config.slots_per_expert, self.config.out_features
-        slots = self._slots(routing, dispatch)  # [B, K*S, D]
+        slots = routing.slots(dispatch)  # [B, K*S, D]
         B, KS, D = slots.shape
         K = KS // S
         slots = slots.reshape(B, K, S, D).transpose(0, 1).reshape(K, B * S, D)  # [K, B*S, D]
@@ -345,7 +353,7 @@ class SoftMoE(nn.Module):
         The B*K (input, expert) slot groups are grouped by expert and each used expert runs once on its rows
         (StackedExperts.grouped), so the experts cost B*K evaluations, as a shared subset of K costs B*K."""
         S, D_out = self.config.slots_per_expert, self.config.out_features
-        slots = self._slots(routing, dispatch)  # [B, K*S, D]
+        slots = routing.slots(dispatch)  # [B, K*S, D]
         B, KS, D = slots.shape
         y = self.experts.grouped(slots.reshape(-1, S, D), idx.reshape(-1), capacity=B)  # [B*K, S, D_out]
         return combine @ y.reshape(B, KS, D_out)  # [B, M, D_out]

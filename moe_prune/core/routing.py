@@ -118,6 +118,11 @@ class Routing:
             self._logits = self.tokens @ self.layer.router()
         return self._logits
 
+    def slots(self, dispatch: torch.Tensor) -> torch.Tensor:
+        """slots = dispatch^T x_d: dispatch [B, M, C] -> [B, C, D] (x_d: the raw or the normalized tokens)."""
+        xd = self.x if self.layer.config.dispatch_input == "raw" else self.tokens
+        return dispatch.transpose(1, 2) @ xd
+
     @property
     def dispatch_weights(self) -> torch.Tensor:
         """Softmax over tokens [B, M, E*S]: every slot's column sums to 1 (padded tokens get none)."""

@@ -8,7 +8,8 @@ timed, each failure recorded and the run going on; partial results are written a
   2. parity    `compress --rule loss --heal` on the bundled model with --device cpu and --device cuda: the same
                kept experts, accuracy on the bundled sample's held-out half equal to within 0.1 point; a
                ViT-S-sized random model (224x224, 6 Soft MoE layers of 32 experts) with --rule mass --heal: the same
-               kept experts, the healed loss equal to within 1%
+               kept experts, the healed loss equal to within 1%; and the Python verb, compress(CPU model, CPU
+               batches, CompressConfig(device="cuda")): the same kept experts, the caller's model left on the CPU
   3. torchrun  the same compress under torchrun with one GPU (NCCL), equal to the single-process output
   4. kernels   benchmarks/kernel_bench.py: the routing kernel and the grouped-expert kernel against torch
                (time, GB/s, % of peak bandwidth)
@@ -115,6 +116,16 @@ def step_parity(args, work: pathlib.Path) -> dict:
         out["default"]["accuracy"] = acc
         out["default"]["same_experts"] = runs["cpu"]["kept"] == runs[args.device]["kept"]
         out["default"]["accuracy_within_0.1_point"] = abs(acc["cpu"] - acc[args.device]) <= 0.001 + 1e-12
+    # The Python verb: a CPU model and CPU batches compressed with CompressConfig(device=...) run on the GPU.
+    model = moe_prune.load(default_checkpoint())
+    batches = [torch.from_numpy(images[i:i + 250]).float().div(255).unsqueeze(1) for i in (0, 250)]
+    py = {}
+    for device in ("cpu", args.device):
+        small, record = moe_prune.compress(model, batches, moe_prune.CompressConfig(keep="1/8", rule="mass",
+                                                                                      device=device))
+        py[device] = {"kept": record["kept_experts"], "devices": sorted({str(q.device) for q in small.parameters()})}
+    out["python_device"] = {**py, "same_experts": py["cpu"]["kept"] == py[args.device]["kept"],
+                            "caller_model_stayed": {str(q.device) for q in model.parameters()} == {"cpu"}}
     # A ViT-S-sized random model at 224x224 with six Soft MoE layers.
     torch.manual_seed(0)
     size = dict(img_size=64, embed_dim=64, depth=4, num_heads=2, moe_layer_index=2, num_experts=8) if args.quick else \
@@ -135,6 +146,7 @@ def step_parity(args, work: pathlib.Path) -> dict:
         out["vit_s"]["same_experts"] = vruns["cpu"]["kept"] == vruns[args.device]["kept"]
         out["vit_s"]["heal_loss_within_1pct"] = abs(a - b) <= 0.01 * max(abs(a), 1e-12)
     out["passed"] = bool(out["default"].get("same_experts") and out["default"].get("accuracy_within_0.1_point")
+                         and out["python_device"]["same_experts"] and out["python_device"]["caller_model_stayed"]
                          and out["vit_s"].get("same_experts") and out["vit_s"].get("heal_loss_within_1pct"))
     return out
 

@@ -35,7 +35,7 @@ def main() -> None:
 
     # Static subsets over calibration data: the paper's combine mass, and the default rule ("loss").
     batches = [x for x, _ in iterate_batches(calib, None, 250)]
-    by_mass, _ = mp.static_subsets(model, batches, "1/8")
+    by_mass, _ = mp.choose_subsets(model, batches, "1/8", rule="mass")
     subsets, _ = mp.choose_subsets(model, batches, "1/8")
     print(f"accuracy: full {accuracy(model, *test):.3f}, static 1/8 by mass {accuracy(mp.with_experts(model, by_mass), *test):.3f}, "
           f"by the default rule {accuracy(mp.with_experts(model, subsets), *test):.3f}, "

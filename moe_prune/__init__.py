@@ -13,34 +13,38 @@ from .errors import (
 from .version import __version__
 
 
-# public name -> the module that defines it
+# public name -> the module that defines it; one verb per stage of the flow (load -> select -> compress -> export
+# -> measure -> serve), with its config. The steps those verbs run stay importable from their modules.
 _EXPORTS = {
+    # load and convert
     **dict.fromkeys(["CheckpointFile", "load", "save"], "core.checkpoint"),
-    **dict.fromkeys(["convert_file", "from_bwconrad", "from_lucidrains"], "core.library_files"),
-    **dict.fromkeys(["summary"], "core.summary"),
+    **dict.fromkeys(["from_bwconrad", "from_lucidrains"], "core.library_files"),
     **dict.fromkeys(["convert"], "core.convert"),
-    **dict.fromkeys(["Batches", "DataOptions"], "data.examples"),
-    **dict.fromkeys(["open_data"], "data.sources"),
-    **dict.fromkeys(["Preprocess"], "core.preprocess"),
-    **dict.fromkeys(["measure"], "measurement.accuracy"),
-    **dict.fromkeys(["choose_subsets"], "selection.calibration"),
-    **dict.fromkeys(["compress_layer"], "core.subsets"),
-    **dict.fromkeys(["compress_and_heal", "compress_file", "compress_model", "static_subsets"],
-                    "compression.compress"),
-    **dict.fromkeys(["HealConfig", "heal"], "compression.healing"),
-    **dict.fromkeys(["QuantConfig", "quantize_", "quantize_file"], "compression.quantize"),
-    **dict.fromkeys(["export_onnx"], "onnx.export"),
-    **dict.fromkeys(["ExportConfig", "export"], "onnx.stage"),
-    **dict.fromkeys(["CompressConfig", "compress"], "compression.stage"),
+    **dict.fromkeys(["summary"], "core.summary"),
     **dict.fromkeys(["SoftMoE", "SoftMoEConfig"], "core.layers"),
     **dict.fromkeys(["MnistConfig", "MnistSoftMoE", "SoftMoEViT", "ViTConfig", "build", "model_spec", "moe_layers"],
                     "core.models"),
-    **dict.fromkeys(["PrunedSoftMoE", "calibrate", "expert_scores", "parse_keep", "select_experts", "with_experts",
+    **dict.fromkeys(["Preprocess"], "core.preprocess"),
+    # data
+    **dict.fromkeys(["Batches", "DataOptions"], "data.examples"),
+    **dict.fromkeys(["open_data"], "data.sources"),
+    # select: per input or per batch at run time, or static subsets chosen on calibration data
+    **dict.fromkeys(["PrunedSoftMoE", "expert_scores", "parse_keep", "select_experts", "with_experts",
                      "with_selection"], "selection.scores"),
+    **dict.fromkeys(["choose_subsets"], "selection.calibration"),
+    # compress (choose, cut, heal, quantize); quantize_ also takes a model compressed before
+    **dict.fromkeys(["CompressConfig", "compress"], "compression.stage"),
+    **dict.fromkeys(["HealConfig"], "compression.healing"),
+    **dict.fromkeys(["QuantConfig", "quantize_"], "compression.quantize"),
+    # export (write, validate)
+    **dict.fromkeys(["ExportConfig", "export"], "onnx.stage"),
+    **dict.fromkeys(["validate_onnx"], "onnx.validate"),
+    # measure
+    **dict.fromkeys(["measure"], "measurement.accuracy"),
+    # serve
     **dict.fromkeys(["write_triton_repo"], "serving.repository"),
     **dict.fromkeys(["Predictor"], "serving.predictor"),
     **dict.fromkeys(["ServeConfig", "serve_model"], "serving.server"),
-    **dict.fromkeys(["validate_onnx"], "onnx.validate"),
 }
 
 

@@ -114,7 +114,8 @@ class _Factories(TorchFunctionMode):
         if name == "to" and (_wants_other(kwargs.get("device")) or any(_wants_other(a) for a in args[1:]
                                                                          if isinstance(a, (str, torch.device)))):
             t = args[0]
-            rest = [a for a in args[1:] if not _wants_other(a)]
+            # Module.to passes (device, dtype or None, non_blocking): keep only a dtype
+            rest = [a for a in args[1:] if not _wants_other(a) and a is not None and not isinstance(a, bool)]
             kw = {k: v for k, v in kwargs.items() if k not in ("device", "non_blocking", "memory_format", "copy")}
             out = t.to(*rest, **kw) if (rest or kw) else t
             return out if _is_other(out) else OtherDeviceTensor(out)

@@ -14,6 +14,8 @@ import moe_prune
 from moe_prune.selection.calibration import RULES, choose_subsets
 from moe_prune.errors import ConfigError
 from moe_prune.core.layers import SoftMoE
+from moe_prune.compression.compress import compress_and_heal
+from moe_prune.onnx.export import export_onnx
 from moe_prune.core.models import moe_layers
 
 from library_models import Mlp, UserNet, soft_moe_layer_module, soft_moe_pytorch
@@ -112,14 +114,14 @@ def test_every_step_works_on_a_converted_user_model(tmp_path):
         subsets, _ = choose_subsets(net, batches, "1/8", rule=rule)
         assert {name: len(s) for name, s in subsets.items()} == {"blocks.0.moe": 2, "blocks.1.moe": 2}
     subsets, _ = choose_subsets(net, batches, "1/8", rule="loss")
-    small, record = moe_prune.compress_and_heal(net, subsets, batches, config=HealConfig(steps=30, held_out=0.0, max_epochs=0))  # few inputs: no guard, no cap
+    small, record = compress_and_heal(net, subsets, batches, config=HealConfig(steps=30, held_out=0.0, max_epochs=0))  # few inputs: no guard, no cap
     assert record["loss_after"] < record["loss_before"]
     assert sum(p.numel() for p in small.parameters()) < 0.3 * sum(p.numel() for p in net.parameters())
     assert type(small) is UserNet
     # ONNX export and validation of the compressed model and of Algorithm 1 on the full one
-    onnx_small = moe_prune.export_onnx(small, tmp_path / "small.onnx", example=x)
+    onnx_small = export_onnx(small, tmp_path / "small.onnx", example=x)
     assert moe_prune.validate_onnx(onnx_small, small).passed
-    onnx_alg1 = moe_prune.export_onnx(alg1, tmp_path / "alg1.onnx", example=x, with_choice=True)
+    onnx_alg1 = export_onnx(alg1, tmp_path / "alg1.onnx", example=x, with_choice=True)
     assert moe_prune.validate_onnx(onnx_alg1, alg1).passed
     # bench's torch rows: the models side by side
     timed = bench_models({}, {"full": net, "compressed": small, "alg1": alg1}, lambda b: images(b),

@@ -11,6 +11,7 @@ import moe_prune
 from moe_prune.selection.calibration import RULES, choose_subsets
 from moe_prune.measurement.accuracy import measure
 from moe_prune.compression.healing import HealConfig
+from moe_prune.compression.compress import compress_and_heal, compress_model
 from moe_prune.core.models import SoftMoEViT, ViTConfig, moe_layers
 
 from other_device import OTHER, DeviceMixError, other_device, to_other
@@ -101,8 +102,8 @@ def test_the_sparse_per_input_path_on_the_models_device(path):
 def test_compress_heal_and_measure_on_the_models_device():
     def run(model, batches):
         subsets, _ = choose_subsets(model, batches, "1/4", rule="mass")
-        small, record = moe_prune.compress_and_heal(model, subsets, batches, config=HealConfig(steps=4, lr=1e-3),
-                                                    progress=False)
+        small, record = compress_and_heal(model, subsets, batches, config=HealConfig(steps=4, lr=1e-3),
+                                          progress=False)
         assert {p.device for p in small.parameters()} == {batches[0].device}
         labels = torch.arange(12) % 10
         acc = measure(small, torch.cat(batches[:1]).cpu() if batches[0].device.type == "cpu" else batches[0], labels)
@@ -115,9 +116,28 @@ def test_compress_heal_and_measure_on_the_models_device():
 def test_a_copied_model_keeps_its_device():
     with other_device():
         model = to_other(_vit())
-        small = moe_prune.compress_model(model, {"blocks.1.mlp": torch.tensor([0, 3]), "blocks.2.mlp": torch.tensor([1, 2])})
+        small = compress_model(model, {"blocks.1.mlp": torch.tensor([0, 3]), "blocks.2.mlp": torch.tensor([1, 2])})
         assert {p.device for p in small.parameters()} == {OTHER}
         pruned = moe_prune.with_experts(copy.deepcopy(model), {"blocks.1.mlp": torch.tensor([0, 3]),
                                                                 "blocks.2.mlp": torch.tensor([1, 2])})
         with torch.no_grad():
             assert pruned(torch.rand(2, 1, 16, 16, device=OTHER)).device == OTHER
+
+
+def test_compress_config_device():
+    """CompressConfig(device=...): on the device the model is already on, the same result as without it; a bad
+    device is one clear error before any work. (Moving to another device runs Module.to, which the stand-in
+    device cannot take; make gpu-check compresses a CPU model with device="cuda".)"""
+    config = dict(keep="1/4", rule="loss", heal=HealConfig(steps=3, lr=1e-3))
+    cpu_small, cpu_record = moe_prune.compress(_vit(), _batches(), moe_prune.CompressConfig(**config))
+    small, record = moe_prune.compress(_vit(), _batches(), moe_prune.CompressConfig(**config, device="cpu"))
+    assert record["kept_experts"] == cpu_record["kept_experts"]
+    x = torch.rand(4, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), cpu_small(x), rtol=1e-5, atol=1e-6)
+    with other_device():
+        model = to_other(_vit())
+        small, _ = moe_prune.compress(model, _batches(OTHER), moe_prune.CompressConfig(**config, device=str(OTHER)))
+        assert {p.device for p in small.parameters()} == {OTHER}
+    with pytest.raises(moe_prune.ConfigError, match="device"):
+        moe_prune.compress(_vit(), _batches(), moe_prune.CompressConfig(keep="1/4", device="tpu"))

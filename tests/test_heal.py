@@ -533,12 +533,13 @@ def test_bad_search_is_one_line(workspace, tmp_path, monkeypatch, capfd, value):
 # -- the public name -------------------------------------------------------------------------------------------
 
 
-def test_public_heal_is_the_function():
-    """The function lives in moe_prune.healing: a module named like the function once shadowed it."""
+def test_heal_is_the_function_in_its_module():
+    """The function lives in moe_prune.compression.healing: a module named like the function once shadowed it
+    (the public verb is now compress(..., CompressConfig(heal=HealConfig(...))))."""
     import moe_prune.compression.healing as module
 
-    assert moe_prune.heal is heal, f"moe_prune.heal is {moe_prune.heal!r}"
-    assert module.heal is heal
+    assert callable(module.heal) and module.heal is heal
+    assert "heal" not in moe_prune.__all__  # one verb per stage: healing is part of compress
 
 
 # -- bench --compressed takes a healed checkpoint (its experts differ on purpose), from its own source only -------

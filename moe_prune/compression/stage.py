@@ -6,10 +6,13 @@ stores. `moe-prune compress` runs the same steps on files (compress.compress_che
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
+from ..core.devices import device_of, resolve_device
 from ..core.models import quantized_layers, refuse_quantized
 from ..core.weights import model_dtype
 from ..selection.calibration import DEFAULT_RULE, choose_subsets
@@ -32,6 +35,8 @@ class CompressConfig:
         mode: "drop" (the paper: dropped experts' outputs are zero, the router keeps every slot) or "renorm".
         heal: a HealConfig to distil the compressed model from the full one on the calibration data; None: no.
         quantize: "int8" or a QuantConfig to store the kept experts' weights as int8, last; None: float.
+        device: where calibration, healing and the compressed model run: "cpu", "cuda", "cuda:N" or "auto" (a copy
+            of the model goes there; the inputs follow a batch at a time); None: the model's own device.
         progress: show progress bars.
     """
 
@@ -41,6 +46,7 @@ class CompressConfig:
     mode: str = "drop"
     heal: HealConfig | None = None
     quantize: str | QuantConfig | None = None
+    device: str | None = None
     progress: bool = False
 
 
@@ -48,8 +54,8 @@ def compress(model: nn.Module, calib, config: CompressConfig = CompressConfig())
     """A smaller copy of `model` holding only the experts `config` keeps (the input model is unchanged).
 
     Args:
-        model: a float native model or bare Soft MoE layer (full, or compressed before), on the device and in the
-            dtype calibration runs in.
+        model: a float native model or bare Soft MoE layer (full, or compressed before), in the dtype calibration
+            runs in, on the device it runs on unless config.device says another.
         calib: calibration inputs: a sequence of batches, a tensor [N, ...] or data.examples.Batches.
         config: see CompressConfig.
 
@@ -60,7 +66,8 @@ def compress(model: nn.Module, calib, config: CompressConfig = CompressConfig())
 
     Raises:
         SelectionError: a bad keep, rule, budget or mode, no Soft MoE layer, or a model whose experts are already
-            int8 (compress the float model, then quantize last). ConfigError: a bad quantize or heal setting.
+            int8 (compress the float model, then quantize last). ConfigError: a bad quantize or heal setting, or a
+            device this machine lacks.
 
     Example:
         >>> small, record = compress(model, batches, CompressConfig(keep="1/8", heal=HealConfig(steps=500)))
@@ -68,6 +75,12 @@ def compress(model: nn.Module, calib, config: CompressConfig = CompressConfig())
         [3, 17, 21, 40]
     """
     refuse_quantized(quantized_layers(model), type(model).__name__, "calibrating and compressing")
+    if config.device is not None:
+        target = resolve_device(config.device)
+        if target.type == "cuda" and target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+        if target != device_of(model):
+            model = copy.deepcopy(model).to(target)  # the caller's model stays where it is
     as_quant_config(config.quantize)  # a bad kind is an error before the calibration runs
     keep_per_layer(model, config.keep)  # a bad keep too
     subsets, calibration = choose_subsets(model, calib, config.keep, rule=config.rule, mode=config.mode,

@@ -338,13 +338,16 @@ class SoftMoE(nn.Module):
 
     def _mix(self, routing, dispatch, combine, idx):
         """All held experts (idx None) or a shared subset (stack positions idx [K]). dispatch/combine [B, M, K*S]."""
-        S, D_out = self.config.slots_per_expert, self.config.out_features
+        S, D, D_out = self.config.slots_per_expert, self.config.dim, self.config.out_features
         slots = routing.slots(dispatch)  # [B, K*S, D]
-        B, KS, D = slots.shape
-        K = KS // S
-        slots = slots.reshape(B, K, S, D).transpose(0, 1).reshape(K, B * S, D)  # [K, B*S, D]
+        K = self.config.num_held if idx is None else idx.shape[0]
+        if K == 0:
+            return combine.new_zeros(*combine.shape[:2], D_out)
+        # Sizes from the config and one -1 per reshape: an exported graph gets constant shapes instead of a
+        # Shape-Gather-Unsqueeze-Concat chain per reshape (benchmarks/results/bench_vit2-e128-s10_renorm).
+        slots = slots.reshape(-1, K, S, D).transpose(0, 1).reshape(K, -1, D)  # [K, B*S, D]
         y = self.experts(slots, idx)  # [K, B*S, D_out]
-        y = y.reshape(K, B, S, D_out).transpose(0, 1).reshape(B, K * S, D_out)  # [B, K*S, D_out]
+        y = y.reshape(K, -1, S, D_out).transpose(0, 1).reshape(-1, K * S, D_out)  # [B, K*S, D_out]
         return combine @ y  # [B, M, D_out]
 
     def _mix_per_input(self, routing, dispatch, combine, idx):

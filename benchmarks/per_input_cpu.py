@@ -27,7 +27,7 @@ import sys
 import torch
 
 import moe_prune.core.experts as experts_mod
-from moe_prune.measurement.timing import BenchConfig, alternate, machine_roofline
+from moe_prune.measurement.timing import BenchConfig, alternate, machine_roofline, median_seconds
 from moe_prune.measurement.timing import environment as bench_environment
 from moe_prune.core.flops import model_cost, roofline_ratio
 from moe_prune.core.routing import Routing
@@ -80,23 +80,11 @@ def skinny_matmul_bandwidth(threads: int) -> dict:
     out = {}
     for rows in (1, 4, 16):
         x = torch.randn(112, rows, 384)
-        out[f"bmm, {rows} rows per expert"] = w.numel() * 4 / _median_seconds(lambda: torch.bmm(x, w)) / 1e9
+        out[f"bmm, {rows} rows per expert"] = w.numel() * 4 / median_seconds(lambda: torch.bmm(x, w)) / 1e9
     x = torch.randn(112, 4, 384)
-    out["loop of mm, 4 rows per expert"] = w.numel() * 4 / _median_seconds(lambda: [x[e] @ w[e] for e in range(112)]) / 1e9
-    out["streaming read (sum)"] = w.numel() * 4 / _median_seconds(lambda: w.sum()) / 1e9
+    out["loop of mm, 4 rows per expert"] = w.numel() * 4 / median_seconds(lambda: [x[e] @ w[e] for e in range(112)]) / 1e9
+    out["streaming read (sum)"] = w.numel() * 4 / median_seconds(lambda: w.sum()) / 1e9
     return out
-
-
-def _median_seconds(fn, reps: int = 7) -> float:
-    import time
-
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[reps // 2]
 
 
 def main(argv: list[str] | None = None) -> int:

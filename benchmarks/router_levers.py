@@ -38,7 +38,7 @@ import torch
 from moe_prune.core.layers import SoftMoE, SoftMoEConfig
 from moe_prune.core.routing import Routing, dispatch_softmax, router_weight
 from moe_prune.measurement.reports import table, write_json, write_text
-from moe_prune.measurement.timing import BenchConfig, alternate, machine_roofline
+from moe_prune.measurement.timing import BenchConfig, alternate, machine_roofline, median_seconds
 from moe_prune.measurement.timing import environment as bench_environment
 from moe_prune.selection.scores import select_experts
 
@@ -194,20 +194,10 @@ def weight_reads(s: dict, batch: int) -> dict:
     out = {"rows_per_used_expert": len(idx) / used, "padded_rows": C, "used": used}
     for name, (experts, fn) in reads.items():
         try:
-            out[name] = experts * D * H * 4 / _median_seconds(fn) / 1e9
+            out[name] = experts * D * H * 4 / median_seconds(fn, 9) / 1e9
         except RuntimeError:  # grouped_mm takes only 16-byte aligned strides (H = 6 is not)
             out[name] = float("nan")
     return out
-
-
-def _median_seconds(fn, reps: int = 9) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ except ImportError:  # pragma: no cover
 if not _has_gpu:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib
 import pathlib
 
 import pytest
@@ -45,3 +46,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def importable(name: str) -> bool:
+    """Whether a module imports here (a capability test modules gate their tests on)."""
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+def perturbed_layer(E: int, S: int, D: int, H: int, kind: str = "gelu_mlp", scale: float = 4.0):
+    """A Soft MoE layer in eval mode with non-trivial parameters everywhere (biases start at zero) and a sharper
+    router scale, so that subsets matter; seed torch first for a fixed one."""
+    from moe_prune.core.layers import SoftMoE, SoftMoEConfig
+
+    m = SoftMoE(SoftMoEConfig(dim=D, num_experts=E, slots_per_expert=S, hidden=H, expert=kind)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        m.scale.fill_(scale)
+    return m

@@ -28,6 +28,8 @@ from moe_prune.errors import SelectionError
 from moe_prune.core.layers import SoftMoE, SoftMoEConfig
 from moe_prune.core.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig, moe_layers
 
+from conftest import perturbed_layer
+
 E = 6  # experts in every model here: C(6, 2) = 15 subsets, brute force is cheap
 
 
@@ -39,12 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def bare(S=1, kind="gelu_mlp", seed=0, D=8, H=6):
     torch.manual_seed(seed)
-    m = SoftMoE(SoftMoEConfig(dim=D, num_experts=E, slots_per_expert=S, hidden=H, expert=kind)).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-        m.scale.fill_(4.0)  # sharper routing, so that subsets matter
-    return m
+    return perturbed_layer(E, S, D, H, kind)
 
 
 def tokens(seed, D=8, M=7):

@@ -28,7 +28,7 @@ from typing import Callable
 import pytest
 import torch
 
-from conftest import FIXTURES, SHARED_FIXTURES
+from conftest import FIXTURES, SHARED_FIXTURES, importable
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -36,12 +36,6 @@ SKIP_CALLS = {"pytest.skip", "pytest.importorskip", "pytest.mark.skip", "pytest.
 RUN_AT_IMPORT = {"pytest.skip", "pytest.importorskip"}  # executed where they stand; the marks are applied later
 
 
-def importable(name: str) -> bool:
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        return False
-    return True
 
 
 def _serving_environment() -> bool:

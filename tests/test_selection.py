@@ -12,6 +12,8 @@ from moe_prune.errors import SelectionError
 from moe_prune.core.layers import SoftMoE, SoftMoEConfig
 from moe_prune.core.models import MnistConfig, MnistSoftMoE, SoftMoEViT, ViTConfig
 
+from conftest import perturbed_layer
+
 
 
 def weights(layer, x, mask=None):
@@ -20,12 +22,7 @@ def weights(layer, x, mask=None):
     return r.dispatch_weights, r.combine_weights
 
 def layer(E=8, S=2, D=12, H=10, kind="gelu_mlp"):
-    m = SoftMoE(SoftMoEConfig(dim=D, num_experts=E, slots_per_expert=S, hidden=H, expert=kind)).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-        m.scale.fill_(4.0)  # sharper routing, so that subsets matter
-    return m
+    return perturbed_layer(E, S, D, H, kind)
 
 
 def tiny_vit():

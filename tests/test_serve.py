@@ -1,6 +1,5 @@
 """Serving (Triton model repository, ONNX Runtime predictor) and calibration sharded over processes."""
 
-import importlib
 import json
 import os
 import subprocess
@@ -18,16 +17,12 @@ from moe_prune.selection.scores import calibrate, with_selection
 from moe_prune.serving.predictor import Predictor
 from moe_prune.serving.repository import model_config, parse_model_config, write_triton_repo
 
+from conftest import importable
+
 # Each capability gates only the tests that use it: parsing a Triton config needs tritonclient (the [serve] extra);
 # the torchrun calibration tests need torch.distributed with gloo and the console script, not tritonclient.
 
 
-def importable(name: str) -> bool:
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        return False
-    return True
 
 
 HAS_TRITONCLIENT = importable("tritonclient.grpc")

@@ -246,6 +246,19 @@ def bench_models(onnx_paths: dict, modules: dict, make_input: Callable[[int], to
     return result
 
 
+def median_seconds(fn: Callable[[], object], reps: int = 7, device: str = "cpu") -> float:
+    """The median wall time of `reps` calls of fn after one warm-up call (CUDA synchronized after each)."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
 def machine_roofline(threads: int | None = None, device: str = "cpu") -> dict:
     """This machine's peak fp32 matmul rate and weight-read bandwidth, measured in torch: the roofline's corners.
 
@@ -256,21 +269,10 @@ def machine_roofline(threads: int | None = None, device: str = "cpu") -> dict:
     if threads:
         torch.set_num_threads(threads)
 
-    def median_seconds(fn, reps):
-        fn()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts))
-
     a = torch.randn(2048, 2048, device=device)
-    flops = 2 * 2048**3 / median_seconds(lambda: a @ a, 7)
+    flops = 2 * 2048**3 / median_seconds(lambda: a @ a, 7, device)
     big = torch.ones(64 << 20, device=device)  # 256 MiB of fp32
-    bandwidth = big.numel() * 4 / median_seconds(lambda: big.sum(), 7)
+    bandwidth = big.numel() * 4 / median_seconds(lambda: big.sum(), 7, device)
     return {"flops_per_s": flops, "bytes_per_s": bandwidth}
 
 

@@ -106,7 +106,7 @@ def make_layers(s: dict, names) -> dict:
         torch.manual_seed(0)
         cfg = dict(dim=s["D"], num_experts=s["E"], slots_per_expert=s["S"], hidden=s["H"], expert=s["expert"])
         full = SoftMoE(SoftMoEConfig(**cfg)).eval().requires_grad_(False)
-        small = SoftMoE(SoftMoEConfig(**cfg, present=tuple(range(0, s["E"], s["E"] // KEEP)))).eval().requires_grad_(False)
+        small = SoftMoE(SoftMoEConfig(**cfg, held=tuple(range(0, s["E"], s["E"] // KEEP)))).eval().requires_grad_(False)
         for m in (full, small):
             m.scale.fill_(10.0)  # peaked routing, as trained models with a large router scale have
         out[name] = (variant(full, name), variant(small, name))

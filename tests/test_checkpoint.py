@@ -225,7 +225,7 @@ def _rewrite(tmp_path, mutate_state=None, mutate_record=None):
         (None, lambda r: r["spec"].update(family="resnet"), "invalid"),
         (None, lambda r: r.update(format_version=99), "version"),
         (lambda s: s["head.weight"].__setitem__((0, 0), float("nan")), None, "NaN"),
-        (None, lambda r: r["spec"]["moe"]["moe"].update(present=[2, 1]), "invalid"),
+        (None, lambda r: r["spec"]["moe"]["moe"].update(held=[2, 1]), "invalid"),
     ],
 )
 def test_config_contradicting_tensors(tmp_path, state_change, record_change, match):
@@ -257,3 +257,34 @@ def test_half_precision_and_mixed_checkpoints_load_as_float32(tmp_path):
     model = moe_prune.load(tmp_path / "half.safetensors")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert torch.isfinite(run(model, torch.rand(2, 1, 28, 28))).all()
+
+
+def test_format_version_1_files_read_present_as_held(tmp_path):
+    """Version 1 named a compressed drop layer's held experts `present`; such files load as they did."""
+    from safetensors import safe_open
+
+    from moe_prune.compression.compress import compress_model
+
+    small = compress_model(small_model(), {"moe": torch.tensor([0, 2])})
+    new = moe_prune.save(small, tmp_path / "v2.safetensors")
+    with safe_open(str(new), framework="pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    record = json.loads(meta["moe_prune"])
+    assert record["format_version"] == 2 and record["spec"]["moe"]["moe"]["held"] == [0, 2]
+    layer = record["spec"]["moe"]["moe"]
+    layer["present"] = layer.pop("held")
+    record["format_version"] = 1
+    old = tmp_path / "v1.safetensors"
+    save_file(state, old, metadata={**meta, "moe_prune": json.dumps(record)})
+    loaded = moe_prune.load(old)
+    assert loaded.moe.config.held == (0, 2) and loaded.moe.config == small.moe.config
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
+    row = moe_prune.summary(old)["moe_layers"][0]  # summary reads the old name too
+    assert row["experts_held"] == 2 and row["kept_original_ids"] == [0, 2]
+    layer["held"] = [0, 2]  # both names: refused
+    save_file(state, old, metadata={**meta, "moe_prune": json.dumps(record)})
+    with pytest.raises(CheckpointError, match="present"):
+        moe_prune.load(old)

@@ -41,7 +41,7 @@ def test_fullgraph_compile_matches_eager(case, mode):
 
 
 def test_fullgraph_compile_of_a_compressed_layer_and_a_static_subset():
-    layer = _layer(present=(0, 2, 3, 5, 6))
+    layer = _layer(held=(0, 2, 3, 5, 6))
     for model in (with_selection(layer, 2, per="input"), with_experts(layer, torch.tensor([2, 5]))):
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

@@ -55,9 +55,9 @@ def _vit():
                                 num_classes=10, embed_dim=32, depth=2, num_heads=2)).eval()
 
 
-def _layer(present=None):
+def _layer(held=None):
     torch.manual_seed(3)
-    cfg = SoftMoEConfig(dim=16, num_experts=8, slots_per_expert=2, hidden=8, expert="geglu", present=present)
+    cfg = SoftMoEConfig(dim=16, num_experts=8, slots_per_expert=2, hidden=8, expert="geglu", held=held)
     return SoftMoE(cfg).eval()
 
 
@@ -173,7 +173,7 @@ def test_static_subset_file_holds_only_kept_experts(tmp_path):
 
 
 def test_compressed_layer_exports(tmp_path):
-    layer = _layer(present=(1, 4, 6))  # holds 3 of 8 router experts
+    layer = _layer(held=(1, 4, 6))  # holds 3 of 8 router experts
     x = torch.randn(3, 16, 16)
     for name, model in [
         ("held", layer),  # experts=None: runs its held experts
@@ -199,7 +199,7 @@ def test_dynamo_exporter_alg2_and_determinism(tmp_path):
 
 
 def test_dynamo_exports_a_subset_of_a_compressed_layer(tmp_path):
-    model = with_experts(_layer(present=(1, 4, 6)), torch.tensor([4, 6]))
+    model = with_experts(_layer(held=(1, 4, 6)), torch.tensor([4, 6]))
     path = export_onnx(model, tmp_path / "d.onnx", dynamo=True)
     assert validate_onnx(path, model).passed
 
@@ -373,7 +373,7 @@ def test_cli_export(tmp_path, capsys):
 
     compressed = MnistSoftMoE(MnistConfig(num_experts=8),
                               SoftMoEConfig(dim=196, num_experts=8, slots_per_expert=1, hidden=98,
-                                            expert="relu_mlp", present=(1, 4, 6)))
+                                            expert="relu_mlp", held=(1, 4, 6)))
     save(compressed, tmp_path / "small.safetensors")
     assert main(["export", str(tmp_path / "small.safetensors"), "--out", str(tmp_path / "s.onnx")]) == 0
     assert "PASSED" in capsys.readouterr().out

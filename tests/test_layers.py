@@ -296,7 +296,7 @@ def test_experts_are_stacked_not_looped(kind, regime):
 @pytest.mark.parametrize(
     "bad",
     [dict(dim=0), dict(num_experts=-1), dict(expert="swiglu"), dict(token_norm="rms"), dict(dispatch_input="x"),
-     dict(present=(3, 1)), dict(present=(0, 9)), dict(present=()), dict(origin=(1, 2, 3))],
+     dict(held=(3, 1)), dict(held=(0, 9)), dict(held=()), dict(origin=(1, 2, 3))],
 )
 def test_config_errors(bad):
     base = dict(dim=8, num_experts=4, slots_per_expert=1, hidden=8)
@@ -305,7 +305,7 @@ def test_config_errors(bad):
 
 
 def test_config_round_trip():
-    cfg = SoftMoEConfig(dim=8, num_experts=4, slots_per_expert=2, hidden=8, present=(0, 3), origin=(5, 9))
+    cfg = SoftMoEConfig(dim=8, num_experts=4, slots_per_expert=2, hidden=8, held=(0, 3), origin=(5, 9))
     assert SoftMoEConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown keys"):
         SoftMoEConfig.from_dict({**cfg.to_dict(), "typo": 1})

@@ -165,7 +165,7 @@ def test_per_input_rows_equal_float64_dequantized(kind, bias, path):
 def test_compressed_layer_equals_its_float64_dequantized_twin():
     """The whole Soft MoE layer (routing, drop mode, a compressed layer's held experts, per-input subsets): the
     int8 layer equals a float64 float layer holding the dequantized weights."""
-    layer = SoftMoE(SoftMoEConfig(dim=16, num_experts=9, slots_per_expert=2, hidden=24, present=(1, 4, 5, 7))).eval()
+    layer = SoftMoE(SoftMoEConfig(dim=16, num_experts=9, slots_per_expert=2, hidden=24, held=(1, 4, 5, 7))).eval()
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.2 * torch.randn_like(p))

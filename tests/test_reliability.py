@@ -288,7 +288,7 @@ NATIVE_LIES = {
     "family_not_a_name": ({"record": lambda r: r["spec"].update(family=["mnist"])}, "invalid"),
     "spec_not_object": ({"record": lambda r: r.update(spec=5)}, "invalid"),
     "moe_not_object": ({"record": lambda r: r["spec"].update(moe=[1])}, "invalid"),
-    "present_not_ids": ({"record": lambda r: r["spec"]["moe"]["moe"].update(present=["x"])}, "invalid"),
+    "held_not_ids": ({"record": lambda r: r["spec"]["moe"]["moe"].update(held=["x"])}, "invalid"),
     "eps_nan": ({"record": lambda r: r["spec"]["moe"]["moe"].update(eps=float("nan"))}, "eps"),
     "eps_text": ({"record": lambda r: r["spec"]["moe"]["moe"].update(eps="1e-6")}, "eps"),
     "meta_not_object": ({"record": lambda r: r.update(meta=[1])}, "meta"),
@@ -586,8 +586,8 @@ def workspace(tmp_path_factory):
     del state["head.weight"]  # a tensor the spec needs is not there; the file is otherwise well formed
     save_file(state, str(ws / "missing_tensor.safetensors"), metadata=metadata)
     rec = json.loads(metadata["moe_prune"])
-    rec["spec"]["moe"]["moe"].update(present=[0, 1, 2])  # 3 held experts, the stacks hold 8
-    (ws / "present_lies.safetensors").write_bytes(_file({**head, "__metadata__": {**metadata, "moe_prune": json.dumps(rec)}}, body))
+    rec["spec"]["moe"]["moe"].update(held=[0, 1, 2])  # 3 held experts, the stacks hold 8
+    (ws / "held_lies.safetensors").write_bytes(_file({**head, "__metadata__": {**metadata, "moe_prune": json.dumps(rec)}}, body))
     return ws
 
 
@@ -645,7 +645,7 @@ MISTAKES = {  # name: (argv, words the one line must hold, patch or None)
     "bench_compressed_of_another_size": ([*_B, "--compressed", "m4.safetensors"], ["m4.safetensors", "num_experts"], None),
     "bench_compressed_not_compressed": ([*_B, "--compressed", "m.safetensors"], ["no kept experts"], None),
     "info_missing_tensor": (["info", "missing_tensor.safetensors"], ["missing_tensor.safetensors", "head.weight"], None),
-    "info_present_contradicts_shapes": (["info", "present_lies.safetensors"], ["present_lies.safetensors", "shape"], None),
+    "info_held_contradicts_shapes": (["info", "held_lies.safetensors"], ["held_lies.safetensors", "shape"], None),
     "compress_out_without_suffix": ([*_C[:-1], "OUT", "--calib", "sample"], ["OUT", ".safetensors file or a folder"], None),
     "export_out_without_suffix": (["export", "m.safetensors", "--out", "OUT"], ["OUT", ".onnx file or a folder"], None),
     "usage_error_is_one_line": (["compress", "m.safetensors", "--out", "OUT/"], ["--calib", "--help"], None),

@@ -23,8 +23,8 @@ REGIMES = {  # execution policies that force each path of StackedExperts.grouped
 }
 
 
-def make(E=9, S=2, D=12, H=10, present=None, **kw):
-    layer = SoftMoE(SoftMoEConfig(dim=D, num_experts=E, slots_per_expert=S, hidden=H, present=present, **kw)).eval()
+def make(E=9, S=2, D=12, H=10, held=None, **kw):
+    layer = SoftMoE(SoftMoEConfig(dim=D, num_experts=E, slots_per_expert=S, hidden=H, held=held, **kw)).eval()
     with torch.no_grad():  # non-trivial parameters everywhere (biases start at zero)
         for p in layer.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -43,7 +43,7 @@ def dense_per_input(layer, x, mask, experts, mode):
     """Every held expert on every slot; the slots of experts an input did not keep are then discarded."""
     c = layer.config
     S = c.slots_per_expert
-    held = list(c.present) if c.present is not None else list(range(c.num_experts))
+    held = list(c.held) if c.held is not None else list(range(c.num_experts))
     r = layer.route(x, mask)
     cols = torch.tensor([e * S + s for e in held for s in range(S)])
     logits = r.logits.index_select(2, cols)
@@ -72,7 +72,7 @@ def float64_reference(layer, x, mask, experts, mode):
     """Per input, per kept expert, in float64, from the equations (l2 token norm, normalized Phi)."""
     c = layer.config
     S = c.slots_per_expert
-    held = list(c.present) if c.present is not None else list(range(c.num_experts))
+    held = list(c.held) if c.held is not None else list(range(c.num_experts))
     x = x.double()
     phi = layer.phi.double().reshape(c.dim, -1)
     phi = layer.scale.double() * phi / phi.norm(dim=0, keepdim=True).clamp_min(c.eps)
@@ -133,7 +133,7 @@ def test_sparse_per_input_equals_dense_and_float64(regime, kind, mode):
 @pytest.mark.parametrize("mode", ["drop", "renorm"])
 def test_compressed_layer_per_input(regime, mode):
     """A compressed drop-mode layer holds experts 1, 4, 5, 7 of 9: inputs choose among those, by router id."""
-    layer = set_policy(make(present=(1, 4, 5, 7), dispatch_input="raw"), CPU_POLICY, **REGIMES[regime])
+    layer = set_policy(make(held=(1, 4, 5, 7), dispatch_input="raw"), CPU_POLICY, **REGIMES[regime])
     x = torch.randn(4, 6, 12)
     experts = random_subsets(4, [1, 4, 5, 7], 2)
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """Compression: a smaller native checkpoint that holds only the kept experts of every Soft MoE layer.
 
     drop mode:   the router keeps all of Phi [D, E, S] (the combine denominator needs every slot); the layer
-                 records the kept experts as `present`, and runs exactly like the full model with that subset.
+                 records the kept experts as `held`, and runs exactly like the full model with that subset.
     renorm mode: Phi keeps only the kept columns [D, K, S]; the layer becomes an ordinary K-expert layer.
 In both, `origin` records each held expert's id in the original model. Reading a file, only the kept experts'
 rows are read (safetensors slices): dropped experts are never loaded. Outputs are written atomically.
@@ -199,7 +199,7 @@ def static_subsets(model: nn.Module, batches, keep, progress: bool = False) -> t
 
 def kept_record(model: nn.Module) -> dict:
     """{layer name or "(layer)": original ids of the experts it holds}: what a compressed checkpoint records."""
-    return {name or "(layer)": list(layer.config.origin if layer.config.origin is not None else layer.config.held)
+    return {name or "(layer)": list(layer.config.origin if layer.config.origin is not None else layer.config.held_ids)
             for name, layer in moe_layers(model).items()}
 
 

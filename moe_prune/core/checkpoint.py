@@ -33,7 +33,9 @@ from .models import build, model_spec, moe_layers
 from .weights import assign_weights, float_dtype
 
 NATIVE_KEY = "moe_prune"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this moe-prune reads: 1 named a layer's held experts `present` (SoftMoEConfig.from_dict reads it as `held`).
+READ_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -176,8 +178,9 @@ def _native_record(p: Path, metadata: dict, header: dict) -> tuple[dict, dict]:
         version = record.get("format_version")
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{p}: the moe-prune metadata is not valid JSON with a 'spec' ({_short(e)})") from None
-    if type(version) is not int or version != FORMAT_VERSION:
-        raise CheckpointError(f"{p}: format version {version!r}; this moe-prune reads version {FORMAT_VERSION}")
+    if type(version) is not int or version not in READ_VERSIONS:
+        raise CheckpointError(f"{p}: format version {version!r}; this moe-prune reads versions "
+                              f"{', '.join(map(str, READ_VERSIONS))}")
     if not isinstance(meta, dict):
         raise CheckpointError(f"{p}: the moe-prune metadata's 'meta' is not a JSON object; the file is damaged")
     if isinstance(spec, dict) and spec.get("family") == "module":

@@ -59,8 +59,9 @@ class SoftMoEConfig:
             used; soft-moe-pytorch) or the "raw" tokens (google-research/vmoe).
         eps: floor of the l2 norms (and LayerNorm's epsilon).
         out_dim: the experts' output width; None means D.
-        present: the router experts whose weights this layer holds, ascending (a compressed `drop`-mode
-            checkpoint keeps all of Phi but only these experts); None means all E.
+        held: the router experts whose weights this layer holds, ascending (a compressed `drop`-mode
+            checkpoint keeps all of Phi but only these experts); None means all E (see `held_ids`). Read from
+            `present`, its name before checkpoint format version 2.
         origin: the experts' ids in the model this layer was compressed from, for reports; None means own ids.
         quant: "int8": the experts' w1 and w2 are stored as int8 with one scale per output channel (tensors
             `experts.w1_scale` [E, H1], `experts.w2_scale` [E, D_out]; see moe_prune.compression.quantize); None: float
@@ -85,7 +86,7 @@ class SoftMoEConfig:
     dispatch_input: Literal["normalized", "raw"] = "normalized"
     eps: float = 1e-6
     out_dim: int | None = None
-    present: tuple[int, ...] | None = None
+    held: tuple[int, ...] | None = None
     origin: tuple[int, ...] | None = field(default=None, compare=False)
     quant: str | None = None
 
@@ -106,12 +107,12 @@ class SoftMoEConfig:
             )
         if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or not 0 < self.eps < math.inf:
             raise ConfigError(f"Soft MoE config: eps must be a positive finite number, got {self.eps!r}")
-        if self.present is not None:
-            object.__setattr__(self, "present", tuple(int(i) for i in self.present))
-            p = self.present
+        if self.held is not None:
+            object.__setattr__(self, "held", tuple(int(i) for i in self.held))
+            p = self.held
             if not p or list(p) != sorted(set(p)) or p[0] < 0 or p[-1] >= self.num_experts:
                 raise ConfigError(
-                    f"Soft MoE config: present must be distinct ascending expert ids in [0, {self.num_experts}), "
+                    f"Soft MoE config: held must be distinct ascending expert ids in [0, {self.num_experts}), "
                     f"got {list(p)}"
                 )
         if self.quant not in EXPERT_QUANTS:
@@ -124,14 +125,14 @@ class SoftMoEConfig:
                 )
 
     @property
-    def held(self) -> tuple[int, ...]:
-        """The router ids of the experts whose weights the layer holds, in stack order: `present`, or all E."""
-        return self.present if self.present is not None else tuple(range(self.num_experts))
+    def held_ids(self) -> tuple[int, ...]:
+        """The router ids of the experts whose weights the layer holds, in stack order: `held`, or all E."""
+        return self.held if self.held is not None else tuple(range(self.num_experts))
 
     @property
     def num_held(self) -> int:
         """How many experts' weights the layer holds (K for a compressed drop-mode layer, else E)."""
-        return self.num_experts if self.present is None else len(self.present)
+        return self.num_experts if self.held is None else len(self.held)
 
     @property
     def has_bias(self) -> bool:
@@ -144,7 +145,7 @@ class SoftMoEConfig:
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        for key in ("present", "origin"):
+        for key in ("held", "origin"):
             if d[key] is not None:
                 d[key] = list(d[key])
         for key in ("expert_bias", "quant"):  # unset: specs written before the field existed stay as they were
@@ -155,6 +156,10 @@ class SoftMoEConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SoftMoEConfig":
         known = {f.name for f in fields(cls)}
+        if "present" in d:  # the name of `held` before checkpoint format version 2
+            if "held" in d:
+                raise ConfigError("Soft MoE config: both held and present (its old name) are given")
+            d = {("held" if k == "present" else k): v for k, v in d.items()}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"Soft MoE config: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
@@ -198,8 +203,8 @@ class SoftMoE(nn.Module):
         return self.config.num_experts
 
     def held_experts(self, device=None) -> torch.Tensor:
-        """The router ids [E_held] of the experts this layer holds (config.held) as an int64 tensor."""
-        return torch.tensor(self.config.held, dtype=torch.long, device=device)
+        """The router ids [E_held] of the experts this layer holds (config.held_ids) as an int64 tensor."""
+        return torch.tensor(self.config.held_ids, dtype=torch.long, device=device)
 
     # -- routing -------------------------------------------------------------------------------------------
     def route_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -296,8 +301,8 @@ class SoftMoE(nn.Module):
             raise ValueError(f"mode must be 'drop' or 'renorm', got {mode!r}")
         if experts is not None and experts.device != routing.x.device:
             experts = experts.to(routing.x.device)  # ids chosen on the host (calibration) index device tensors
-        present = self.config.present
-        if experts is None and present is None:
+        compressed = self.config.held is not None
+        if experts is None and not compressed:
             return self._mix(routing, routing.dispatch_weights, routing.combine_weights, None)
         if experts is None:  # a compressed drop-mode layer: its held experts are the subset, its stack in order
             held = self.held_experts(routing.x.device)
@@ -305,7 +310,7 @@ class SoftMoE(nn.Module):
         if experts.dim() == 2 and not in_graph():
             if experts.shape[0] == 1:  # one input: its subset is a shared one, the cheapest path
                 experts = experts[0]
-            elif experts.shape[1] == self.config.num_held and present is None:  # every input keeps every expert
+            elif experts.shape[1] == self.config.num_held and not compressed:  # every input keeps every expert
                 return self._mix(routing, routing.dispatch_weights, routing.combine_weights, None)
         cols = self._columns(experts)  # [K*S] or [B, K*S]
         dispatch, combine = routing.kept_weights(cols, mode)  # [B, M, K*S]
@@ -363,11 +368,11 @@ class SoftMoE(nn.Module):
 
     def _stack_index(self, experts: torch.Tensor) -> torch.Tensor:
         """Router ids [...] -> positions in this layer's expert stack (a lookup table for a compressed layer)."""
-        present = self.config.present
-        if present is None:
+        held = self.config.held
+        if held is None:
             return experts
         table = torch.full((self.config.num_experts,), -1, dtype=torch.long, device=experts.device)
-        table[list(present)] = torch.arange(len(present), device=experts.device)
+        table[list(held)] = torch.arange(len(held), device=experts.device)
         pos = table[experts]
-        check_on_device((pos >= 0).all(), ValueError(f"experts not all held by this compressed layer (it holds {list(present)})"))
+        check_on_device((pos >= 0).all(), ValueError(f"experts not all held by this compressed layer (it holds {list(held)})"))
         return pos

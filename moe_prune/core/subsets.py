@@ -27,14 +27,14 @@ def layer_plan(cfg: SoftMoEConfig, kept, mode: str, name: str) -> tuple[SoftMoEC
     if mode not in MODES:
         raise SelectionError(f"mode={mode!r}: choose 'drop' or 'renorm'")
     kept = sorted(int(e) for e in torch.as_tensor(kept).flatten().tolist())
-    held = list(cfg.held)
+    held = list(cfg.held_ids)
     if not kept or len(set(kept)) != len(kept) or not set(kept) <= set(held):
         raise SelectionError(f"layer {name!r}: the subset {kept} must be distinct experts among those it holds ({len(held)})")
     rows = [held.index(e) for e in kept]
     origin = [(cfg.origin[r] if cfg.origin is not None else held[r]) for r in rows]
     if mode == "drop":
-        return replace(cfg, present=tuple(kept), origin=tuple(origin)), rows, None
-    return replace(cfg, num_experts=len(kept), present=None, origin=tuple(origin)), rows, kept
+        return replace(cfg, held=tuple(kept), origin=tuple(origin)), rows, None
+    return replace(cfg, num_experts=len(kept), held=None, origin=tuple(origin)), rows, kept
 
 
 def reduce_tensor(name: str, tensor_name: str, get, plan) -> torch.Tensor:

@@ -41,8 +41,9 @@ def summary(path) -> dict:
     moe = spec.get("moe") if spec["family"] != "layer" else {"": spec["config"]}
     for name, cfg in moe.items():
         prefix = f"{name}." if name else ""
-        held = len(cfg["present"]) if cfg.get("present") else cfg["num_experts"]
-        origin = cfg.get("origin") or cfg.get("present")
+        ids = cfg.get("held") or cfg.get("present")  # `present`: its name before format version 2
+        held = len(ids) if ids else cfg["num_experts"]
+        origin = cfg.get("origin") or ids
         layers.append({
             "name": name or "(layer)", "router_experts": cfg["num_experts"], "experts_held": held,
             "slots_per_expert": cfg["slots_per_expert"], "hidden": cfg["hidden"], "expert": cfg["expert"],

@@ -112,8 +112,8 @@ def check_compressed_from(full, small, full_path, small_path) -> None:
         if s.config.origin is None:
             refuse(f"{where} records no kept experts: it is not a compressed checkpoint")
         origin = list(s.config.origin)
-        if f.config.origin is not None or f.config.present is not None:
-            held = list(f.config.origin or f.config.present)
+        if f.config.origin is not None or f.config.held is not None:
+            held = list(f.config.origin or f.config.held)
             if not set(origin) <= set(held):
                 refuse(f"{where} keeps experts {origin}, not all among the full model's {held}")
             rows = [held.index(e) for e in origin]

@@ -13,7 +13,7 @@ What can be exported (each takes one tensor named "input" and returns "output"; 
                                        their experts (small experts: weights gathered per group; large ones: the
                                        groups scattered into a [E, C, ...] batch padded to the busiest expert,
                                        one batched MatMul over the stack), so B*K expert evaluations
-    a compressed checkpoint's model    its layers run the experts they hold (SoftMoEConfig.present)
+    a compressed checkpoint's model    its layers run the experts they hold (SoftMoEConfig.held)
 
 `export_onnx(..., with_choice=True)` adds one output per pruned layer, "experts.<layer name>": the router ids the
 graph chose (int64 [k]); `validate_onnx` compares them with PyTorch's choice on the same batch.

@@ -185,7 +185,7 @@ class PrunedSoftMoE(nn.Module):
             return layer.mix(routing, self.choice(self.experts), self.mode)
         # Algorithm 1 or 2 on this call's input, scored from the routing the layer then mixes with.
         scores = routing.scores  # [B, E]
-        if layer.config.present is not None:  # a compressed layer can only choose among the experts it holds
+        if layer.config.held is not None:  # a compressed layer can only choose among the experts it holds
             held = layer.held_experts(x.device)
             experts = held[select_experts(scores.index_select(1, held), self.k, self.per)]
         else:
@@ -255,7 +255,7 @@ def random_subsets(model: nn.Module, k_of, generator: torch.Generator) -> dict[s
 def _check_ids(experts: torch.Tensor, layer: SoftMoE) -> None:
     if experts.dim() not in (1, 2):
         raise SelectionError(f"experts must be [K] or [B, K], got shape {list(experts.shape)}")
-    held = set(layer.config.held)
+    held = set(layer.config.held_ids)
     bad = sorted(set(experts.flatten().tolist()) - held)
     if bad:
         raise SelectionError(f"expert ids {bad[:8]} are not experts of this layer (it has {sorted(held)[:4]}...)")

@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .mlp import EXPERT_KINDS, ExpertKind, default_bias, expert_activation, expert_mlp, linear, w8a8_linear
+from .mlp import ExpertKind, default_bias, expert_activation, expert_mlp, float_mlp, linear, w8a8_linear
 from .tracing import compiling, in_graph
 
 
@@ -130,40 +129,21 @@ def set_policy(module: nn.Module, policy: ExecutionPolicy | None, **changes) -> 
 @functools.cache
 def _grouped_graph():
     """StackedExperts.grouped as TorchScript, for ONNX graphs: both execution choices in the graph (an ONNX If on
-    the batch's row count), since a graph's batch is only known when it runs.
-    Scripted on first use."""
+    the batch's row count), since a graph's batch is only known when it runs. The expert MLP is mlp.float_mlp,
+    compiled with it. Scripted on first use."""
     with warnings.catch_warnings():  # torch.jit.script is deprecated; the TorchScript exporter still needs it
         warnings.simplefilter("ignore", DeprecationWarning)
 
         @torch.jit.script
-        def mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-                b2: Optional[torch.Tensor], kind: int) -> torch.Tensor:
-            # x [..., N, D] -> [..., N, D_out]; kind indexes EXPERT_KINDS (gelu_mlp, relu_mlp, geglu).
-            h = torch.matmul(x, w1)
-            if b1 is not None:
-                h = h + b1.unsqueeze(-2)
-            if kind == 0:
-                h = F.gelu(h)
-            elif kind == 1:
-                h = F.relu(h)
-            else:
-                value, gate = h.chunk(2, dim=-1)
-                h = value * F.gelu(gate)
-            y = torch.matmul(h, w2)
-            if b2 is not None:
-                y = y + b2.unsqueeze(-2)
-            return y
-
-        @torch.jit.script
         def grouped(rows: torch.Tensor, idx: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
-                    w2: torch.Tensor, b2: Optional[torch.Tensor], kind: int, gather_limit: int, few_rows: int) -> torch.Tensor:
+                    w2: torch.Tensor, b2: Optional[torch.Tensor], kind: str, gather_limit: int, few_rows: int) -> torch.Tensor:
             # rows [R, N, D], idx [R] -> [R, N, D_out]
             R, N, D = rows.shape[0], rows.shape[1], rows.shape[2]
             if R * (w1.shape[1] * w1.shape[2] + w2.shape[1] * w2.shape[2]) < gather_limit or R <= few_rows:
                 # each row with its expert's weights gathered: small experts, or so few rows that copying their
                 # experts costs less than reading the whole stack (ONNX Runtime has no matmul on a subset in place)
-                return mlp(rows, w1.index_select(0, idx), None if b1 is None else b1.index_select(0, idx),
-                           w2.index_select(0, idx), None if b2 is None else b2.index_select(0, idx), kind)
+                return float_mlp(kind, rows, w1.index_select(0, idx), None if b1 is None else b1.index_select(0, idx),
+                                 w2.index_select(0, idx), None if b2 is None else b2.index_select(0, idx), False)
             # rows grouped into a [E, C*N, D] batch padded to the busiest expert, the stack's weights used in place
             E = w1.shape[0]
             onehot = (idx.unsqueeze(1) == torch.arange(E, device=idx.device)).long()  # [R, E]
@@ -171,7 +151,7 @@ def _grouped_graph():
             C = int(onehot.sum(0).max())
             place = idx * C + rank  # [R]
             x = torch.zeros(E * C, N * D, dtype=rows.dtype, device=rows.device).index_copy(0, place, rows.reshape(R, N * D))
-            y = mlp(x.reshape(E, C * N, D), w1, b1, w2, b2, kind)  # [E, C*N, D_out]
+            y = float_mlp(kind, x.reshape(E, C * N, D), w1, b1, w2, b2, False)  # [E, C*N, D_out]
             return y.reshape(E * C, N, y.shape[-1]).index_select(0, place)
 
     return grouped
@@ -273,7 +253,7 @@ class StackedExperts(nn.Module):
             return self._grouped_int8(rows, idx, capacity, policy)
         if torch.jit.is_tracing():
             # The graph chooses at run time, by its batch's row count, with the rule below (an ONNX If).
-            return _grouped_graph()(rows, idx, self.w1, self.b1, self.w2, self.b2, EXPERT_KINDS.index(self.kind),
+            return _grouped_graph()(rows, idx, self.w1, self.b1, self.w2, self.b2, self.kind,
                                     policy.row_gather_limit, int(policy.graph_few_rows * self.w1.shape[0]))
         if not in_graph() and self._triton_for(rows):
             from ..kernels.grouped_experts import grouped_experts

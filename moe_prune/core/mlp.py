@@ -9,7 +9,7 @@ run `expert_mlp`. This module imports no kernel.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,14 +29,35 @@ def default_bias(kind: ExpertKind) -> bool:
     return kind != "relu_mlp"
 
 
-def expert_activation(kind: ExpertKind, h: torch.Tensor) -> torch.Tensor:
-    """The nonlinearity between an expert's two matmuls: GELU, ReLU, or GEGLU (value * gelu(gate), halving H)."""
+def expert_activation(kind: str, h: torch.Tensor) -> torch.Tensor:
+    """The nonlinearity between an expert's two matmuls: GELU, ReLU, or GEGLU (value * gelu(gate), halving H).
+    TorchScript compiles it too (see float_mlp)."""
     if kind == "gelu_mlp":
         return F.gelu(h)
     if kind == "relu_mlp":
         return F.relu(h)
     value, gate = h.chunk(2, dim=-1)
     return value * F.gelu(gate)
+
+
+def float_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], fused: bool) -> torch.Tensor:
+    """x [..., N, I] @ w [..., I, O] + b [..., O] with float weights; `fused`: the bias added inside the matmul
+    where torch can (addmm, baddbmm: one pass over the output instead of two; the separate add was 16% of a
+    many-rows expert layer's time on a CPU); else MatMul + Add, which ONNX Runtime fuses. TorchScript compiles it."""
+    if b is None:
+        return torch.matmul(x, w)
+    if fused and x.dim() == 2 and w.dim() == 2:
+        return torch.addmm(b, x, w)
+    if fused and x.dim() == 3 and w.dim() == 3:
+        return torch.baddbmm(b.unsqueeze(1), x, w)
+    return torch.matmul(x, w) + b.unsqueeze(-2)
+
+
+def float_mlp(kind: str, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+              b2: Optional[torch.Tensor], fused: bool) -> torch.Tensor:
+    """The expert MLP with float weights, written once: `expert_mlp` runs it eagerly (fused) and the TorchScript
+    function of an exported graph (core.experts) compiles it (unfused)."""
+    return float_linear(expert_activation(kind, float_linear(x, w1, b1, fused)), w2, b2, fused)
 
 
 def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -122,8 +143,7 @@ def w8a8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b: torch.
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., N, I] @ w [..., I, O] + b [..., O], the bias added inside the matmul where torch can (one pass
-    over the output instead of two: the separate add was 16% of a many-rows expert layer's time on a CPU).
+    """x [..., N, I] @ w [..., I, O] + b [..., O] (float weights: float_linear, fused outside a graph).
 
     With per-output-channel scales s [..., O] (int8 weights): (x @ w) * s + b, the weights converted to x's dtype
     (integers up to 127 are exact in every float dtype) and the scale applied to the [N, O] output rather than
@@ -137,15 +157,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, s: torch.Te
         y = torch.matmul(x, w)
         s = s.to(x.dtype).unsqueeze(-2)
         return y * s if b is None else torch.addcmul(b.to(x.dtype).unsqueeze(-2), y, s)
-    if b is None:
-        return torch.matmul(x, w)
-    if in_graph():
-        return torch.matmul(x, w) + b.unsqueeze(-2)  # MatMul + Add: ONNX Runtime fuses them
-    if x.dim() == 2 and w.dim() == 2:
-        return torch.addmm(b, x, w)
-    if x.dim() == 3 and w.dim() == 3:
-        return torch.baddbmm(b.unsqueeze(1), x, w)
-    return torch.matmul(x, w) + b.unsqueeze(-2)
+    return float_linear(x, w, b, fused=not in_graph())
 
 
 def expert_mlp(kind: ExpertKind, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,

@@ -11,9 +11,9 @@ How the int8 experts run (see moe_prune.experts): eager torch with float activat
 model. An exported ONNX graph of large experts (ExecutionPolicy.graph_int8_min, 128K weights each) quantizes each
 activation row to int8 as well and runs integer matmuls (MatMulInteger, one constant 2-D weight per expert),
 which torch computes to the same integers. Measured in ONNX Runtime on the CPU (benchmarks/quantize_int8.py):
-4.3x faster than fp32 weights at batch 1 for ViT-S-sized experts, 3.4x at 32; DynamicQuantizeMatMul was
-faster at batch 32 and MatMulNBits (int8 activations) at batch 1, but both change an input's answer with its batch
-mates (one activation scale per batch; kernels per batch size), which a server that batches requests must not.
+6.1x faster than fp32 weights at batch 1 for ViT-S-sized experts, 3.4x at 32; DynamicQuantizeMatMul was as fast
+at batch 1 and faster at 32, and MatMulNBits (int8 activations) slower, and both change an input's answer with its
+batch mates (one activation scale per batch; kernels per batch size), which a server that batches requests must not.
 Below that size integer matmuls measured slower than float ones, so the graph keeps float activations and casts
 the int8 weights, which ONNX Runtime folds into float weights at load (the file stays int8).
 `graph_numerics(model)` runs eager torch with the graph's numerics, which is how an export is validated.

@@ -92,9 +92,9 @@ class ExecutionPolicy:
 #   (13-25 ms). The bundled model compressed to 16 experts (38K weights), whole model at batch 1 / 32: converted
 #   at once 0.38 / 0.57 ms, tile by tile 0.61 / 1.74 ms (fp32 weights: 0.36 / 0.56 ms).
 # - graph_int8_min 128K weights: ONNX Runtime (1 thread), 16 experts, int8 activation rows and integer matmuls
-#   against float weights, batch 1 / 32: 384x1536 (1.2M weights each) 4.3x / 3.4x faster; 256x512 (262K) 5.4x /
-#   2.8x; 128x512 (131K) 1.6x / 2.0x; 64x512 (65K) 1.4x slower / 1.1x faster; 64x128 (16K) 2.0x / 1.7x slower;
-#   196x6 3.6x / 3.4x slower. Below it the cast int8 weights run exactly as fast as float ones
+#   against float weights, batch 1 / 32: 384x1536 (1.2M weights each) 6.1x / 3.4x faster; 256x512 (262K) 3.7x /
+#   2.8x; 128x512 (131K) 1.3x / 1.7x; 64x512 (65K) 1.4x slower / 1.1x faster; 64x128 (16K) 2.5x / 1.2x slower;
+#   196x6 3.5x / 3.2x slower. Below it the cast int8 weights run exactly as fast as float ones
 #   (benchmarks/results/quantize_int8_forms.md).
 CPU_POLICY = ExecutionPolicy(gather_limit=1 << 20, shared_loop=True, row_gather_limit=1 << 22, loop_overhead=1 << 17,
                              padded_capacity="max", graph_few_rows=0.5, loop_rows=128)

@@ -363,7 +363,7 @@ def _independent_router(layer):
 
 
 def test_router_is_reused_without_gradients_and_follows_every_change():
-    layer = make()
+    layer = make().requires_grad_(False)  # frozen, as for serving or evaluation
     with torch.no_grad():
         first = layer.router()
         assert layer.router() is first  # computed once
@@ -372,24 +372,42 @@ def test_router_is_reused_without_gradients_and_follows_every_change():
         torch.testing.assert_close(layer.router(), _independent_router(layer), rtol=1e-6, atol=1e-7)
         layer.scale.fill_(3.0)
         torch.testing.assert_close(layer.router(), _independent_router(layer), rtol=1e-6, atol=1e-7)
+        layer.phi.data = layer.phi.data.transpose(0, 1).contiguous().transpose(0, 1)  # same values, new layout
+        torch.testing.assert_close(layer.router(), _independent_router(layer), rtol=1e-6, atol=1e-7)
+        layer.phi.data.mul_(0.5)  # bypasses versions: documented, cleared by hand
+        layer.clear_router_cache()
+        torch.testing.assert_close(layer.router(), _independent_router(layer), rtol=1e-6, atol=1e-7)
     other = make()
     layer.load_state_dict(other.state_dict())  # what loading a checkpoint does
     with torch.no_grad():
         torch.testing.assert_close(layer.router(), _independent_router(other), rtol=1e-6, atol=1e-7)
-    layer.phi = torch.nn.Parameter(torch.randn_like(layer.phi))  # replaced
-    with torch.no_grad():
-        torch.testing.assert_close(layer.router(), _independent_router(layer), rtol=1e-6, atol=1e-7)
-    opt = torch.optim.SGD(layer.parameters(), lr=1.0)  # a training step between two no-grad calls
-    layer(torch.randn(2, 5, 12)).square().sum().backward()
-    opt.step()
+    layer.phi = torch.nn.Parameter(torch.randn_like(layer.phi), requires_grad=False)  # replaced
     with torch.no_grad():
         torch.testing.assert_close(layer.router(), _independent_router(layer), rtol=1e-6, atol=1e-7)
     with torch.inference_mode():
         x = torch.randn(2, 5, 12)
         torch.testing.assert_close(layer(x), loop_reference(layer, x), rtol=1e-4, atol=1e-5)
-    layer.double()  # converted: new storage
+    import copy
+    import pickle
+
+    assert copy.deepcopy(layer)._router_cache is None and pickle.loads(pickle.dumps(layer))._router_cache is None
+    layer.double()  # moved: the cache is dropped with the old storage
     with torch.no_grad():
-        assert layer.router().dtype == torch.float64
+        assert layer._router_cache is None and layer.router().dtype == torch.float64
+
+
+def test_a_trainable_layer_recomputes_its_router():
+    """Optimizers (fused ones) write parameters without bumping their version: a layer whose router trains never
+    reuses it, even between training steps under no_grad."""
+    layer = make()
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+    with torch.no_grad():
+        before = layer.router()
+        assert layer.router() is not before
+    layer(torch.randn(2, 5, 12)).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.router(), _independent_router(layer), rtol=1e-6, atol=1e-7)
 
 
 def test_router_is_recomputed_where_gradients_flow():
@@ -400,3 +418,12 @@ def test_router_is_recomputed_where_gradients_flow():
     assert r.requires_grad and r.grad_fn is not None
     r.sum().backward()
     assert layer.phi.grad is not None and layer.phi.grad.abs().sum() > 0
+
+
+def test_a_config_pickled_before_the_rename_unpickles_present_as_held():
+    cfg = SoftMoEConfig(dim=8, num_experts=4, slots_per_expert=2, hidden=8, held=(0, 3), origin=(5, 9))
+    state = dict(cfg.__dict__)
+    state["present"] = state.pop("held")  # what an object pickled by the previous version holds
+    old = SoftMoEConfig.__new__(SoftMoEConfig)
+    old.__setstate__(state)
+    assert old.held == (0, 3) and old == cfg and not hasattr(old, "present")

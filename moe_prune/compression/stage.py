@@ -80,7 +80,7 @@ def compress(model: nn.Module, calib, config: CompressConfig = CompressConfig())
         if target.type == "cuda" and target.index is None:
             target = torch.device("cuda", torch.cuda.current_device())
         if target != device_of(model):
-            model = copy.deepcopy(model).to(target)  # the caller's model stays where it is
+            model = _copy_to(model, target)  # the caller's model stays where it is
     as_quant_config(config.quantize)  # a bad kind is an error before the calibration runs
     keep_per_layer(model, config.keep)  # a bad keep too
     subsets, calibration = choose_subsets(model, calib, config.keep, rule=config.rule, mode=config.mode,
@@ -95,3 +95,14 @@ def compress(model: nn.Module, calib, config: CompressConfig = CompressConfig())
     small = quantize_last(small, config.quantize, model_dtype(model))
     record.update(mode=config.mode, kept_experts=kept_record(small), **quant_record(config.quantize))
     return small, record
+
+
+def _copy_to(model: nn.Module, device: torch.device) -> nn.Module:
+    """A deep copy of `model` whose parameters and buffers are made on `device` directly (a copy made where the
+    model is, then moved, would need twice the model's memory there)."""
+    memo = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in memo:
+            moved = t.detach().to(device)
+            memo[id(t)] = nn.Parameter(moved, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else moved
+    return copy.deepcopy(model, memo)

@@ -1,7 +1,7 @@
 """Checkpoints: the native format, and every file a Soft MoE user has, opened the same way.
 
 Native format: ONE safetensors file. Its header metadata holds, under the key "moe_prune", a JSON object
-{"format_version": 1, "spec": <model spec, see moe_prune.models>, "meta": {...}} (meta: free-form facts such as
+{"format_version": 2, "spec": <model spec, see moe_prune.models>, "meta": {...}} (meta: free-form facts such as
 the test accuracy, the training command, the original expert ids of a compressed model). One file means a
 checkpoint cannot be separated from its architecture, and one atomic rename publishes both.
 

@@ -124,6 +124,12 @@ class SoftMoEConfig:
                     f"Soft MoE config: origin names {len(self.origin)} experts but the layer holds {self.num_held}"
                 )
 
+    def __setstate__(self, state: dict) -> None:
+        """A config pickled before `present` was renamed `held` unpickles with it as `held`."""
+        if "present" in state:
+            state = {("held" if k == "present" else k): v for k, v in state.items()}
+        self.__dict__.update(state)
+
     @property
     def held_ids(self) -> tuple[int, ...]:
         """The router ids of the experts whose weights the layer holds, in stack order: `held`, or all E."""
@@ -174,6 +180,14 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_GRID_Y = 65535
 
 
+def _flat(key: tuple) -> list:
+    """A router cache key's items, tensors' tuples opened (compared by identity, the rest by value)."""
+    out = []
+    for item in key:
+        out.extend(item if isinstance(item, tuple) else (item,))
+    return out
+
+
 class SoftMoE(nn.Module):
     """A Soft MoE layer with stacked experts; runs all experts, a shared subset, or a per-input subset.
 
@@ -214,18 +228,38 @@ class SoftMoE(nn.Module):
     def router(self) -> torch.Tensor:
         """The effective router [D, E*S].
 
-        Without gradients (and outside graphs and compilation) it is computed once and reused until phi or scale
-        change, in place (an optimizer, load_state_dict) or replaced: normalizing Phi on every call was up to a
-        third of a small layer's time (benchmarks/results/router_levers.md)."""
-        params = [p for p in (self.phi, self.scale) if p is not None]
-        if torch.is_grad_enabled() or in_graph() or compiling() or any(p.is_inference() for p in params):
-            return router_weight(self.phi, self.scale, self.config.eps)  # inference tensors keep no version
-        # Keyed on the tensors themselves (held, so none is freed and its address reused) and their versions.
-        state = [(p, p._version, p.data_ptr()) for p in params]
+        For a frozen layer (phi and scale without requires_grad) called without gradients, outside graphs and
+        compilation, it is computed once and reused until phi or scale change in place (load_state_dict, any op
+        that bumps a tensor's version), are replaced, or the layer is moved (`.to`, `.half`): normalizing Phi on
+        every call was up to a third of a small layer's time (benchmarks/results/router_levers.md). A trainable
+        layer recomputes it on every call: optimizers (fused ones) and collectives write parameters without
+        bumping their version. Writes through `.data` or numpy bypass versions too: call `clear_router_cache()`
+        after one on a frozen layer."""
+        phi, scale = self.phi, self.scale
+        params = [p for p in (phi, scale) if p is not None]
+        if (torch.is_grad_enabled() or in_graph() or compiling()
+                or any(p.requires_grad or p.is_inference() or type(p) not in (nn.Parameter, torch.Tensor) for p in params)):
+            return router_weight(phi, scale, self.config.eps)
+        # Keyed on the tensors themselves (held: a replaced one is not freed and its address reused), their
+        # versions and layout, and the eps the router is computed with.
+        key = (self.config.eps, scale is None) + tuple(
+            (p, p._version, p.data_ptr(), p.shape, p.stride(), p.storage_offset(), p.dtype, p.device) for p in params)
         hit = getattr(self, "_router_cache", None)  # None too for a layer pickled before the cache existed
-        if hit is None or any(a[0] is not b[0] or a[1:] != b[1:] for a, b in zip(hit[0], state)):
-            hit = self._router_cache = (state, router_weight(self.phi, self.scale, self.config.eps))
+        if hit is None or len(hit[0]) != len(key) or any(
+                (a is not b) if isinstance(a, torch.Tensor) else (a != b) for a, b in zip(_flat(hit[0]), _flat(key))):
+            hit = self._router_cache = (key, router_weight(phi, scale, self.config.eps))
         return hit[1]
+
+    def clear_router_cache(self) -> None:
+        """Forget the reused router (see `router`): after writing phi or scale in a way that bumps no version."""
+        self._router_cache = None
+
+    def _apply(self, fn, recurse=True):
+        self._router_cache = None  # a move frees the old storage: its address may come back
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_router_cache": None}  # pickles and copies carry no cached router
 
     def route(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> Routing:
         """Route tokens x [B, M, D] (mask [B, M], True = real token): the Routing every later step reads.

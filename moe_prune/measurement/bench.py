@@ -323,10 +323,11 @@ def bench_checkpoint(checkpoint, *, compressed=None, keep: str = "1/8", mode: st
         from ..core.devices import resolve_device
 
         device = str(resolve_device(device))
-    full = load(checkpoint, dtype=torch.float32)  # timed in float32, whatever the file holds
+    # timed in float32, whatever the file holds, and frozen: inference only (a frozen layer reuses its router)
+    full = load(checkpoint, dtype=torch.float32).requires_grad_(False)
     keep_per_layer(full, keep)
     if compressed:
-        small, how = load(compressed, dtype=torch.float32), f"compressed checkpoint {compressed}"
+        small, how = load(compressed, dtype=torch.float32).requires_grad_(False), f"compressed checkpoint {compressed}"
         check_compressed_from(full, small, checkpoint, compressed)
     else:
         small, how = reduced_model(full, keep, mode)

@@ -39,6 +39,15 @@ Mode = Literal["drop", "renorm"]
 MODES = ("drop", "renorm")
 
 
+def _renamed(d: dict) -> dict:
+    """A config dict with `present`, the name of `held` before checkpoint format version 2, read as `held`."""
+    if "present" not in d:
+        return d
+    if "held" in d:
+        raise ConfigError("Soft MoE config: both held and present (its old name) are given")
+    return {("held" if k == "present" else k): v for k, v in d.items()}
+
+
 @dataclass(frozen=True)
 class SoftMoEConfig:
     """Architecture of one Soft MoE layer.
@@ -126,9 +135,7 @@ class SoftMoEConfig:
 
     def __setstate__(self, state: dict) -> None:
         """A config pickled before `present` was renamed `held` unpickles with it as `held`."""
-        if "present" in state:
-            state = {("held" if k == "present" else k): v for k, v in state.items()}
-        self.__dict__.update(state)
+        self.__dict__.update(_renamed(state))
 
     @property
     def held_ids(self) -> tuple[int, ...]:
@@ -162,10 +169,7 @@ class SoftMoEConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SoftMoEConfig":
         known = {f.name for f in fields(cls)}
-        if "present" in d:  # the name of `held` before checkpoint format version 2
-            if "held" in d:
-                raise ConfigError("Soft MoE config: both held and present (its old name) are given")
-            d = {("held" if k == "present" else k): v for k, v in d.items()}
+        d = _renamed(d)
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"Soft MoE config: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
@@ -178,14 +182,6 @@ class SoftMoEConfig:
 # The routing kernel's dtypes, and the most programs its grid's second axis (one per input) may have on CUDA.
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_GRID_Y = 65535
-
-
-def _flat(key: tuple) -> list:
-    """A router cache key's items, tensors' tuples opened (compared by identity, the rest by value)."""
-    out = []
-    for item in key:
-        out.extend(item if isinstance(item, tuple) else (item,))
-    return out
 
 
 class SoftMoE(nn.Module):
@@ -242,13 +238,12 @@ class SoftMoE(nn.Module):
             return router_weight(phi, scale, self.config.eps)
         # Keyed on the tensors themselves (held: a replaced one is not freed and its address reused), their
         # versions and layout, and the eps the router is computed with.
-        key = (self.config.eps, scale is None) + tuple(
-            (p, p._version, p.data_ptr(), p.shape, p.stride(), p.storage_offset(), p.dtype, p.device) for p in params)
+        state = (self.config.eps,) + tuple(
+            (p._version, p.data_ptr(), p.shape, p.stride(), p.storage_offset(), p.dtype, p.device) for p in params)
         hit = getattr(self, "_router_cache", None)  # None too for a layer pickled before the cache existed
-        if hit is None or len(hit[0]) != len(key) or any(
-                (a is not b) if isinstance(a, torch.Tensor) else (a != b) for a, b in zip(_flat(hit[0]), _flat(key))):
-            hit = self._router_cache = (key, router_weight(phi, scale, self.config.eps))
-        return hit[1]
+        if hit is None or hit[0] is not phi or hit[1] is not scale or hit[2] != state:
+            hit = self._router_cache = (phi, scale, state, router_weight(phi, scale, self.config.eps))
+        return hit[3]
 
     def clear_router_cache(self) -> None:
         """Forget the reused router (see `router`): after writing phi or scale in a way that bumps no version."""
